@@ -1,0 +1,210 @@
+"""The autograd glue shared by every fused backend.
+
+A fused backend provides three primitives (``FusedImpl``; signatures and math
+in ``kernels/synth_ref.py``). The ``autograd.Function`` s here call them, so
+that
+
+* the synthesizer forward (and what the update needs) is one call;
+* the regression loss and every synthesizer parameter gradient is one call,
+  made when the true gradient (or the true message) arrives;
+* the gradients reach the parameters as the return values of ``backward``:
+  hooks, gradient accumulation, DDP and ``zero_grad`` behave as in plain PyTorch.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from dni_fast.backends import FusedImpl, compute_dtype
+
+__all__ = ["SynthStats", "fused_trigger", "fused_send", "fused_receive", "grad_carrier", "flatten_inputs"]
+
+
+class SynthStats:
+    """Regression loss and cosine similarity of one interface, kept on the device.
+
+    Each update costs one small device copy (its four partial sums go into a
+    ring of rows); the loss and the cosine are derived only when ``read`` is
+    called, or when the ring fills. Reading syncs; recording never does.
+    """
+
+    CAPACITY = 128
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._ring: Optional[Tensor] = None  # (CAPACITY, 4) fp32
+        self._scales: List[float] = []
+        self._sum: Optional[Tensor] = None  # (2,) running sums of (loss, cos)
+        self._last: Optional[Tensor] = None  # (2,)
+        self.count = 0
+
+    def record(self, partials: Tensor, scale: float) -> None:
+        """``partials``: fp32 (4,) = [sum((s-g)^2), sum(s*g), sum(s^2), sum(g^2)];
+        the loss is ``scale / 2 * partials[0]``."""
+        if self._ring is None or self._ring.device != partials.device:
+            self._fold()
+            self._ring = torch.empty(self.CAPACITY, 4, dtype=torch.float32, device=partials.device)
+        self._ring[len(self._scales)].copy_(partials)
+        self._scales.append(scale)
+        self.count += 1
+        if len(self._scales) == self.CAPACITY:
+            self._fold()
+
+    def _fold(self) -> None:
+        n = len(self._scales)
+        if n == 0 or self._ring is None:
+            return
+        p = self._ring[:n]
+        half = torch.tensor(self._scales, dtype=torch.float32, device=p.device) * 0.5
+        loss = p[:, 0] * half
+        cos = p[:, 1] / torch.sqrt(p[:, 2] * p[:, 3]).clamp_min(1e-30)
+        vals = torch.stack([loss, cos], 1)
+        s = vals.sum(0)
+        if self._sum is not None:
+            s = s + self._sum.to(s.device)
+        self._sum, self._last = s, vals[-1]
+        self._scales = []
+
+    def read(self) -> dict:
+        """``{'loss', 'loss_mean', 'cos', 'cos_mean', 'count'}`` as Python numbers (syncs)."""
+        self._fold()
+        if self.count == 0 or self._last is None:
+            nan = float("nan")
+            return {"loss": nan, "loss_mean": nan, "cos": nan, "cos_mean": nan, "count": 0}
+        last = self._last.tolist()
+        mean = (self._sum / self.count).tolist()
+        return {"loss": last[0], "loss_mean": mean[0], "cos": last[1], "cos_mean": mean[1], "count": self.count}
+
+
+def partials_of(s: Tensor, g: Tensor) -> Tensor:
+    """Reference partial sums for the statistics (fp32 (4,))."""
+    sf, gf = s.detach().float(), g.detach().float()
+    d = sf - gf
+    return torch.stack([(d * d).sum(), (sf * gf).sum(), (sf * sf).sum(), (gf * gf).sum()])
+
+
+def flatten_inputs(synth, trigger: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """Validated 2-D views of trigger (N, Dt) and context (N, Dc) in the compute
+    dtype (the autocast dtype under autocast), detached."""
+    context = synth.check_inputs(trigger, context)
+    dtype = compute_dtype(trigger)
+    x = trigger.detach().reshape(-1, trigger.shape[-1]).to(dtype)
+    c = None
+    if context is not None:
+        c = context.detach()
+        if c.shape[:-1] != trigger.shape[:-1]:
+            c = c.expand(*trigger.shape[:-1], c.shape[-1])
+        c = c.reshape(-1, c.shape[-1]).to(dtype)
+    return x, c
+
+
+class _TriggerUpdate(torch.autograd.Function):
+    """Forward: ``S = synth(x, c)`` in one fused call; returns ``(trigger.clone(), S)``.
+    Backward: the true gradient ``g`` passes to the trigger unchanged, and one
+    fused call turns ``2/g.size(0) * (S - g)`` into every parameter gradient."""
+
+    @staticmethod
+    def forward(ctx, impl: FusedImpl, stats: Optional[SynthStats], trigger: Tensor, x: Tensor,
+                c: Optional[Tensor], *params: Tensor):
+        with torch.autocast(trigger.device.type, enabled=False):
+            s, zs = impl.forward(x, c, list(params))
+        ctx.impl, ctx.stats, ctx.has_c, ctx.n_z = impl, stats, c is not None, len(zs)
+        ctx.save_for_backward(x, *(() if c is None else (c,)), s, *zs, *params)
+        ctx.mark_non_differentiable(s)
+        return trigger.clone(), s.view(*trigger.shape[:-1], s.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _unused: Optional[Tensor]):
+        saved = ctx.saved_tensors
+        x = saved[0]
+        i = 1
+        c = None
+        if ctx.has_c:
+            c, i = saved[1], 2
+        s = saved[i]
+        zs = saved[i + 1: i + 1 + ctx.n_z]
+        params = saved[i + 1 + ctx.n_z:]
+        scale = 2.0 / g.size(0)  # dni-pytorch: normalised by the first dimension
+        g2 = g.reshape(-1, g.shape[-1])
+        if g2.dtype != s.dtype:
+            g2 = g2.to(s.dtype)
+        grads, partials = ctx.impl.update(x, c, list(params), list(zs), s, g2, scale, None)
+        if ctx.stats is not None:
+            ctx.stats.record(partials, scale)
+        return (None, None, g if ctx.needs_input_grad[2] else None, None, None, *grads)
+
+
+class _SendRegression(torch.autograd.Function):
+    """ForwardInterface.send: forward computes ``S`` (one fused call) and returns
+    a 0-dim loss carrier plus ``S``; backward regresses ``S`` on the message ``m``
+    with ``F.mse_loss``'s gradient ``2/m.numel() * (S - m)`` times the incoming
+    loss gradient, in one fused call. The carrier's value is unspecified: the
+    loss itself is computed in the update and kept in the interface's stats."""
+
+    @staticmethod
+    def forward(ctx, impl: FusedImpl, stats: Optional[SynthStats], x: Tensor, c: Optional[Tensor],
+                m: Tensor, *params: Tensor):
+        with torch.autocast(x.device.type, enabled=False):
+            s, zs = impl.forward(x, c, list(params))
+        ctx.impl, ctx.stats, ctx.has_c, ctx.n_z = impl, stats, c is not None, len(zs)
+        ctx.save_for_backward(x, *(() if c is None else (c,)), m, s, *zs, *params)
+        ctx.mark_non_differentiable(s)
+        return s.new_empty(()), s
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _unused: Optional[Tensor]):
+        saved = ctx.saved_tensors
+        x = saved[0]
+        i = 1
+        c = None
+        if ctx.has_c:
+            c, i = saved[1], 2
+        m, s = saved[i], saved[i + 1]
+        zs = saved[i + 2: i + 2 + ctx.n_z]
+        params = saved[i + 2 + ctx.n_z:]
+        scale = 2.0 / m.numel()
+        grads, partials = ctx.impl.update(x, c, list(params), list(zs), s, m, scale, grad_loss.detach())
+        if ctx.stats is not None:
+            ctx.stats.record(partials, scale)
+        return (None, None, None, None, None, *grads)
+
+
+class _GradCarrier(torch.autograd.Function):
+    """A 0-dim node whose backward hands precomputed gradients to ``params``
+    (the pipelined mode: step t's update is computed during step t+1's forward
+    and delivered through autograd with step t+1's injection)."""
+
+    @staticmethod
+    def forward(ctx, grads: Tuple[Tensor, ...], *params: Tensor):
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _g: Tensor):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("dni_fast: a pipelined update was delivered twice")
+        return (None, *grads)
+
+
+def fused_trigger(impl, stats, trigger, x, c, params):
+    return _TriggerUpdate.apply(impl, stats, trigger, x, c, *params)
+
+
+def fused_send(impl, stats, x, c, m, params):
+    return _SendRegression.apply(impl, stats, x, c, m, *params)
+
+
+def fused_receive(impl: FusedImpl, x: Tensor, c: Optional[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """``S`` alone, no graph (receive and backward(h, factor))."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        s, _ = impl.forward(x, c, [p.detach() for p in params])
+    return s
+
+
+def grad_carrier(grads: Tuple[Tensor, ...], params: Sequence[Tensor]) -> Tensor:
+    return _GradCarrier.apply(tuple(grads), *params)

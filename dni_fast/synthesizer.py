@@ -1,0 +1,136 @@
+"""``BasicSynthesizer``: dni-pytorch's MLP synthesizer, layer for layer."""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dni_fast.backends import autocast_on
+
+__all__ = ["BasicSynthesizer"]
+
+
+class BasicSynthesizer(nn.Module):
+    """MLP with ReLU that predicts a message from a trigger (and a context).
+
+    ``z = input_trigger(trigger) [+ input_context(context)]``, then for each
+    hidden layer ``z = layer(relu(z))``. The last layer's weight is zeroed (with
+    ``n_hidden == 0``: the input weights), so a fresh synthesizer predicts the
+    bias, as in the paper. Layers are created in dni-pytorch's order, so one
+    seed gives the same weights and ``state_dict`` keys (``input_trigger``,
+    ``input_context``, ``layers.N``) as dni-pytorch.
+
+    Args:
+        output_dim: width ``Do`` of the synthesized message.
+        n_hidden: number of hidden layers (the fused backends cover 0 to 2).
+        hidden_dim: hidden width ``H``, default ``output_dim``.
+        trigger_dim: trigger width ``Dt``, default ``output_dim``.
+        context_dim: context width ``Dc``; ``None`` means no context, and any
+            context passed in is then ignored (as in dni-pytorch).
+
+    Shapes: ``trigger (*, Dt)``, ``context (*, Dc)`` broadcastable against the
+    trigger's leading dims, output ``(*, Do)``.
+    """
+
+    def __init__(
+        self,
+        output_dim: int,
+        n_hidden: int = 0,
+        hidden_dim: Optional[int] = None,
+        trigger_dim: Optional[int] = None,
+        context_dim: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("output_dim", output_dim), ("n_hidden", n_hidden), ("hidden_dim", hidden_dim),
+                        ("trigger_dim", trigger_dim), ("context_dim", context_dim)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "n_hidden" else 1)):
+                raise ValueError(f"BasicSynthesizer: {name} must be a {'non-negative' if name == 'n_hidden' else 'positive'} int, got {v!r}")
+        hidden_dim = output_dim if hidden_dim is None else hidden_dim
+        trigger_dim = output_dim if trigger_dim is None else trigger_dim
+        self.output_dim, self.n_hidden, self.hidden_dim = output_dim, n_hidden, hidden_dim
+        self.trigger_dim, self.context_dim = trigger_dim, context_dim
+
+        top = output_dim if n_hidden == 0 else hidden_dim
+        self.input_trigger = nn.Linear(trigger_dim, top)
+        self.input_context = nn.Linear(context_dim, top) if context_dim is not None else None
+        self.layers = nn.ModuleList(
+            nn.Linear(hidden_dim, hidden_dim if i < n_hidden - 1 else output_dim) for i in range(n_hidden)
+        )
+        # Zero-initialise the last layer, as in the paper (biases keep nn.Linear's init).
+        with torch.no_grad():
+            if n_hidden > 0:
+                self.layers[-1].weight.zero_()
+            else:
+                self.input_trigger.weight.zero_()
+                if self.input_context is not None:
+                    self.input_context.weight.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"output_dim={self.output_dim}, n_hidden={self.n_hidden}, hidden_dim={self.hidden_dim}, "
+                f"trigger_dim={self.trigger_dim}, context_dim={self.context_dim}")
+
+    # -- the flat parameter list the fused backends take (kernels/synth_ref.py) --
+    def flat_params(self) -> List[Tensor]:
+        """``[w_t, b_t, (w_c, b_c,) w_1, b_1, ...]`` in dni-pytorch's layer order."""
+        mods = [self.input_trigger] + ([self.input_context] if self.input_context is not None else []) + list(self.layers)
+        out: List[Tensor] = []
+        for m in mods:
+            if m.bias is None:  # only if a user replaced a layer
+                raise ValueError("BasicSynthesizer: the fused backends need every layer to have a bias")
+            out += [m.weight, m.bias]
+        return out
+
+    def check_inputs(self, trigger: Any, context: Any) -> Optional[Tensor]:
+        """Validate ``trigger`` and ``context``; return the context to use
+        (``None`` when this synthesizer takes none). Raises with a message that
+        names the problem."""
+        if not isinstance(trigger, Tensor):
+            raise TypeError(f"BasicSynthesizer: trigger must be a tensor, got {type(trigger).__name__}")
+        if not trigger.is_floating_point():
+            raise TypeError(f"BasicSynthesizer: trigger must be a floating-point tensor, got dtype {trigger.dtype}; "
+                            "cast it with .float()")
+        w = self.input_trigger.weight
+        if trigger.dim() == 0 or trigger.shape[-1] != self.trigger_dim:
+            raise ValueError(f"BasicSynthesizer: trigger has shape {tuple(trigger.shape)}, but its last dim must be "
+                             f"trigger_dim={self.trigger_dim}")
+        if trigger.device != w.device:
+            raise RuntimeError(f"BasicSynthesizer: trigger is on {trigger.device} but the synthesizer's weights are on "
+                               f"{w.device}; move one of them (e.g. interface.to({trigger.device}))")
+        if trigger.dtype != w.dtype and not autocast_on(trigger):
+            raise TypeError(f"BasicSynthesizer: trigger dtype {trigger.dtype} differs from the synthesizer's "
+                            f"{w.dtype} outside autocast; cast one of them, or run under torch.autocast")
+        if self.input_context is None:
+            return None
+        if context is None:
+            raise ValueError(f"BasicSynthesizer: context_dim={self.context_dim} is set but no context was given; "
+                             "wrap the call in `with dni.synthesizer_context(context):`")
+        if not isinstance(context, Tensor):
+            raise TypeError(f"BasicSynthesizer: context must be a tensor, got {type(context).__name__}")
+        if not context.is_floating_point():
+            raise TypeError(f"BasicSynthesizer: context must be floating-point, got dtype {context.dtype} "
+                            "(one-hot labels: F.one_hot(y, n).float())")
+        if context.dim() == 0 or context.shape[-1] != self.context_dim:
+            raise ValueError(f"BasicSynthesizer: context has shape {tuple(context.shape)}, but its last dim must be "
+                             f"context_dim={self.context_dim}")
+        if context.device != w.device:
+            raise RuntimeError(f"BasicSynthesizer: context is on {context.device} but the synthesizer is on {w.device}")
+        try:
+            ok = torch.broadcast_shapes(trigger.shape[:-1], context.shape[:-1]) == trigger.shape[:-1]
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"BasicSynthesizer: context leading dims {tuple(context.shape[:-1])} do not broadcast "
+                             f"against the trigger's {tuple(trigger.shape[:-1])}")
+        return context
+
+    def forward(self, trigger: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """Reference forward: ``trigger (*, Dt)``, ``context (*, Dc)`` -> ``(*, Do)``."""
+        context = self.check_inputs(trigger, context)
+        last = self.input_trigger(trigger)
+        if context is not None:
+            last = last + self.input_context(context)
+        for layer in self.layers:
+            last = layer(F.relu(last))
+        return last
