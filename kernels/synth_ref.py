@@ -39,18 +39,24 @@ def n_hidden_of(params: Sequence[Tensor], has_context: bool) -> int:
     return n // 2
 
 
+def _acc(t: Tensor) -> torch.dtype:
+    # fp32 accumulation for fp32/fp16/bf16; fp64 stays fp64.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def synth_forward_ref(x: Tensor, c: Optional[Tensor], params: Sequence[Tensor]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    """Synthesizer forward in fp32.
+    """Synthesizer forward in fp32 (fp64 for fp64 inputs).
 
     Returns ``(s, zs)``: ``s`` (N, Do) and the pre-activations ``zs`` (L tensors
     of (N, H)), both cast back to ``x.dtype``.
     """
     L = n_hidden_of(params, c is not None)
-    w = [p.float() for p in params]
-    z = torch.addmm(w[1], x.float(), w[0].t())
+    acc = _acc(x)
+    w = [p.to(acc) for p in params]
+    z = torch.addmm(w[1], x.to(acc), w[0].t())
     i = 2
     if c is not None:
-        z = z + torch.addmm(w[3], c.float(), w[2].t())
+        z = z + torch.addmm(w[3], c.to(acc), w[2].t())
         i = 4
     zs = []
     for _ in range(L):
@@ -84,26 +90,27 @@ def synth_update_ref(
       between ``s`` and ``g`` follow.
     """
     L = n_hidden_of(params, c is not None)
-    sf, gf = s.float(), g.float()
+    acc = _acc(s)
+    sf, gf = s.to(acc), g.to(acc)
     diff = sf - gf
-    partials = torch.stack([(diff * diff).sum(), (sf * gf).sum(), (sf * sf).sum(), (gf * gf).sum()])
+    partials = torch.stack([(diff * diff).sum(), (sf * gf).sum(), (sf * sf).sum(), (gf * gf).sum()]).float()
     d = diff * scale
     if grad_scale is not None:
-        d = d * grad_scale.float()
-    w = [p.float() for p in params]
+        d = d * grad_scale.to(acc)
+    w = [p.to(acc) for p in params]
     first_hidden = 4 if c is not None else 2
     grads = [None] * len(params)
     for l in range(L, 0, -1):
         i = first_hidden + 2 * (l - 1)
-        z = zs[l - 1].float()
+        z = zs[l - 1].to(acc)
         a = torch.relu(z)
         grads[i] = d.t() @ a
         grads[i + 1] = d.sum(0)
         d = (d @ w[i]) * (z > 0)
-    grads[0] = d.t() @ x.float()
+    grads[0] = d.t() @ x.to(acc)
     grads[1] = d.sum(0)
     if c is not None:
-        grads[2] = d.t() @ c.float()
+        grads[2] = d.t() @ c.to(acc)
         grads[3] = grads[1].clone()
     return tuple(gr.to(p.dtype) for gr, p in zip(grads, params)), partials
 

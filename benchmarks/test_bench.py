@@ -1,0 +1,63 @@
+"""pytest-benchmark versions of the microbenchmarks.
+
+    pytest benchmarks/ --benchmark-only                     # every available provider
+    pytest benchmarks/ --benchmark-only --benchmark-group-by=param:size
+
+Not part of the test suite (``testpaths`` is ``tests``). On CUDA the steps are
+followed by a synchronize so that each round times finished work.
+"""
+import os
+
+if not os.environ.get("TRITON_INTERPRET"):
+    pass  # never benchmark the Triton interpreter: triton is a provider only on CUDA
+
+import pytest
+import torch
+
+from dni_fast import bench as B
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PROVIDERS = [p for p in B.available_providers(DEVICE, compile=False)]
+if DEVICE.type == "cuda":
+    SIZES = [(64, 256, 256), (256, 1024, 1024), (1024, 4096, 4096)]
+else:
+    SIZES = [(16, 128, 128), (64, 256, 256)]
+
+
+def _synced(fn):
+    if DEVICE.type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-D{}-H{}".format(*s))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_interface_step(benchmark, provider, size):
+    b, d, h = size
+    benchmark.group = f"interface_step B={b} D={d} H={h}"
+    step = _synced(B.interface_step(provider, b, d, h, torch.float32, DEVICE))
+    step()
+    benchmark(step)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-D{}-H{}".format(*s))
+def test_plain_linear(benchmark, size):
+    b, d, _ = size
+    benchmark.group = f"interface_step B={b} D={d} H={size[2]}"
+    step = _synced(B.plain_linear_step(b, d, torch.float32, DEVICE))
+    step()
+    benchmark(step)
+
+
+@pytest.mark.parametrize("provider", ["backprop"] + PROVIDERS)
+def test_mlp(benchmark, provider):
+    batch = 256 if DEVICE.type == "cuda" else 64
+    benchmark.group = f"mlp B={batch}"
+    step = _synced(B.mlp_step(provider, batch, DEVICE))
+    step()
+    benchmark(step)

@@ -1,0 +1,114 @@
+"""Command line: ``python -m dni_fast {info,bench}`` (also the ``dni-fast`` script).
+
+    python -m dni_fast info                      # versions and available backends
+    python -m dni_fast bench                     # interface step + MLP, all providers
+    python -m dni_fast bench --quick             # a few seconds, small sizes
+    python -m dni_fast bench --threads 1 0       # at one thread and the default count
+    python -m dni_fast bench --write-auto-table  # also refresh the table `auto` reads
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def _info() -> int:
+    import dni_fast as dni
+    from dni_fast.bench import environment
+
+    devs = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    env = environment(torch.device(devs[-1]))
+    for k, v in env.items():
+        print(f"{k:10} {v}")
+    print(f"{'backend':10} {dni.get_backend()} (DNI_FAST_BACKEND={os.environ.get('DNI_FAST_BACKEND', 'unset')})")
+    for d in devs:
+        for b in dni.BACKENDS[1:]:
+            ok, why = dni.backend_status(b, d)
+            print(f"  {d:5} {b:10} {'available' if ok else 'unavailable: ' + why}")
+    return 0
+
+
+def _bench(args) -> int:
+    from dni_fast import bench as B
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env = B.environment(device)
+    dtypes = [getattr(torch, d) for d in args.dtype]
+    if args.sizes:
+        sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes]
+        sizes = [(s[0], s[1], s[1] if len(s) == 2 else s[2]) for s in sizes]
+    elif device.type == "cuda":
+        sizes = [(256, 1024, 1024)] if args.quick else [(b, d, d) for b in (64, 256, 1024) for d in (256, 1024, 4096)]
+    else:
+        sizes = [(16, 128, 128)] if args.quick else [(16, 128, 128), (64, 256, 256)]
+    providers = args.providers or B.available_providers(device, compile=not args.no_compile and not args.quick)
+    min_t = 0.1 if args.quick else args.min_run_time
+    all_rows = []
+    threads = args.threads if device.type == "cpu" else [0]
+    default_threads = torch.get_num_threads()
+    for th in threads:
+        torch.set_num_threads(th if th > 0 else default_threads)
+        print(f"\n# device={env['device']} torch={env['torch']} triton={env['triton']} "
+              f"threads={torch.get_num_threads()} date={env['date']}")
+        rows = []
+        for dt in dtypes:
+            for tf32 in ([False, True] if (device.type == "cuda" and dt == torch.float32 and args.tf32) else [False]):
+                rows += B.bench_interface(sizes, providers, dt, device, tf32=tf32, min_run_time=min_t)
+        if not args.no_mlp:
+            mlp_b = args.mlp_batch or (256 if device.type == "cuda" else 64)
+            rows += B.bench_mlp(mlp_b, providers, device, min_run_time=min_t * 2)
+        B.print_rows(rows)
+        all_rows += rows
+    torch.set_num_threads(default_threads)
+    if args.csv and all_rows:
+        B.append_csv(all_rows, args.csv, env)
+        print(f"\nappended {len(all_rows)} rows to {args.csv}")
+    if args.write_auto_table:
+        from dni_fast.backends import _TABLE_PATH, clear_cache
+
+        try:
+            with open(_TABLE_PATH) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = {"rules": []}
+        fresh = B.auto_table([r for r in all_rows if r.threads == default_threads or device.type != "cpu"],
+                             device.type, env)
+        keep = [r for r in old.get("rules", []) if r.get("device") != device.type]
+        table = {"note": "written by `python -m dni_fast bench --write-auto-table`; first matching rule wins",
+                 "sources": {**old.get("sources", {}), device.type: env}, "rules": fresh["rules"] + keep}
+        with open(_TABLE_PATH, "w") as f:
+            json.dump(table, f, indent=1)
+        clear_cache()
+        print(f"wrote {len(fresh['rules'])} {device.type} rules to {_TABLE_PATH}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dni_fast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions and available backends")
+    b = sub.add_parser("bench", help="microbenchmarks: interface step and MLP, per provider")
+    b.add_argument("--device", choices=["cpu", "cuda"])
+    b.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16", "float64"])
+    b.add_argument("--sizes", nargs="+", metavar="B,D[,H]", help="interface-step sizes (default per device)")
+    b.add_argument("--providers", nargs="+", help="default: every available provider")
+    b.add_argument("--threads", nargs="+", type=int, default=[0], help="CPU thread counts; 0 = the default count")
+    b.add_argument("--tf32", action="store_true", help="on CUDA, also measure fp32 with TF32 on (both paths)")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    b.add_argument("--no-mlp", action="store_true")
+    b.add_argument("--mlp-batch", type=int)
+    b.add_argument("--quick", action="store_true", help="one small size, short timings, no torch.compile")
+    b.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement (CPU)")
+    b.add_argument("--csv", default=None, help="append rows to this CSV (e.g. benchmarks/results/bench.csv)")
+    b.add_argument("--write-auto-table", action="store_true", help="refresh dni_fast/_autotable.json")
+    args = p.parse_args(argv)
+    return _info() if args.cmd == "info" else _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Microbenchmarks: the interface step and the DESIGN §5 MLP, per provider.
+
+Providers (one per line of output):
+
+* ``reference``: the reference backend (plain autograd);
+* ``torch.compile``: ``torch.compile`` (default mode) of the reference module;
+* ``triton`` / ``cuda`` / ``cpp``: the fused backends, where available;
+* ``backprop`` (MLP only): the same network trained by plain backprop.
+
+Ratios are always to ``reference`` measured in the same run, in the same math
+mode. Rows are appended to a CSV with the device, versions and date. CPU times
+use ``torch.utils.benchmark`` (median of blocked autorange); GPU times use
+``triton.testing.do_bench`` quantiles (20/50/80).
+
+Definitions (DESIGN §5):
+
+* the **interface step** is ``Linear(D, D)`` then
+  ``BackwardInterface(BasicSynthesizer(D, n_hidden=1, hidden_dim=H))`` and the
+  true gradient arriving, timed as a whole; the **DNI part** is that minus the
+  same Linear's plain forward and backward;
+* the **CPU floor** is the synthesizer step's five matrix products plus the
+  plain Linear's forward and backward, each timed alone;
+* the **GPU floor** is two launch latencies (an empty kernel) plus the larger
+  of FLOPs (10·B·D·H) over the measured matmul peak and bytes over the
+  measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dni_fast as dni
+
+FUSED = ("triton", "cuda", "cpp")
+
+
+# ---------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------
+def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.5) -> Dict[str, float]:
+    """Median (and 20/80 % quantiles on GPU) of ``fn`` in milliseconds."""
+    fn()  # warm-up: first-call allocation, kernel compilation
+    fn()
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        q20, q50, q80 = do_bench(fn, quantiles=[0.2, 0.5, 0.8], warmup=50, rep=max(100, int(min_run_time * 1000)))
+        return {"ms": q50, "p20": q20, "p80": q80}
+    from torch.utils import benchmark
+
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
+    times = sorted(m.times)
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))] * 1e3  # noqa: E731
+    return {"ms": m.median * 1e3, "p20": q(0.2), "p80": q(0.8)}
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = "none"
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "device": dev, "torch": torch.__version__, "triton": tv, "python": platform.python_version(),
+            "dni_fast": dni.__version__}
+
+
+@dataclass
+class Row:
+    bench: str
+    provider: str
+    B: int
+    D: int
+    H: int
+    dtype: str
+    threads: int
+    tf32: bool
+    ms: float
+    p20: float
+    p80: float
+    ratio: float = float("nan")  # reference_ms / ms: > 1 means faster than the reference
+    dni_ms: float = float("nan")  # interface step: ms minus the plain Linear's fwd+bwd
+    dni_ratio: float = float("nan")  # reference's DNI part / this DNI part
+    floor_ms: float = float("nan")
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# workloads
+# ---------------------------------------------------------------------------
+def _maybe_sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interface_step(provider: str, B: int, D: int, H: int, dtype: torch.dtype, device: torch.device,
+                   n_hidden: int = 1) -> Callable[[], None]:
+    """One interface step: ``Linear(D, D)`` -> ``BackwardInterface`` -> true gradient.
+
+    bf16/fp16 run the model in that dtype (weights included), as a user of
+    ``model.to(dtype)`` would."""
+    torch.manual_seed(0)
+    lin = nn.Linear(D, D).to(device, dtype)
+    backend = "reference" if provider in ("reference", "torch.compile") else provider
+    iface = dni.BackwardInterface(dni.BasicSynthesizer(D, n_hidden=n_hidden, hidden_dim=H), backend=backend,
+                                  track_stats=False).to(device, dtype)
+    with torch.no_grad():
+        iface.synthesizer.layers[-1].weight.normal_(0, 0.01)
+    x = torch.randn(B, D, device=device, dtype=dtype)
+    g = torch.randn(B, D, device=device, dtype=dtype)
+    model = nn.Sequential(lin, iface)
+    params = list(model.parameters())
+    if provider == "torch.compile":
+        model = torch.compile(model)
+
+    def step():
+        for p in params:
+            p.grad = None
+        model(x).backward(g)
+
+    return step
+
+
+def plain_linear_step(B: int, D: int, dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
+    torch.manual_seed(0)
+    lin = nn.Linear(D, D).to(device, dtype)
+    x = torch.randn(B, D, device=device, dtype=dtype)
+    g = torch.randn(B, D, device=device, dtype=dtype)
+
+    def step():
+        lin.weight.grad = lin.bias.grad = None
+        lin(x).backward(g)
+
+    return step
+
+
+def five_products(B: int, D: int, H: int, dtype: torch.dtype, device: torch.device) -> List[Callable[[], object]]:
+    """The synthesizer step's five matrix products (n_hidden=1), each alone."""
+    h = torch.randn(B, D, device=device, dtype=dtype)
+    w1 = torch.randn(H, D, device=device, dtype=dtype)
+    w2 = torch.randn(D, H, device=device, dtype=dtype)
+    a1 = torch.randn(B, H, device=device, dtype=dtype)
+    delta = torch.randn(B, D, device=device, dtype=dtype)
+    d1 = torch.randn(B, H, device=device, dtype=dtype)
+    return [lambda: h @ w1.t(), lambda: a1 @ w2.t(), lambda: delta.t() @ a1, lambda: delta @ w2,
+            lambda: d1.t() @ h]
+
+
+class MLP(nn.Module):
+    """784-256x6-10 with BatchNorm and ReLU; a BackwardInterface after each of
+    the first five hidden layers when ``backend`` is not None (DESIGN §5)."""
+
+    def __init__(self, backend: Optional[str], width: int = 256, depth: int = 6, n_dni: int = 5):
+        super().__init__()
+        layers: List[nn.Module] = []
+        d = 784
+        for i in range(depth):
+            layers += [nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU()]
+            if backend is not None and i < n_dni:
+                layers.append(dni.BackwardInterface(dni.BasicSynthesizer(width, n_hidden=1), backend=backend,
+                                                    track_stats=False))
+            d = width
+        layers.append(nn.Linear(d, 10))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def mlp_step(provider: str, B: int, device: torch.device) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = MLP(None if provider == "backprop" else provider).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(B, 784, device=device)
+    y = torch.randint(0, 10, (B,), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+# ---------------------------------------------------------------------------
+# GPU floor
+# ---------------------------------------------------------------------------
+def gpu_floor_ms(B: int, D: int, H: int, dtype: torch.dtype, device: torch.device) -> Dict[str, float]:
+    """Two empty-kernel launch latencies + max(FLOPs / measured matmul peak,
+    bytes / measured copy bandwidth) for the DNI part of one step."""
+    from triton.testing import do_bench
+
+    empty = torch.empty(0, device=device)
+    launch = do_bench(lambda: empty.add_(1), quantiles=[0.5], warmup=50, rep=200)
+    if isinstance(launch, (list, tuple)):
+        launch = launch[0]
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    t_mm = do_bench(lambda: a @ a, warmup=10, rep=200)
+    peak = 2 * n ** 3 / (t_mm * 1e-3)  # FLOP/s in this math mode
+    big = torch.empty(256 * 2 ** 20, device=device, dtype=torch.uint8)
+    big2 = torch.empty_like(big)
+    t_cp = do_bench(lambda: big2.copy_(big), warmup=10, rep=200)
+    bw = 2 * big.numel() / (t_cp * 1e-3)  # bytes/s, read + write
+    es = torch.tensor([], dtype=dtype).element_size()
+    flops = 10 * B * D * H
+    # weights read twice (forward, update) and their grads written once; activations h, S, z, g, delta
+    nbytes = es * (3 * (D * H + H * D) + B * (4 * D + 2 * H))
+    compute_ms = flops / peak * 1e3
+    mem_ms = nbytes / bw * 1e3
+    return {"floor_ms": 2 * launch + max(compute_ms, mem_ms), "launch_ms": launch, "peak_tflops": peak / 1e12,
+            "copy_gbps": bw / 1e9, "flops": flops, "bytes": nbytes}
+
+
+# ---------------------------------------------------------------------------
+# drivers
+# ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def available_providers(device: torch.device, compile: bool = True) -> List[str]:
+    out = ["reference"] + (["torch.compile"] if compile else [])
+    for b in FUSED:
+        if b == "triton" and device.type != "cuda":
+            continue  # never benchmark the interpreter
+        if dni.backend_status(b, device)[0]:
+            out.append(b)
+    return out
+
+
+def bench_interface(sizes: Iterable[tuple], providers: Sequence[str], dtype: torch.dtype, device: torch.device,
+                    tf32: bool = False, min_run_time: float = 0.5, floor: bool = True) -> List[Row]:
+    rows: List[Row] = []
+    dt = str(dtype).replace("torch.", "")
+    with _tf32(tf32):
+        for B, D, H in sizes:
+            plain = time_ms(plain_linear_step(B, D, dtype, device), device, min_run_time)["ms"]
+            floor_info: Dict[str, float] = {}
+            if floor and device.type == "cuda":
+                floor_info = gpu_floor_ms(B, D, H, dtype, device)
+            elif floor:
+                prods = sum(time_ms(f, device, min_run_time / 4)["ms"] for f in five_products(B, D, H, dtype, device))
+                floor_info = {"floor_ms": prods + plain, "products_ms": prods}
+            ref_ms = ref_dni = float("nan")
+            for p in providers:
+                try:
+                    t = time_ms(interface_step(p, B, D, H, dtype, device), device, min_run_time)
+                except Exception as e:  # a provider that cannot run this size/dtype: say so, keep going
+                    print(f"  [skip] {p} B={B} D={D} {dt}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                    continue
+                dni_ms = t["ms"] - plain
+                if p == "reference":
+                    ref_ms, ref_dni = t["ms"], dni_ms
+                rows.append(Row("interface_step", p, B, D, H, dt, torch.get_num_threads(), tf32, t["ms"], t["p20"],
+                                t["p80"], ratio=ref_ms / t["ms"], dni_ms=dni_ms, dni_ratio=ref_dni / dni_ms,
+                                floor_ms=floor_info.get("floor_ms", float("nan")),
+                                extra={"plain_linear_ms": plain, **{k: v for k, v in floor_info.items()
+                                                                     if k != "floor_ms"}}))
+    return rows
+
+
+def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_time: float = 1.0) -> List[Row]:
+    rows: List[Row] = []
+    base = None
+    ref = None
+    for p in ["backprop"] + [p for p in providers if p != "torch.compile"]:
+        t = time_ms(mlp_step(p, B, device), device, min_run_time)
+        if p == "backprop":
+            base = t["ms"]
+        if p == "reference":
+            ref = t["ms"]
+        rows.append(Row("mlp", p, B, 256, 256, "float32", torch.get_num_threads(), False, t["ms"], t["p20"],
+                        t["p80"], ratio=(ref / t["ms"]) if ref else float("nan"),
+                        extra={"vs_backprop": t["ms"] / base}))
+    return rows
+
+
+def print_rows(rows: Sequence[Row]) -> None:
+    if not rows:
+        return
+    hdr = f"{'bench':15} {'provider':14} {'B':>5} {'D':>5} {'H':>5} {'dtype':9} {'thr':>3} {'tf32':>4} " \
+          f"{'ms':>9} {'x ref':>6} {'dni ms':>8} {'dni x':>6} {'floor':>8} {'note'}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        note = ""
+        if r.bench == "mlp":
+            note = f"{r.extra['vs_backprop']:.2f}x backprop"
+        elif r.floor_ms == r.floor_ms and r.dni_ms == r.dni_ms:
+            note = f"{r.ms / r.floor_ms:.2f}x floor (step)" if r.provider != "reference" else ""
+        print(f"{r.bench:15} {r.provider:14} {r.B:5d} {r.D:5d} {r.H:5d} {r.dtype:9} {r.threads:3d} "
+              f"{str(r.tf32)[0]:>4} {r.ms:9.4f} {r.ratio:6.2f} {r.dni_ms:8.4f} {r.dni_ratio:6.2f} "
+              f"{r.floor_ms:8.4f} {note}")
+
+
+def append_csv(rows: Sequence[Row], path: str, env: Dict[str, str]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path)
+    fields = list(env) + [k for k in asdict(rows[0]) if k != "extra"] + ["extra"]
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        for r in rows:
+            d = asdict(r)
+            d["extra"] = json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in d["extra"].items()})
+            w.writerow({**env, **d})
+
+
+def auto_table(rows: Sequence[Row], device_type: str, env: Dict[str, str]) -> dict:
+    """The rules ``auto`` reads: per dtype and size, the fastest provider
+    among the backends (never torch.compile, which is not a backend)."""
+    best: Dict[tuple, Row] = {}
+    for r in rows:
+        if r.bench != "interface_step" or r.provider in ("torch.compile",):
+            continue
+        key = (r.dtype, r.B, r.D)
+        if key not in best or r.ms < best[key].ms:
+            best[key] = r
+    rules = []
+    for (dtype, B, D), r in sorted(best.items()):
+        rules.append({"device": device_type, "dtype": dtype, "max_rows": B * 4, "min_rows": max(1, B // 4),
+                      "min_width": max(1, D // 2), "max_width": D * 2, "backend": r.provider,
+                      "speedup": round(r.ratio, 3), "measured": {"B": B, "D": D, "ms": round(r.ms, 5)}})
+    return {"source": env, "rules": rules}
