@@ -269,7 +269,7 @@ class BackwardInterface(UnidirectionalInterface):
         plain = [p.detach() for p in params]
         prev = self._pending
         carrier = None
-        with torch.no_grad(), torch.autocast(trigger.device.type, enabled=False):
+        with torch.no_grad(), _fused._no_autocast(x):
             if prev is not None and prev.get("g") is not None:
                 s, zs, grads, partials = impl.pipelined(x, c, plain, prev["x"], prev["c"], prev["zs"], prev["s"],
                                                         prev["g"], prev["scale"])
@@ -295,7 +295,7 @@ class BackwardInterface(UnidirectionalInterface):
             return
         params = self.synthesizer.flat_params()
         impl = self._pipelined_impl(prev["x"])
-        with torch.no_grad(), torch.autocast(prev["x"].device.type, enabled=False):
+        with torch.no_grad(), _fused._no_autocast(prev["x"]):
             grads, partials = impl.update(prev["x"], prev["c"], [p.detach() for p in params], prev["zs"], prev["s"],
                                           prev["g"], prev["scale"], None)
         if self.track_stats:
