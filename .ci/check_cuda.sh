@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Compile-check the cuda backend without a GPU (and without a CUDA build of torch):
+#  1. nvcc -c csrc/synth_cuda_kernels.cu (CUDA headers only), with torch's half/bf16 flags;
+#  2. a syntax-only host compile of csrc/synth_cuda.cpp against torch's headers
+#     (a CPU wheel lacks c10/cuda/impl/cuda_cmake_macros.h: a stub stands in).
+# Skips (exit 0) with a message when nvcc or torch is missing. Takes ~15 s.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NVCC="${NVCC:-$(command -v nvcc || true)}"
+if [[ -z "$NVCC" && -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]]; then
+  NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+fi
+if [[ -z "$NVCC" ]]; then
+  echo "check_cuda: nvcc not found; skipping the CUDA compile check"
+  exit 0
+fi
+PY="${PYTHON:-python3}"
+CUDA_INC=""
+for d in "${CUDA_HOME:-}" "$(dirname "$(dirname "$(readlink -f "$NVCC")")")" /usr/local/cuda; do
+  if [[ -n "$d" && -f "$d/include/cuda_runtime_api.h" ]]; then CUDA_INC="$d/include"; break; fi
+done
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+ARCHS="${DNI_FAST_CHECK_ARCHS:-80 90}"
+gencode=()
+for a in $ARCHS; do gencode+=(-gencode "arch=compute_$a,code=sm_$a"); done
+echo "check_cuda: $("$NVCC" --version | tail -1)"
+"$NVCC" -c -std=c++17 -O3 -Xcompiler -fPIC -Xptxas -warn-spills "${gencode[@]}" \
+  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+  -D__CUDA_NO_HALF2_OPERATORS__ csrc/synth_cuda_kernels.cu -o "$tmp/synth_cuda_kernels.o"
+echo "check_cuda: csrc/synth_cuda_kernels.cu compiles (sm_${ARCHS// /, sm_})"
+
+inc_py='from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))'
+if ! inc="$("$PY" -c "$inc_py" 2>/dev/null)"; then
+  echo "check_cuda: torch not importable; skipping the host-side check of csrc/synth_cuda.cpp"
+  exit 0
+fi
+if [[ -z "$CUDA_INC" ]]; then
+  echo "check_cuda: cuda_runtime_api.h not found (set CUDA_HOME); skipping the host-side check"
+  exit 0
+fi
+mkdir -p "$tmp/stub/c10/cuda/impl"
+printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$tmp/stub/c10/cuda/impl/cuda_cmake_macros.h"
+# shellcheck disable=SC2086
+"${CXX:-c++}" -std=c++20 -fsyntax-only -Wall -Wextra -Wno-unused-parameter -DDNI_FAST_WITH_CUDA \
+  $inc -idirafter "$tmp/stub" -I"$CUDA_INC" csrc/synth_cuda.cpp
+echo "check_cuda: csrc/synth_cuda.cpp passes a host syntax check"
