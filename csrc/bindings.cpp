@@ -22,6 +22,11 @@ constexpr bool kWithCuda = false;
   TORCH_CHECK(false, fn, ": unsupported device ", x.device(), "; dni_fast._C runs on CPU and CUDA tensors");
 }
 
+}  // namespace
+
+namespace dni_fast {
+namespace dispatch {
+
 ForwardResult synth_forward(const Tensor& x, const OptTensor& c, const TensorVec& params) {
   if (x.is_cpu()) return cpu::synth_forward(x, c, params);
 #ifdef DNI_FAST_WITH_CUDA
@@ -49,7 +54,10 @@ PipelinedResult synth_pipelined(const Tensor& x, const OptTensor& c, const Tenso
   unsupported_device("dni_fast._C.synth_pipelined", x);
 }
 
-}  // namespace
+}  // namespace dispatch
+}  // namespace dni_fast
+
+using namespace dni_fast::dispatch;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
@@ -69,6 +77,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "_cpu_lowp_gemm",
       [](const py::object& dtype) { return cpu::lowp_gemm(torch::python::detail::py_object_to_dtype(dtype)); },
       py::arg("dtype"), "'native' or 'fp32': how CPU products of this dtype run now.");
+  m.def("trigger_step", &dni_fast::trigger_step, py::arg("trigger"), py::arg("x"), py::arg("c"), py::arg("params"),
+        py::arg("stats_slot") = py::none(), py::arg("inject_into") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        "BackwardInterface step in one C++ call: the fused forward, the C++ autograd node whose backward runs "
+        "the fused update, and the injection of S into inject_into's graph when given. Returns (out, s).");
   m.def("synth_pipelined", &synth_pipelined, py::arg("x"), py::arg("c"), py::arg("params"), py::arg("x_prev"),
         py::arg("c_prev"), py::arg("zs_prev"), py::arg("s_prev"), py::arg("g_prev"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>(),

@@ -86,4 +86,16 @@ PipelinedResult synth_pipelined(const Tensor& x, const OptTensor& c, const Tenso
 }  // namespace cuda
 #endif
 
+// Device dispatch of the three primitives (bindings.cpp).
+namespace dispatch {
+ForwardResult synth_forward(const Tensor& x, const OptTensor& c, const TensorVec& params);
+UpdateResult synth_update(const Tensor& x, const OptTensor& c, const TensorVec& params, const TensorVec& zs,
+                          const Tensor& s, const Tensor& g, double scale, const OptTensor& grad_scale);
+}  // namespace dispatch
+
+// The whole BackwardInterface step from C++ (step.cpp): returns (trigger.clone(), s shaped like trigger).
+std::tuple<Tensor, Tensor> trigger_step(const Tensor& trigger, const Tensor& x, const OptTensor& c,
+                                        const TensorVec& params, const OptTensor& stats_slot,
+                                        const OptTensor& inject_into);
+
 }  // namespace dni_fast

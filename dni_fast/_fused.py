@@ -26,9 +26,11 @@ __all__ = ["SynthStats", "fused_trigger", "fused_send", "fused_receive", "grad_c
 class SynthStats:
     """Regression loss and cosine similarity of one interface, kept on the device.
 
-    Each update costs one small device copy (its four partial sums go into a
-    ring of rows); the loss and the cosine are derived only when ``read`` is
-    called, or when the ring fills. Reading syncs; recording never does.
+    Each update writes its four partial sums into a row of a ring reserved at
+    forward time (one small device op: the row is pre-filled with NaN, so a step
+    whose true gradient never arrives is not counted). The loss and the cosine
+    are derived only when ``read`` is called, or when the ring fills (every
+    ``CAPACITY`` steps). Reading syncs; recording never does.
     """
 
     CAPACITY = 128
@@ -39,46 +41,56 @@ class SynthStats:
     def reset(self) -> None:
         self._ring: Optional[Tensor] = None  # (CAPACITY, 4) fp32
         self._scales: List[float] = []
-        self._sum: Optional[Tensor] = None  # (2,) running sums of (loss, cos)
-        self._last: Optional[Tensor] = None  # (2,)
-        self.count = 0
+        self._sum: Optional[Tensor] = None  # (3,) running sums of (loss, cos, count)
+        self._last: Optional[Tensor] = None  # (2,) last (loss, cos)
+
+    def reserve(self, scale: float, device: torch.device) -> Tensor:
+        """A fresh (4,) fp32 row for one step's partials
+        ``[sum((s-g)^2), sum(s*g), sum(s^2), sum(g^2)]``; the loss is
+        ``scale / 2 * partials[0]``."""
+        if self._ring is None or self._ring.device != device or len(self._scales) == self.CAPACITY:
+            self._fold()
+            # A new ring rather than reuse: a row reserved by a step whose
+            # backward has not run yet may still be written later.
+            self._ring = torch.empty(self.CAPACITY, 4, dtype=torch.float32, device=device)
+        row = self._ring[len(self._scales)]
+        row.fill_(float("nan"))
+        self._scales.append(scale)
+        return row
 
     def record(self, partials: Tensor, scale: float) -> None:
-        """``partials``: fp32 (4,) = [sum((s-g)^2), sum(s*g), sum(s^2), sum(g^2)];
-        the loss is ``scale / 2 * partials[0]``."""
-        if self._ring is None or self._ring.device != partials.device:
-            self._fold()
-            self._ring = torch.empty(self.CAPACITY, 4, dtype=torch.float32, device=partials.device)
-        self._ring[len(self._scales)].copy_(partials)
-        self._scales.append(scale)
-        self.count += 1
-        if len(self._scales) == self.CAPACITY:
-            self._fold()
+        self.reserve(scale, partials.device).copy_(partials)
 
     def _fold(self) -> None:
         n = len(self._scales)
         if n == 0 or self._ring is None:
             return
         p = self._ring[:n]
-        half = torch.tensor(self._scales, dtype=torch.float32, device=p.device) * 0.5
+        half = torch.tensor(self._scales, dtype=torch.float32).to(p.device, non_blocking=True) * 0.5
+        valid = ~torch.isnan(p[:, 0])
         loss = p[:, 0] * half
         cos = p[:, 1] / torch.sqrt(p[:, 2] * p[:, 3]).clamp_min(1e-30)
-        vals = torch.stack([loss, cos], 1)
+        vals = torch.where(valid[:, None], torch.stack([loss, cos, torch.ones_like(loss)], 1), 0.0)
         s = vals.sum(0)
-        if self._sum is not None:
-            s = s + self._sum.to(s.device)
-        self._sum, self._last = s, vals[-1]
+        last_idx = (valid * torch.arange(1, n + 1, device=p.device)).argmax()
+        last = torch.where(valid.any(), vals[last_idx, :2],
+                           self._last if self._last is not None else torch.full((2,), float("nan"), device=p.device))
+        self._sum = s if self._sum is None else s + self._sum.to(s.device)
+        self._last = last
         self._scales = []
+        self._ring = None
 
     def read(self) -> dict:
         """``{'loss', 'loss_mean', 'cos', 'cos_mean', 'count'}`` as Python numbers (syncs)."""
         self._fold()
-        if self.count == 0 or self._last is None:
+        count = int(self._sum[2].item()) if self._sum is not None else 0
+        if count == 0:
             nan = float("nan")
             return {"loss": nan, "loss_mean": nan, "cos": nan, "cos_mean": nan, "count": 0}
         last = self._last.tolist()
-        mean = (self._sum / self.count).tolist()
-        return {"loss": last[0], "loss_mean": mean[0], "cos": last[1], "cos_mean": mean[1], "count": self.count}
+        sums = self._sum.tolist()
+        return {"loss": last[0], "loss_mean": sums[0] / count, "cos": last[1], "cos_mean": sums[1] / count,
+                "count": count}
 
 
 def partials_of(s: Tensor, g: Tensor) -> Tensor:
@@ -121,8 +133,12 @@ class _TriggerUpdate(torch.autograd.Function):
             s, zs = impl.forward(x, c, list(params))
         ctx.impl, ctx.stats, ctx.has_c, ctx.n_z = impl, stats, c is not None, len(zs)
         ctx.save_for_backward(x, *(() if c is None else (c,)), s, *zs, *params)
-        ctx.mark_non_differentiable(s)
-        return trigger.clone(), s.view(*trigger.shape[:-1], s.shape[-1])
+        # Mark the tensor that is returned (a view of s), not s itself: else the
+        # message carries a graph and backward gets a zero-filled gradient for it.
+        s_out = s.view(*trigger.shape[:-1], s.shape[-1])
+        ctx.mark_non_differentiable(s_out)
+        ctx.set_materialize_grads(False)  # g is always defined: the clone is the only differentiable output
+        return trigger.clone(), s_out
 
     @staticmethod
     def backward(ctx, g: Tensor, _unused: Optional[Tensor]):
@@ -160,6 +176,7 @@ class _SendRegression(torch.autograd.Function):
         ctx.impl, ctx.stats, ctx.has_c, ctx.n_z = impl, stats, c is not None, len(zs)
         ctx.save_for_backward(x, *(() if c is None else (c,)), m, s, *zs, *params)
         ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)  # grad_loss is always defined: the carrier is the only differentiable output
         return s.new_empty(()), s
 
     @staticmethod

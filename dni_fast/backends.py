@@ -40,7 +40,7 @@ FUSED_MAX_HIDDEN = 2
 _SUPPORTED_DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
-    "cpp": (torch.float32, torch.float64, torch.bfloat16),
+    "cpp": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
 }
 _HOW_TO_GET = {
     "triton": "install Triton (`pip install triton`) and run on a CUDA device "
@@ -62,6 +62,9 @@ class FusedImpl:
     forward: Callable
     update: Callable
     pipelined: Callable
+    # Optional: the whole BackwardInterface step in one native call
+    # (trigger, x, c, params, stats_slot, inject_into) -> (out, s); see csrc/step.cpp.
+    step: Optional[Callable] = None
 
 
 def _check_name(name: str, where: str) -> str:
@@ -151,7 +154,7 @@ def _load_impl(name: str) -> FusedImpl:
     from dni_fast import _ext
 
     C = _ext.get_ext()
-    return FusedImpl(name, C.synth_forward, C.synth_update, C.synth_pipelined)
+    return FusedImpl(name, C.synth_forward, C.synth_update, C.synth_pipelined, getattr(C, "trigger_step", None))
 
 
 def reference_impl() -> FusedImpl:
@@ -208,8 +211,10 @@ def autocast_on(t: torch.Tensor) -> bool:
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a synthesizer step computes in: the autocast dtype under
-    autocast, else the tensor's own."""
-    return torch.get_autocast_dtype(t.device.type) if autocast_on(t) else t.dtype
+    autocast, else the tensor's own. Autocast leaves fp64 alone, and so do we."""
+    if t.dtype != torch.float64 and autocast_on(t):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
 
 
 # ---------------------------------------------------------------------------
@@ -232,7 +237,8 @@ def resolve(requested: Optional[str], synthesizer, trigger: torch.Tensor) -> Opt
     device, dtype = trigger.device, compute_dtype(trigger)
     rows = trigger.numel() // max(trigger.shape[-1], 1) if trigger.dim() else 1
     # Bucket rows by powers of two so the cache stays small when batch sizes vary.
-    key = (name, device.type, dtype, synthesizer.n_hidden, rows.bit_length(), synthesizer.output_dim)
+    key = (name, device.type, dtype, synthesizer.n_hidden, rows.bit_length(), synthesizer.output_dim,
+           synthesizer.hidden_dim)
     try:
         return _cache[key]
     except KeyError:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from dni_fast import _fused
 from dni_fast._manager import backward as _backward
-from dni_fast._manager import current_context
+from dni_fast._manager import current_context, is_deferring
 from dni_fast.backends import _check_name, reference_impl, resolve
 from dni_fast.synthesizer import BasicSynthesizer
 
@@ -54,20 +54,32 @@ class _RefUpdater(torch.autograd.Function):
 
 class _PipelineCapture(torch.autograd.Function):
     """Pipelined mode: identity forward; backward stores the true gradient for
-    the next step's fused launch and passes it through to the trigger."""
+    the next step's fused launch and passes it through to the trigger.
+
+    A gradient that cannot wait for the next step (its step was already
+    superseded by the next forward or by ``flush``, or it is a second gradient
+    for the same step, as with ``retain_graph``) is applied at once.
+
+    ``anchor`` is a 0-element leaf that makes the output require grad. The
+    synthesizer's parameters are not inputs: returning ``None`` for them would
+    call their tensor hooks with ``None`` every step."""
 
     @staticmethod
-    def forward(ctx, pending: dict, trigger: Tensor, *params: Tensor) -> Tensor:
-        ctx.pending, ctx.n = pending, len(params)
+    def forward(ctx, owner: "BackwardInterface", pending: dict, trigger: Tensor, anchor: Tensor) -> Tensor:
+        ctx.owner, ctx.pending = owner, pending
         return trigger.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
         p = ctx.pending
-        p["scale"] = 2.0 / g.size(0)
+        scale = 2.0 / g.size(0)
         g2 = g.detach().reshape(-1, g.shape[-1])
-        p["g"] = g2 if g2.dtype == p["s"].dtype else g2.to(p["s"].dtype)
-        return (None, g if ctx.needs_input_grad[1] else None, *([None] * ctx.n))
+        g2 = g2 if g2.dtype == p["s"].dtype else g2.to(p["s"].dtype)
+        if p["g"] is None and not p["stale"]:
+            p["scale"], p["g"] = scale, g2
+        else:
+            ctx.owner._deliver(p, g2, scale)
+        return None, None, (g if ctx.needs_input_grad[2] else None), None
 
 
 class UnidirectionalInterface(nn.Module):
@@ -209,12 +221,21 @@ class BackwardInterface(UnidirectionalInterface):
         self.pipelined = pipelined
         self._pending: Optional[dict] = None
 
-    def _inject(self, trigger: Tensor, s: Tensor, factor: float = 1) -> None:
+    def _take_injection(self, trigger: Tensor) -> bool:
+        """Count one injection; whether it applies (not in warm-up, and there is a graph to inject into)."""
         step = self.n_steps
         self.n_steps += 1
-        if step < self.warmup_steps or not trigger.requires_grad:
-            return
-        _backward(trigger, s if factor == 1 else s * factor)
+        return step >= self.warmup_steps and trigger.requires_grad
+
+    def _inject(self, trigger: Tensor, s: Tensor, factor: float = 1) -> None:
+        if self._take_injection(trigger):
+            _backward(trigger, s if factor == 1 else s * factor)
+
+    def _stats_slot(self, trigger: Tensor) -> Optional[Tensor]:
+        # g has the trigger's shape, so the regression's scale is known now.
+        if not self.track_stats:
+            return None
+        return self._stats.reserve(2.0 / trigger.shape[0], trigger.device)
 
     def forward(self, trigger: Tensor) -> Tensor:
         """Training: inject ``S(trigger)`` into ``trigger``'s graph now (or at the
@@ -232,6 +253,14 @@ class BackwardInterface(UnidirectionalInterface):
                 return trigger.detach()
             return _RefUpdater.apply(self._stats_sink(), trigger.detach(), s)
         x, c = self._fused_inputs(trigger)
+        if impl.step is not None:  # the whole step in one native call (csrc/step.cpp)
+            inject = self._take_injection(trigger)
+            deferred = inject and is_deferring()
+            out, s = impl.step(trigger.detach(), x, c, self.synthesizer.flat_params(), self._stats_slot(trigger),
+                               trigger if inject and not deferred else None)
+            if deferred:
+                _backward(trigger, s)
+            return out
         out, s = _fused.fused_trigger(impl, self._stats_sink(), trigger.detach(), x, c, self.synthesizer.flat_params())
         self._inject(trigger, s)
         return out
@@ -255,52 +284,83 @@ class BackwardInterface(UnidirectionalInterface):
                 return trigger
             return _RefUpdater.apply(self._stats_sink(), trigger, s)
         x, c = self._fused_inputs(trigger)
-        out, _ = _fused.fused_trigger(impl, self._stats_sink(), trigger, x, c, self.synthesizer.flat_params())
-        return out
+        params = self.synthesizer.flat_params()
+        if impl.step is not None:
+            return impl.step(trigger, x, c, params, self._stats_slot(trigger), None)[0]
+        return _fused.fused_trigger(impl, self._stats_sink(), trigger, x, c, params)[0]
 
     # -- pipelined mode ------------------------------------------------------
     def _pipelined_impl(self, trigger: Tensor):
         return resolve(self.backend, self.synthesizer, trigger) or reference_impl()
 
     def _forward_pipelined(self, trigger: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():  # no graph, no update: leave the pending update alone
+            return trigger
         impl = self._pipelined_impl(trigger)
         x, c = self._fused_inputs(trigger)
         params = self.synthesizer.flat_params()
         plain = [p.detach() for p in params]
         prev = self._pending
         carrier = None
+        if prev is not None:
+            prev["stale"] = True  # a true gradient arriving for it from now on is applied at once
         with torch.no_grad(), _fused._no_autocast(x):
-            if prev is not None and prev.get("g") is not None:
+            if prev is not None and prev["g"] is not None:
                 s, zs, grads, partials = impl.pipelined(x, c, plain, prev["x"], prev["c"], prev["zs"], prev["s"],
                                                         prev["g"], prev["scale"])
                 if self.track_stats:
                     self._stats.record(partials, prev["scale"])
             else:
                 s, zs = impl.forward(x, c, plain)
-        if prev is not None and prev.get("g") is not None:
+        if prev is not None and prev["g"] is not None:
             carrier = _fused.grad_carrier(tuple(grads), params)
-        self._pending = {"x": x, "c": c, "zs": zs, "s": s, "g": None}
-        out = _PipelineCapture.apply(self._pending, trigger.detach(), *params)
-        if carrier is not None:
+        self._pending = {"x": x, "c": c, "zs": zs, "s": s, "g": None, "stale": False}
+        if any(p.requires_grad for p in params):
+            out = _PipelineCapture.apply(self, self._pending, trigger.detach(), trigger.new_empty(0).requires_grad_())
+        else:  # frozen synthesizer: nothing to capture
+            out = trigger.detach()
+        if carrier is not None and carrier.requires_grad:
             _backward(carrier)
         self._inject(trigger, self._shape_like(s, trigger))
         return out
 
+    def _deliver(self, p: dict, g: Tensor, scale: float) -> None:
+        """Apply the update of pending step ``p`` for the true gradient ``g`` now,
+        with the current weights, through autograd."""
+        params = self.synthesizer.flat_params()
+        impl = self._pipelined_impl(p["x"])
+        with torch.no_grad(), _fused._no_autocast(p["x"]):
+            grads, partials = impl.update(p["x"], p["c"], [q.detach() for q in params], p["zs"], p["s"], g, scale,
+                                          None)
+        if self.track_stats:
+            self._stats.record(partials, scale)
+        with torch.enable_grad():
+            carrier = _fused.grad_carrier(tuple(grads), params)
+        if carrier.requires_grad:  # else the synthesizer was frozen since
+            _backward(carrier)
+
     def flush(self) -> None:
         """Pipelined mode: apply the pending update (the last step's true
-        gradient) now, with the current weights, through autograd."""
+        gradient) now, with the current weights, through autograd. A true
+        gradient that arrives after ``flush`` is applied when it arrives."""
         prev = self._pending
         self._pending = None
-        if prev is None or prev.get("g") is None:
+        if prev is None:
             return
-        params = self.synthesizer.flat_params()
-        impl = self._pipelined_impl(prev["x"])
-        with torch.no_grad(), _fused._no_autocast(prev["x"]):
-            grads, partials = impl.update(prev["x"], prev["c"], [p.detach() for p in params], prev["zs"], prev["s"],
-                                          prev["g"], prev["scale"], None)
-        if self.track_stats:
-            self._stats.record(partials, prev["scale"])
-        _backward(_fused.grad_carrier(tuple(grads), params))
+        prev["stale"] = True
+        if prev["g"] is not None:
+            self._deliver(prev, prev["g"], prev["scale"])
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .double(), .cuda(), ...: the pending update moves with the weights.
+        super()._apply(fn, *args, **kwargs)
+        p = self._pending
+        if p is not None:
+            for k in ("x", "c", "s", "g"):
+                if p[k] is not None:
+                    p[k] = fn(p[k])
+            p["zs"] = tuple(fn(z) for z in p["zs"])
+        return self
 
 
 class BidirectionalInterface(nn.Module):

@@ -1,0 +1,397 @@
+"""What the examples share: the command line, seeding, the progress bar,
+timing, DNI statistics, JSON logs and the classifier training loop."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dni_fast as dni
+
+try:  # tqdm is an optional dependency (the `examples` extra)
+    from tqdm.auto import tqdm as _tqdm
+except ImportError:  # pragma: no cover
+    _tqdm = None
+
+
+# ---------------------------------------------------------------------------
+# Command line and setup
+# ---------------------------------------------------------------------------
+def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
+                data_choices: Iterable[str] = ("auto", "digits", "mnist"), seed: int = 1) -> argparse.ArgumentParser:
+    """The options every example has."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    choices = list(data_choices)
+    p.add_argument("--data", choices=choices, default=choices[0],
+                   help="data set; 'auto' uses the real one when the data folder has it "
+                        "(see dni_fast.data), else the embedded default")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $DNI_FAST_DATA, else ../shared/data)")
+    p.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="training batch size")
+    p.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=seed, help="random seed")
+    p.add_argument("--backend", default=None, choices=list(dni.BACKENDS),
+                   help="dni_fast backend for every interface (default: the global choice, 'auto')")
+    p.add_argument("--synth-init", choices=("zero", "default"), default="zero",
+                   help="'zero': synthesizers start at exactly zero (output bias zeroed too); "
+                        "'default': BasicSynthesizer's (dni-pytorch's) init, output weight zero, bias nn.Linear's")
+    p.add_argument("--loss", choices=("mean", "sum"), default="mean",
+                   help="backpropagate the loss averaged over the batch (and time), as dni-pytorch's examples, or "
+                        "summed. Adam's steps hardly depend on the scale, but the synthesizers' regression targets "
+                        "scale with it (see docs/results.md)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--log", default=None, help="write a JSON log of the run here (e.g. runs/name.json)")
+    p.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (for CI)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Seed, threads and backend from the command line."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.backend is not None:
+        dni.set_backend(args.backend)
+
+
+def progress(iterable=None, *, total: Optional[int] = None, desc: str = "", disable: bool = False, **kw):
+    """A tqdm bar on stderr (a plain iterator when tqdm is missing or disabled)."""
+    if _tqdm is None or disable:
+        return iterable if iterable is not None else _NullBar()
+    return _tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5, **kw)
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *a, **k) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dni_fast": dni.__version__,
+        "backend": dni.get_backend(),
+        "available_backends": dni.available_backends("cpu"),
+    }
+
+
+class RunLog:
+    """One example run: its configuration, one record per variant and a
+    summary, written as JSON (``runs/*.json``, read by scripts/make_results.py)."""
+
+    def __init__(self, example: str, args: argparse.Namespace) -> None:
+        self.data = {
+            "example": example,
+            "argv": sys.argv[1:],
+            "config": {k: v for k, v in vars(args).items() if k not in ("log", "no_progress")},
+            "machine": machine_info(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "runs": [],
+            "summary": {},
+        }
+        self.path = args.log
+
+    def add(self, record: dict) -> None:
+        self.data["runs"].append(record)
+        self.save()
+
+    def save(self) -> None:
+        save_json(self.path, self.data)
+
+    def finish(self, summary: dict) -> dict:
+        self.data["summary"] = summary
+        self.data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.save()
+        return self.data
+
+
+def save_json(path: Optional[str], data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (nothing when ``path`` is empty)."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+def one_hot(y: torch.Tensor, n: int) -> torch.Tensor:
+    return F.one_hot(y, n).to(torch.get_default_dtype())
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> List[torch.Tensor]:
+    """Index batches over ``n`` items; the last partial batch is dropped
+    (BatchNorm needs more than one row; the paper's schedule is in steps)."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    k = max(n // batch_size, 1)
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(k)]
+
+
+def own_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters of ``model`` outside its DNI interfaces (what gradient
+    clipping applies to: the synthesizers' regression gradients are not on the
+    same scale)."""
+    skip = {id(p) for m in interfaces(model).values() for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in skip]
+
+
+def interfaces(model: nn.Module) -> Dict[str, dni.UnidirectionalInterface]:
+    """Every uni-directional interface in ``model`` (the halves of a
+    BidirectionalInterface included), by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, dni.UnidirectionalInterface)}
+
+
+def read_stats(model: nn.Module, reset: bool = True) -> Dict[str, dict]:
+    """``{name: stats}`` for the interfaces of ``model`` that recorded anything
+    since the last reset (syncs)."""
+    out = {}
+    for name, iface in interfaces(model).items():
+        s = iface.stats()
+        if s.get("count"):
+            out[name] = {k: s[k] for k in ("loss_mean", "cos_mean", "count")}
+        if reset:
+            iface.reset_stats()
+    return out
+
+
+def zero_synthesizer_output(model: nn.Module) -> nn.Module:
+    """Zero the bias of every ``BasicSynthesizer``'s output layer in ``model``
+    (its weight is zero already), so that the first synthetic gradients are
+    exactly zero, as with the paper's zero-initialised output layer.
+
+    ``BasicSynthesizer`` follows dni-pytorch and keeps ``nn.Linear``'s default
+    bias, which makes the first synthetic gradients of an MNIST MLP about 100
+    times the norm of the true ones; the examples zero it (``--synth-init
+    zero``, the default) unless asked for dni-pytorch's init (``default``).
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, dni.BasicSynthesizer):
+                last = [m.layers[-1]] if m.n_hidden > 0 else [m.input_trigger] + (
+                    [m.input_context] if m.input_context is not None else [])
+                for lin in last:
+                    lin.bias.zero_()
+    return model
+
+
+def mean_cos(stats: Dict[str, dict]) -> Optional[float]:
+    vals = [s["cos_mean"] for s in stats.values() if s.get("cos_mean") is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+@contextmanager
+def timed() -> Iterator[Callable[[], float]]:
+    t0 = time.perf_counter()
+    yield lambda: time.perf_counter() - t0
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
+
+
+def print_table(rows: List[dict], columns: List[tuple], file=None) -> None:
+    """``columns``: ``(key, header, format)``."""
+    file = file or sys.stdout
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else f.format(r[k])) for k, _, f in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for j, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))), file=file)
+        if j == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+
+
+# ---------------------------------------------------------------------------
+# Classifier training (the MNIST examples and the quickstart)
+# ---------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple:
+    """(accuracy in %, mean cross-entropy) in eval mode."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(x), batch_size):
+        out = model(x[i:i + batch_size])
+        loss += F.cross_entropy(out, y[i:i + batch_size], reduction="sum").item()
+        correct += (out.argmax(1) == y[i:i + batch_size]).sum().item()
+    model.train()
+    return 100.0 * correct / len(x), loss / len(x)
+
+
+def fit_classifier(model: nn.Module, data, *, epochs: int, batch_size: int, lr: float, seed: int,
+                   desc: str = "", n_evals: int = 20, show_progress: bool = True,
+                   max_steps: Optional[int] = None, loss_sum: bool = True) -> dict:
+    """Train ``model`` (``forward(x, y)``: ``y`` is the label, used as DNI
+    context by cDNI models) with Adam and cross-entropy, summed over the batch
+    (``loss_sum``) or averaged. Evaluates on the test
+    set about ``n_evals`` times, reading the DNI statistics each time.
+
+    Returns a record: final test accuracy and loss, training time, ms per
+    step, and the history (step, epoch, train loss, test accuracy, mean
+    cosine between synthetic and true gradients).
+    """
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps_per_epoch = max(len(data.x_train) // batch_size, 1)
+    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    eval_every = max(total // max(n_evals, 1), 1)
+    hist = {"step": [], "epoch": [], "train_loss": [], "test_acc": [], "test_loss": [], "cos": [], "time": []}
+    step, train_time, run_loss, run_n = 0, 0.0, 0.0, 0
+    bar = progress(total=total, desc=desc, disable=not show_progress)
+    model.train()
+    read_stats(model)  # start from clean statistics
+    done = False
+    for epoch in range(epochs):
+        for idx in batch_indices(len(data.x_train), batch_size, g):
+            x, y = data.x_train[idx], data.y_train[idx]
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x, y), y)
+            (loss * len(y) if loss_sum else loss).backward()
+            opt.step()
+            train_time += time.perf_counter() - t0
+            step += 1
+            run_loss += loss.item()
+            run_n += 1
+            bar.update(1)
+            if step % eval_every == 0 or step == total:
+                acc, tl = evaluate(model, data.x_test, data.y_test)
+                cos = mean_cos(read_stats(model))
+                hist["step"].append(step)
+                hist["epoch"].append(step / steps_per_epoch)
+                hist["train_loss"].append(run_loss / run_n)
+                hist["test_acc"].append(acc)
+                hist["test_loss"].append(tl)
+                hist["cos"].append(cos)
+                hist["time"].append(train_time)
+                run_loss, run_n = 0.0, 0
+                bar.set_postfix(loss=f"{hist['train_loss'][-1]:.3f}", acc=f"{acc:.1f}%")
+            if step >= total:
+                done = True
+                break
+        if done:
+            break
+    bar.close()
+    return {
+        "test_acc": hist["test_acc"][-1],
+        "test_error": 100.0 - hist["test_acc"][-1],
+        "test_loss": hist["test_loss"][-1],
+        "best_test_acc": max(hist["test_acc"]),
+        "train_time_s": train_time,
+        "ms_per_step": 1000.0 * train_time / max(step, 1),
+        "steps": step,
+        "epochs": step / steps_per_epoch,
+        "history": hist,
+    }
+
+
+def time_steps(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, *, steps: int,
+               warmup: int = 5, lr: float = 1e-3) -> float:
+    """Milliseconds per training step (forward, backward, Adam) of a fresh
+    ``make_model()`` on one fixed batch, median of three timed blocks."""
+    model = make_model()
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x, y), y).backward()
+            opt.step()
+
+    run(warmup)
+    times = []
+    block = max(steps // 3, 1)
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run(block)
+        times.append((time.perf_counter() - t0) * 1000.0 / block)
+    return sorted(times)[1]
+
+
+def load_image_data(args: argparse.Namespace):
+    """The image data set the command line asks for (``--quick``: a slice of it)."""
+    from dni_fast.data import load_images
+
+    if args.quick:
+        return load_images(args.data, args.data_dir, limit_train=256, limit_test=200)
+    return load_images(args.data, args.data_dir)
+
+
+def default_epochs(args: argparse.Namespace, data, *, mnist: int, digits: int) -> int:
+    if args.epochs is not None:
+        return args.epochs
+    if args.quick:
+        return 1
+    return mnist if data.name == "mnist" else digits
+
+
+def run_classifier_variants(example: str, args: argparse.Namespace, data, variants: Dict[str, Callable[[], nn.Module]],
+                            extra: Optional[dict] = None) -> dict:
+    """Train each ``variants[name]()`` from the same seed, print a summary table
+    and write the log. Returns the log's content."""
+    log = RunLog(example, args)
+    log.data["config"].update({"data_name": data.name, "n_train": len(data.x_train), "n_test": len(data.x_test),
+                               "epochs": args.epochs, **(extra or {})})
+    print(f"{example}: {data.name} ({len(data.x_train)} train / {len(data.x_test)} test), {args.epochs} epochs, "
+          f"batch {args.batch_size}, Adam lr {args.lr}, {args.loss} loss, seed {args.seed}, "
+          f"backend {dni.get_backend()}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    rows = []
+    with timed() as elapsed:
+        for name, make in variants.items():
+            torch.manual_seed(args.seed)
+            model = make()
+            if getattr(args, "synth_init", "zero") == "zero":
+                zero_synthesizer_output(model)
+            rec = fit_classifier(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                 seed=args.seed, desc=name, show_progress=not args.no_progress,
+                                 loss_sum=args.loss == "sum")
+            rec["variant"] = name
+            rec["n_interfaces"] = len(interfaces(model))
+            rec["final_cos"] = next((c for c in reversed(rec["history"]["cos"]) if c is not None), None)
+            rows.append(rec)
+            log.add(rec)
+            print(f"  {name:<24s} test acc {rec['test_acc']:6.2f}%  ({fmt_time(rec['train_time_s'])}, "
+                  f"{rec['ms_per_step']:.2f} ms/step)", flush=True)
+        total = elapsed()
+    print()
+    print_table(rows, [("variant", "variant", "{}"), ("test_acc", "test acc %", "{:.2f}"),
+                       ("test_error", "test error %", "{:.2f}"), ("final_cos", "cos(SG, g)", "{:.3f}"),
+                       ("ms_per_step", "ms/step", "{:.2f}"), ("train_time_s", "train time s", "{:.1f}")])
+    print(f"\ntotal time {fmt_time(total)}")
+    return log.finish({"results": {r["variant"]: {k: r[k] for k in ("test_acc", "test_error", "ms_per_step",
+                                                                     "train_time_s", "final_cos")} for r in rows},
+                       "total_time_s": total})

@@ -1,0 +1,238 @@
+"""LSTM language model trained with truncated BPTT, with and without DNI.
+
+Truncated BPTT cuts the gradient every T steps. With DNI, a synthesizer
+predicts the gradient that the cut-off future would have sent into the last
+state of each chunk (the paper's Figure 3), exactly as dni-pytorch's
+``examples/rnn`` does:
+
+* ``make_trigger`` on the chunk's initial state: the true gradient that reaches
+  it (the chunk's own loss plus the synthetic gradient injected at its end,
+  i.e. a bootstrapped target) trains the synthesizer;
+* ``backward(final_state, factor)`` at the chunk's end injects the synthetic
+  gradient (scaled by ``--sg-factor``, 0.1 as in dni-pytorch);
+* both inside ``dni.defer_backward()``, since real and synthetic gradients go
+  through one graph.
+
+The LSTM state is a tuple ``(h, c)`` of ``(layers, batch, hidden)``; one
+interface serves both: the trigger is ``[h, c]`` of every layer concatenated
+per batch row, ``(batch, 2 * layers * hidden)``, so that the regression loss is
+normalised by the batch size.
+
+``--level char`` reports bits per character (as in the paper), ``--level
+word`` perplexity. The data is Penn Treebank (``--data ptb``) or an embedded
+generated corpus (``--data synthetic``); ``--train-tokens`` trains on a slice.
+
+    python -m dni_fast.examples.ptb_lm --level char --bptt 2 4 8
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dni_fast as dni
+from dni_fast.data import load_text
+from dni_fast.examples import _common as C
+
+
+class LSTMLM(nn.Module):
+    """Embedding, LSTM, linear decoder; optionally a BackwardInterface on the
+    state between truncated chunks."""
+
+    def __init__(self, n_tokens: int, emb: int, hidden: int, layers: int = 1, dropout: float = 0.0,
+                 use_dni: bool = False, synth_hidden: int = 2, sg_factor: float = 0.1,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.layers, self.hidden, self.sg_factor = layers, hidden, sg_factor
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(n_tokens, emb)
+        self.rnn = nn.LSTM(emb, hidden, layers, dropout=dropout if layers > 1 else 0.0)
+        self.decoder = nn.Linear(hidden, n_tokens)
+        self.dni = (dni.BackwardInterface(dni.BasicSynthesizer(2 * layers * hidden, n_hidden=synth_hidden),
+                                          backend=backend) if use_dni else None)
+
+    def init_state(self, batch: int):
+        z = self.decoder.weight.new_zeros(self.layers, batch, self.hidden)
+        return z, z.clone()
+
+    def pack(self, state) -> torch.Tensor:
+        """``(h, c)`` -> ``(batch, 2 * layers * hidden)``."""
+        h, c = state
+        return torch.cat([h, c], 0).transpose(0, 1).reshape(h.shape[1], -1)
+
+    def unpack(self, flat: torch.Tensor):
+        s = flat.view(flat.shape[0], 2 * self.layers, self.hidden).transpose(0, 1)
+        return s[:self.layers].contiguous(), s[self.layers:].contiguous()
+
+    def forward(self, tokens: torch.Tensor, state):
+        """``tokens (T, B)`` -> logits ``(T, B, V)``, final state."""
+        use_dni = self.dni is not None and self.training
+        if use_dni:
+            state = self.unpack(self.dni.make_trigger(self.pack(state)))
+        out, state = self.rnn(self.drop(self.encoder(tokens)), state)
+        if use_dni:
+            self.dni.backward(self.pack(state), factor=self.sg_factor)
+        return self.decoder(self.drop(out)), state
+
+
+def batchify(ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """``(N,)`` -> ``(N // batch, batch)``: ``batch`` parallel streams."""
+    n = ids.numel() // batch
+    return ids[:n * batch].view(batch, n).t().contiguous()
+
+
+@torch.no_grad()
+def evaluate(model: LSTMLM, data: torch.Tensor, chunk: int = 100) -> float:
+    """Mean cross-entropy per token (nats) over ``data (N, B)``."""
+    model.eval()
+    state = model.init_state(data.shape[1])
+    total, count = 0.0, 0
+    for i in range(0, data.shape[0] - 1, chunk):
+        x, y = data[i:i + chunk], data[i + 1:i + 1 + chunk]
+        x = x[:len(y)]
+        logits, state = model(x, state)
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return total / max(count, 1)
+
+
+def metric(loss: float, level: str) -> float:
+    """Bits per character, or perplexity."""
+    return loss / math.log(2) if level == "char" else math.exp(min(loss, 50.0))
+
+
+def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
+    torch.manual_seed(args.seed)
+    model = LSTMLM(len(corpus), args.emb, args.hidden, args.layers, args.dropout, use_dni, args.synth_hidden,
+                   args.sg_factor)
+    if args.synth_init == "zero":
+        C.zero_synthesizer_output(model)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    own = C.own_parameters(model)
+    train = corpus.train[:args.train_tokens] if args.train_tokens else corpus.train
+    valid = corpus.valid[:args.eval_tokens] if args.eval_tokens else corpus.valid
+    test = corpus.test[:args.eval_tokens] if args.eval_tokens else corpus.test
+    train_b = batchify(train, args.batch_size)
+    valid_b, test_b = batchify(valid, args.eval_batch_size), batchify(test, args.eval_batch_size)
+    steps_per_epoch = (train_b.shape[0] - 1) // T
+    total = steps_per_epoch * args.epochs
+    eval_every = max(total // max(args.n_evals, 1), 1)
+    hist = {"step": [], "tokens": [], "train_loss": [], "valid_loss": [], "valid_metric": [], "cos": [], "time": []}
+    bar = C.progress(total=total, desc=name, disable=args.no_progress)
+    step, train_time, run_loss, run_n = 0, 0.0, 0.0, 0
+    model.train()
+    for epoch in range(args.epochs):
+        state = model.init_state(args.batch_size)
+        for i in range(0, steps_per_epoch * T, T):
+            x, y = train_b[i:i + T], train_b[i + 1:i + 1 + T]
+            t0 = time.perf_counter()
+            state = tuple(s.detach() for s in state)  # truncate
+            opt.zero_grad(set_to_none=True)
+            scale = y.numel() if args.loss == "sum" else 1  # summed over time and batch, or averaged
+            with dni.defer_backward():
+                logits, state = model(x, state)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                dni.backward(loss * scale)
+            if args.clip:  # the same threshold for the mean loss's gradient either way
+                nn.utils.clip_grad_norm_(own, args.clip * scale)
+            opt.step()
+            train_time += time.perf_counter() - t0
+            step += 1
+            run_loss += loss.item()
+            run_n += 1
+            bar.update(1)
+            if step % eval_every == 0 or step == total:
+                vl = evaluate(model, valid_b)
+                stats = C.read_stats(model)
+                hist["step"].append(step)
+                hist["tokens"].append(step * T * args.batch_size)
+                hist["train_loss"].append(run_loss / run_n)
+                hist["valid_loss"].append(vl)
+                hist["valid_metric"].append(metric(vl, args.level))
+                hist["cos"].append(C.mean_cos(stats))
+                hist["time"].append(train_time)
+                run_loss, run_n = 0.0, 0
+                bar.set_postfix(valid=f"{metric(vl, args.level):.3f}")
+    bar.close()
+    test_loss = evaluate(model, test_b)
+    best = min(range(len(hist["valid_loss"])), key=hist["valid_loss"].__getitem__)
+    return {
+        "variant": name, "bptt": T, "dni": use_dni,
+        "test_loss": test_loss, "test_metric": metric(test_loss, args.level),
+        "valid_metric": hist["valid_metric"][-1], "best_valid_metric": hist["valid_metric"][best],
+        "train_time_s": train_time, "ms_per_step": 1000.0 * train_time / max(step, 1), "steps": step,
+        "train_tokens": int(train_b.numel()), "final_cos": hist["cos"][-1], "history": hist,
+    }
+
+
+def build_parser():
+    p = C.base_parser(__doc__.split("\n")[0], epochs=1, batch_size=32, lr=1e-3,
+                      data_choices=("auto", "ptb", "synthetic"))
+    p.add_argument("--level", choices=("char", "word"), default="char", help="character or word level")
+    p.add_argument("--bptt", type=int, nargs="+", default=[2, 4, 8], help="truncation lengths T")
+    p.add_argument("--mode", choices=("all", "bptt", "dni"), default="all", help="which variants to train")
+    p.add_argument("--hidden", type=int, default=256, help="LSTM units")
+    p.add_argument("--emb", type=int, default=None, help="embedding size (default: 64 char, 128 word)")
+    p.add_argument("--layers", type=int, default=1, help="LSTM layers")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout")
+    p.add_argument("--synth-hidden", type=int, default=2, help="synthesizer hidden layers")
+    p.add_argument("--sg-factor", type=float, default=0.1, help="scale of the injected synthetic gradient")
+    p.add_argument("--clip", type=float, default=1.0,
+                   help="clip the LSTM's gradient norm (of the mean loss) to this (0: none)")
+    p.add_argument("--train-tokens", type=int, default=None, help="train on the first N tokens only")
+    p.add_argument("--eval-tokens", type=int, default=None, help="validate and test on the first N tokens only")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="parallel streams when evaluating")
+    p.add_argument("--n-evals", type=int, default=10, help="validation points per run (learning curve)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.bptt = args.bptt if argv and "--bptt" in argv else [2]
+        args.hidden, args.train_tokens, args.eval_tokens, args.n_evals = 32, 3000, 1000, 2
+        args.synth_hidden = min(args.synth_hidden, 1)
+    if args.emb is None:
+        args.emb = 64 if args.level == "char" else 128
+    C.setup(args)
+    corpus = load_text(args.data, args.level, args.data_dir, max_lines=2000 if args.quick else None)
+    log = C.RunLog("ptb_lm", args)
+    log.data["config"].update({"corpus": corpus.name, "vocab": len(corpus)})
+    unit = "bpc" if args.level == "char" else "ppl"
+    print(f"ptb_lm: {corpus.name}, vocab {len(corpus)}, train tokens "
+          f"{min(args.train_tokens or len(corpus.train), len(corpus.train))}, LSTM {args.layers}x{args.hidden}, "
+          f"T={args.bptt}, batch {args.batch_size}, Adam lr {args.lr}, {args.loss} loss, {args.epochs} epoch(s), "
+          f"seed {args.seed}, "
+          f"backend {dni.get_backend()}, {torch.get_num_threads()} threads", flush=True)
+    variants = [("bptt", False), ("dni", True)]
+    if args.mode != "all":
+        variants = [v for v in variants if v[0] == args.mode]
+    rows = []
+    with C.timed() as elapsed:
+        for T in args.bptt:
+            for name, use_dni in variants:
+                rec = train_one(args, corpus, T, use_dni, f"{name} T={T}")
+                rec["method"] = name
+                rows.append(rec)
+                log.add(rec)
+                print(f"  {rec['variant']:<12s} test {unit} {rec['test_metric']:8.3f}  "
+                      f"({C.fmt_time(rec['train_time_s'])}, {rec['ms_per_step']:.2f} ms/step)", flush=True)
+        total = elapsed()
+    print()
+    C.print_table(rows, [("variant", "variant", "{}"), ("test_metric", f"test {unit}", "{:.3f}"),
+                         ("best_valid_metric", f"best valid {unit}", "{:.3f}"), ("final_cos", "cos(SG, g)", "{:.3f}"),
+                         ("ms_per_step", "ms/step", "{:.2f}"), ("train_time_s", "train time s", "{:.1f}")])
+    print(f"\ntotal time {C.fmt_time(total)}")
+    return log.finish({"unit": unit, "level": args.level, "total_time_s": total,
+                       "results": {r["variant"]: {"test": r["test_metric"], "bptt": r["bptt"], "method": r["method"]}
+                                   for r in rows}})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,145 @@
+"""Every example's --quick configuration, end to end, on the embedded data
+(no data files needed), plus the results page built from their logs."""
+import importlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+QUICK = {
+    "quickstart": ["--data", "digits"],
+    "mnist_mlp": ["--data", "digits"],
+    "mnist_fcn": ["--data", "digits"],
+    "mnist_cnn": ["--data", "digits"],
+    "mnist_full_unlock": ["--data", "digits"],
+    "ptb_lm": ["--data", "synthetic"],
+    "copy_task": [],
+}
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(name, tmp_path, extra=()):
+    mod = importlib.import_module(f"dni_fast.examples.{name}")
+    log = tmp_path / f"{name}.json"
+    out = mod.main(["--quick", "--no-progress", "--log", str(log), *QUICK[name], *extra])
+    assert log.is_file()
+    saved = json.loads(log.read_text())
+    assert saved["example"] == name and saved["runs"] and saved["summary"]
+    assert out["summary"] == saved["summary"]
+    return saved
+
+
+@pytest.mark.parametrize("name", ["mnist_mlp", "mnist_fcn", "mnist_cnn", "mnist_full_unlock"])
+def test_image_examples_quick(name, tmp_path):
+    saved = _run(name, tmp_path)
+    variants = [r["variant"] for r in saved["runs"]]
+    assert [v.split()[0] for v in variants] == ["backprop", "dni", "cdni"]
+    for r in saved["runs"]:
+        assert 0.0 <= r["test_acc"] <= 100.0 and r["steps"] > 0 and r["ms_per_step"] > 0
+        assert r["history"]["test_acc"]
+        if r["variant"].startswith("backprop"):
+            assert r["n_interfaces"] == 0
+        else:  # the synthesizers were trained: the interfaces recorded statistics
+            assert r["n_interfaces"] > 0 and r["final_cos"] is not None
+    assert saved["config"]["data_name"] == "digits"
+
+
+def test_quickstart_quick_has_speed_table(tmp_path):
+    saved = _run("quickstart", tmp_path)
+    speed = saved["summary"]["speed"]
+    names = [r["backend"] for r in speed]
+    assert names[:2] == ["(plain backprop)", "reference"]
+    ref = next(r for r in speed if r["backend"] == "reference")
+    assert ref["ms_per_step"] > 0 and math.isclose(ref["speedup_vs_reference"], 1.0)
+
+
+def test_ptb_lm_quick_char_and_word(tmp_path):
+    saved = _run("ptb_lm", tmp_path)
+    assert saved["summary"]["unit"] == "bpc"
+    assert [(r["method"], r["bptt"]) for r in saved["runs"]] == [("bptt", 2), ("dni", 2)]
+    for r in saved["runs"]:
+        assert 0 < r["test_metric"] < 10  # bits per character
+    dni_run = saved["runs"][1]
+    assert dni_run["final_cos"] is not None  # the synthesizer saw true gradients
+    saved = _run("ptb_lm", tmp_path, ["--level", "word", "--mode", "dni", "--loss", "mean"])
+    assert saved["summary"]["unit"] == "ppl" and saved["runs"][0]["test_metric"] > 1
+    assert saved["config"]["loss"] == "mean"
+
+
+def test_loss_sum_and_mean_give_the_same_backprop_run(tmp_path):
+    """Adam is (up to its epsilon) invariant to the loss scale: plain backprop
+    trains the same with the summed and the averaged loss."""
+    a = _run("mnist_mlp", tmp_path, ["--mode", "backprop", "--loss", "sum"])["runs"][0]
+    b = _run("mnist_mlp", tmp_path, ["--mode", "backprop", "--loss", "mean"])["runs"][0]
+    assert abs(a["test_acc"] - b["test_acc"]) <= 1.0
+
+
+def test_copy_task_quick(tmp_path):
+    saved = _run("copy_task", tmp_path)
+    assert [r["method"] for r in saved["runs"]] == ["bptt", "dni"]
+    for r in saved["runs"]:
+        assert r["max_length"] >= 0 and r["timesteps"] > 0
+
+
+def test_lstm_dni_trigger_round_trip():
+    """The LSTM state packs into one trigger per batch row and back exactly."""
+    from dni_fast.examples.ptb_lm import LSTMLM
+
+    m = LSTMLM(11, 4, 5, layers=2, use_dni=True)
+    h, c = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    flat = m.pack((h, c))
+    assert flat.shape == (3, 2 * 2 * 5)
+    h2, c2 = m.unpack(flat)
+    assert torch.equal(h, h2) and torch.equal(c, c2)
+
+
+def test_zero_synthesizer_output():
+    import dni_fast as dni
+    from dni_fast.examples import _common as C
+    from dni_fast.examples.mnist_mlp import MLP
+
+    m = C.zero_synthesizer_output(MLP(64, hidden=(8, 8), mode="cdni"))
+    x = torch.randn(4, 8)
+    for iface in m.dnis:
+        assert isinstance(iface.synthesizer, dni.BasicSynthesizer)
+        assert torch.count_nonzero(iface.synthesizer(x, torch.zeros(4, 10))) == 0
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = tmp_path / "q.json"
+    p = subprocess.run([sys.executable, "-m", "dni_fast.examples.quickstart", "--quick", "--no-progress",
+                        "--no-speed", "--data", "digits", "--log", str(log)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "cdni" in p.stdout and "test acc" in p.stdout
+    assert json.loads(log.read_text())["example"] == "quickstart"
+
+
+def test_make_results_from_quick_logs(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name in ("quickstart", "mnist_mlp", "ptb_lm", "copy_task"):
+        _run(name, runs)
+    spec = importlib.util.spec_from_file_location("make_results", REPO / "scripts" / "make_results.py")
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+    out = tmp_path / "docs"
+    mr.main(["--runs", str(runs), "--out", str(out)])
+    page = (out / "results.md").read_text()
+    assert "backprop" in page and "cDNI" in page and "bits per character" in page.lower()
+    assert list(out.glob("*.png"))
