@@ -27,8 +27,8 @@ PAPER = ("Jaderberg et al. 2016, *Decoupled Neural Interfaces using Synthetic Gr
          "([arXiv:1608.05343](https://arxiv.org/abs/1608.05343))")
 REF_NOTE = ("**Published numbers.** The paper reports its results in Table 1 (MNIST and CIFAR-10 FCN/CNN test error, "
             "Bprop vs DNI vs cDNI) and Table 2 / Fig. 4 (copy-task lengths and Penn Treebank bits per character against "
-            "the truncation length), for far longer schedules and larger models than ours (e.g. 500k iterations for the "
-            "MNIST FCNs). We have not transcribed those numbers here: where a cell says *see paper* the number is in that "
+            "the truncation length), for far longer schedules and larger models than ours. "
+            "We have not transcribed those numbers here: where a cell says *see paper* the number is in that "
             "table; we do not quote figures we could not check against the source. dni-pytorch's examples "
             "(`examples/mnist-mlp`, `mnist-cnn`, `mnist-full-unlock`, `rnn`) give commands but report no numbers "
             "(*not reported*).")
@@ -187,7 +187,7 @@ def fcn_section(d: dict, out: str) -> str:
          f"`N` linear layers: `N-1` hidden layers of 256 units with BatchNorm and ReLU, each followed by a "
          f"`BackwardInterface`, and the output layer. Synthesizers: `BasicSynthesizer` with "
          f"{c.get('synth_hidden')} hidden layer(s) of {c.get('synth_width')} units. The paper's schedule is "
-         f"Adam 3e-5 for 500k iterations at batch 256; ours is the short one below.\n", schedule(d) + "\n"]
+         f"Adam 3e-5 over a far longer run; ours is the short one below.\n", schedule(d) + "\n"]
     by: Dict[str, Dict[str, dict]] = {}
     for r in d["runs"]:
         m, depth = r["variant"].split(" ", 1)

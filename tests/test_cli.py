@@ -1,0 +1,58 @@
+"""The benchmark harness and the command line run end to end (tiny sizes; no timing is asserted)."""
+import csv
+import json
+
+import torch
+
+import dni_fast as dni
+from dni_fast import bench
+from dni_fast.__main__ import main
+
+
+def test_info_lists_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "torch" in out
+
+
+def test_bench_rows_csv_and_auto_table(tmp_path, capsys):
+    dev = torch.device("cpu")
+    providers = [p for p in bench.available_providers(dev, compile=False)]
+    rows = bench.bench_interface([(4, 16, 8)], providers, torch.float32, dev, min_run_time=0.01)
+    assert [r.provider for r in rows] == providers
+    ref = rows[0]
+    assert ref.provider == "reference" and abs(ref.ratio - 1.0) < 1e-9 and ref.ms > 0
+    assert all(r.floor_ms > 0 and r.extra["plain_linear_ms"] > 0 for r in rows)
+    rows += bench.bench_mlp(8, providers, dev, min_run_time=0.01)
+    assert rows[-len(providers) - 1].provider == "backprop"
+    path = tmp_path / "bench.csv"
+    env = bench.environment(dev)
+    bench.append_csv(rows, str(path), env)
+    bench.append_csv(rows, str(path), env)  # appends, one header
+    with open(path) as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 2 * len(rows) and {"device", "torch", "date", "provider", "ms", "ratio"} <= set(got[0])
+    table = bench.auto_table(rows, "cpu", env)
+    assert table["rules"] and all(r["backend"] in providers for r in table["rules"])
+    bench.print_rows(rows)
+    assert "interface_step" in capsys.readouterr().out
+
+
+def test_bench_command_quick(tmp_path):
+    path = tmp_path / "b.csv"
+    assert main(["bench", "--quick", "--sizes", "4,16,8", "--no-mlp", "--csv", str(path)]) == 0
+    assert path.exists()
+
+
+def test_auto_picks_from_the_table_and_never_the_interpreter(monkeypatch):
+    from dni_fast import backends as bk
+
+    synth = dni.BasicSynthesizer(32, n_hidden=1)
+    trig = torch.randn(8, 32)
+    monkeypatch.setattr(bk, "_table", [{"device": "cpu", "dtype": "float32", "backend": "triton"}])
+    bk._cache.clear()
+    assert bk.resolve("auto", synth, trig) is None  # triton on the CPU would be the interpreter
+    monkeypatch.setattr(bk, "_table", [{"device": "cpu", "dtype": "float32", "max_rows": 4, "backend": "cpp"}])
+    bk._cache.clear()
+    assert bk.resolve("auto", synth, trig) is None  # 8 rows: outside the rule
+    bk._cache.clear()
