@@ -121,6 +121,17 @@ def _no_autocast(x: Tensor):
     return torch.autocast(x.device.type, enabled=False) if autocast_on(x) else contextlib.nullcontext()
 
 
+def _unpack(ctx, n_mid: int):
+    """Saved as ``x, [c], *mid (n_mid tensors), *zs, *params``: returns
+    ``(x, c or None, mid, zs, params)``."""
+    saved = ctx.saved_tensors
+    i = 2 if ctx.has_c else 1
+    c = saved[1] if ctx.has_c else None
+    mid = saved[i: i + n_mid]
+    zs = list(saved[i + n_mid: i + n_mid + ctx.n_z])
+    return saved[0], c, mid, zs, list(saved[i + n_mid + ctx.n_z:])
+
+
 class _TriggerUpdate(torch.autograd.Function):
     """Forward: ``S = synth(x, c)`` in one fused call; returns ``(trigger.clone(), S)``.
     Backward: the true gradient ``g`` passes to the trigger unchanged, and one
@@ -142,20 +153,12 @@ class _TriggerUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor, _unused: Optional[Tensor]):
-        saved = ctx.saved_tensors
-        x = saved[0]
-        i = 1
-        c = None
-        if ctx.has_c:
-            c, i = saved[1], 2
-        s = saved[i]
-        zs = saved[i + 1: i + 1 + ctx.n_z]
-        params = saved[i + 1 + ctx.n_z:]
+        x, c, (s,), zs, params = _unpack(ctx, 1)
         scale = 2.0 / g.size(0)  # dni-pytorch: normalised by the first dimension
         g2 = g.reshape(-1, g.shape[-1])
         if g2.dtype != s.dtype:
             g2 = g2.to(s.dtype)
-        grads, partials = ctx.impl.update(x, c, list(params), list(zs), s, g2, scale, None)
+        grads, partials = ctx.impl.update(x, c, params, zs, s, g2, scale, None)
         if ctx.stats is not None:
             ctx.stats.record(partials, scale)
         return (None, None, g if ctx.needs_input_grad[2] else None, None, None, *grads)
@@ -181,17 +184,9 @@ class _SendRegression(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _unused: Optional[Tensor]):
-        saved = ctx.saved_tensors
-        x = saved[0]
-        i = 1
-        c = None
-        if ctx.has_c:
-            c, i = saved[1], 2
-        m, s = saved[i], saved[i + 1]
-        zs = saved[i + 2: i + 2 + ctx.n_z]
-        params = saved[i + 2 + ctx.n_z:]
+        x, c, (m, s), zs, params = _unpack(ctx, 2)
         scale = 2.0 / m.numel()
-        grads, partials = ctx.impl.update(x, c, list(params), list(zs), s, m, scale, grad_loss.detach())
+        grads, partials = ctx.impl.update(x, c, params, zs, s, m, scale, grad_loss.detach())
         if ctx.stats is not None:
             ctx.stats.record(partials, scale)
         return (None, None, None, None, None, *grads)

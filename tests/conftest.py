@@ -38,3 +38,20 @@ def fused_backends(device="cpu"):
 
 
 DEVICES = ["cpu"] + (["cuda"] if _HAS_CUDA else [])
+
+
+def backend_name(name, monkeypatch):
+    """Yield a name for ``dni.use_backend``. ``primref`` is routed through the
+    'cpp' slot to the pure-PyTorch primitives of kernels/synth_ref.py, so the
+    fused autograd glue is tested even where no fast backend is built."""
+    import dni_fast.backends as bk
+
+    bk.clear_cache()
+    if name == "primref":
+        real_status = bk.backend_status
+        monkeypatch.setattr(bk, "_load_impl", lambda n: bk.reference_impl())
+        monkeypatch.setattr(bk, "backend_status",
+                            lambda n, device="cpu": (True, "") if n == "cpp" else real_status(n, device))
+        name = "cpp"
+    yield name
+    bk.clear_cache()

@@ -27,7 +27,7 @@ import dni_fast as dni
 import dni_fast.backends as bk
 from dni_fast import _fused
 from dni_fast.testing import assert_close, assert_lowp_close
-from tests.conftest import fused_backends
+from tests.conftest import backend_name, fused_backends
 
 # The Triton interpreter is left out for speed: its glue is the same as cpp's,
 # and test_equivalence.py / test_kernels_triton.py cover it.
@@ -38,18 +38,7 @@ DIN, D, H, DOUT, DC = 5, 8, 7, 3, 3
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    """A name for ``dni.use_backend``; ``primref`` is routed through the 'cpp'
-    slot to the pure-PyTorch primitives of kernels/synth_ref.py."""
-    bk.clear_cache()
-    name = request.param
-    if name == "primref":
-        real_status = bk.backend_status
-        monkeypatch.setattr(bk, "_load_impl", lambda n: bk.reference_impl())
-        monkeypatch.setattr(bk, "backend_status",
-                            lambda n, device="cpu": (True, "") if n == "cpp" else real_status(n, device))
-        name = "cpp"
-    yield name
-    bk.clear_cache()
+    yield from backend_name(request.param, monkeypatch)
 
 
 class _Net(nn.Module):

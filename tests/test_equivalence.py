@@ -15,25 +15,14 @@ from torch import nn
 import dni_fast as dni
 import dni_fast.backends as bk
 from dni_fast.testing import assert_close, compare_backends, compare_training
-from tests.conftest import fused_backends
+from tests.conftest import backend_name, fused_backends
 
 BACKENDS = ["primref"] + fused_backends("cpu")
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    """A backend name for ``dni.use_backend``; ``primref`` is routed through the
-    'cpp' slot to the reference primitives."""
-    bk.clear_cache()
-    name = request.param
-    if name == "primref":
-        real_status = bk.backend_status
-        monkeypatch.setattr(bk, "_load_impl", lambda n: bk.reference_impl())
-        monkeypatch.setattr(bk, "backend_status",
-                            lambda n, device="cpu": (True, "") if n == "cpp" else real_status(n, device))
-        name = "cpp"
-    yield name
-    bk.clear_cache()
+    yield from backend_name(request.param, monkeypatch)
 
 
 def _perturb(model, std=0.2):
