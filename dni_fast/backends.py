@@ -221,15 +221,17 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 # resolve: called by every interface step
 # ---------------------------------------------------------------------------
 _cache: Dict[tuple, Optional[FusedImpl]] = {}
+_Basic = None  # dni_fast.synthesizer.BasicSynthesizer, imported on first use (import cycle)
 
 
 def resolve(requested: Optional[str], synthesizer, trigger: torch.Tensor) -> Optional[FusedImpl]:
     """The fused implementation to run ``synthesizer`` on ``trigger`` with, or
     ``None`` for plain autograd. Raises ``BackendUnavailableError`` when an
     explicitly requested backend cannot run it, saying how to get it."""
-    from dni_fast.synthesizer import BasicSynthesizer
-
-    if not isinstance(synthesizer, BasicSynthesizer):
+    global _Basic
+    if _Basic is None:
+        from dni_fast.synthesizer import BasicSynthesizer as _Basic
+    if not isinstance(synthesizer, _Basic):
         return None  # custom synthesizers always run through autograd
     name = requested if requested is not None else get_backend()
     if name == "reference":

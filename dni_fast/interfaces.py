@@ -108,7 +108,7 @@ class UnidirectionalInterface(nn.Module):
         self.backend = None if backend is None else _check_name(backend, f"{type(self).__name__}(backend=...)")
         self.warmup_steps = warmup_steps
         self.track_stats = track_stats
-        self.n_steps = 0  # injections attempted (drives the warm-up)
+        self._counter = [0]  # injections attempted (drives the warm-up); see n_steps
         self._stats = _fused.SynthStats()
 
     def extra_repr(self) -> str:
@@ -125,8 +125,18 @@ class UnidirectionalInterface(nn.Module):
         self._stats.reset()
 
     @property
+    def n_steps(self) -> int:
+        """Injections attempted so far (the warm-up counts them). Kept in a list
+        rather than a module attribute: nn.Module.__setattr__ costs ~3 us a step."""
+        return self._counter[0]
+
+    @n_steps.setter
+    def n_steps(self, value: int) -> None:
+        self._counter[0] = int(value)
+
+    @property
     def in_warmup(self) -> bool:
-        return self.n_steps < self.warmup_steps
+        return self._counter[0] < self.warmup_steps
 
     # -- helpers -------------------------------------------------------------
     def _stats_sink(self) -> Optional[_fused.SynthStats]:
@@ -221,11 +231,12 @@ class BackwardInterface(UnidirectionalInterface):
         self.pipelined = pipelined
         self._pending: Optional[dict] = None
 
+    @torch.compiler.disable  # a host-side counter: torch.compile must not guard on (and recompile for) it
     def _take_injection(self, trigger: Tensor) -> bool:
         """Count one injection; whether it applies (not in warm-up, and there is a graph to inject into)."""
-        step = self.n_steps
-        self.n_steps += 1
-        return step >= self.warmup_steps and trigger.requires_grad
+        c = self._counter
+        c[0] += 1
+        return c[0] > self.warmup_steps and trigger.requires_grad
 
     def _inject(self, trigger: Tensor, s: Tensor, factor: float = 1) -> None:
         if self._take_injection(trigger):
@@ -256,7 +267,8 @@ class BackwardInterface(UnidirectionalInterface):
         if impl.step is not None:  # the whole step in one native call (csrc/step.cpp)
             inject = self._take_injection(trigger)
             deferred = inject and is_deferring()
-            out, s = impl.step(trigger.detach(), x, c, self.synthesizer.flat_params(), self._stats_slot(trigger),
+            params = self._modules["synthesizer"].flat_params()
+            out, s = impl.step(trigger.detach(), x, c, params, self._stats_slot(trigger),
                                trigger if inject and not deferred else None)
             if deferred:
                 _backward(trigger, s)
