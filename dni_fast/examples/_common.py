@@ -395,3 +395,25 @@ def run_classifier_variants(example: str, args: argparse.Namespace, data, varian
     return log.finish({"results": {r["variant"]: {k: r[k] for k in ("test_acc", "test_error", "ms_per_step",
                                                                      "train_time_s", "final_cos")} for r in rows},
                        "total_time_s": total})
+
+
+def truncation_sweep(args: argparse.Namespace, log: "RunLog", train: Callable[[int, bool, str], dict],
+                     result: Callable[[dict], str]) -> tuple:
+    """Train BPTT and DNI (``args.mode`` picks) at every truncation length in
+    ``args.bptt``; ``train(T, use_dni, label)`` returns a record, ``result(rec)``
+    the line printed for it. Returns ``(rows, total_seconds)``."""
+    variants = [("bptt", False), ("dni", True)]
+    if args.mode != "all":
+        variants = [v for v in variants if v[0] == args.mode]
+    rows = []
+    with timed() as elapsed:
+        for T in args.bptt:
+            for name, use_dni in variants:
+                rec = train(T, use_dni, f"{name} T={T}")
+                rec["method"] = name
+                rows.append(rec)
+                log.add(rec)
+                print(f"  {rec['variant']:<12s} {result(rec)}  "
+                      f"({fmt_time(rec['train_time_s'])}, {rec['ms_per_step']:.2f} ms/step)", flush=True)
+        total = elapsed()
+    return rows, total

@@ -174,20 +174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           f"{args.timesteps} time steps per run, Adam lr {args.lr}, {args.loss} loss, seed {args.seed}, "
           f"backend {dni.get_backend()}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    variants = [("bptt", False), ("dni", True)]
-    if args.mode != "all":
-        variants = [v for v in variants if v[0] == args.mode]
-    rows = []
-    with C.timed() as elapsed:
-        for T in args.bptt:
-            for name, use_dni in variants:
-                rec = train_one(args, T, use_dni, f"{name} T={T}")
-                rec["method"] = name
-                rows.append(rec)
-                log.add(rec)
-                print(f"  {rec['variant']:<12s} longest copy solved: {rec['max_length']:3d}  "
-                      f"({C.fmt_time(rec['train_time_s'])}, {rec['ms_per_step']:.2f} ms/step)", flush=True)
-        total = elapsed()
+    rows, total = C.truncation_sweep(args, log, lambda T, use_dni, label: train_one(args, T, use_dni, label),
+                                     lambda rec: f"longest copy solved: {rec['max_length']:3d}")
     print()
     C.print_table(rows, [("variant", "variant", "{}"), ("max_length", "longest L solved", "{}"),
                          ("final_cos", "cos(SG, g)", "{:.3f}"), ("ms_per_step", "ms/step", "{:.2f}"),

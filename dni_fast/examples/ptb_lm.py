@@ -210,20 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           f"T={args.bptt}, batch {args.batch_size}, Adam lr {args.lr}, {args.loss} loss, {args.epochs} epoch(s), "
           f"seed {args.seed}, "
           f"backend {dni.get_backend()}, {torch.get_num_threads()} threads", flush=True)
-    variants = [("bptt", False), ("dni", True)]
-    if args.mode != "all":
-        variants = [v for v in variants if v[0] == args.mode]
-    rows = []
-    with C.timed() as elapsed:
-        for T in args.bptt:
-            for name, use_dni in variants:
-                rec = train_one(args, corpus, T, use_dni, f"{name} T={T}")
-                rec["method"] = name
-                rows.append(rec)
-                log.add(rec)
-                print(f"  {rec['variant']:<12s} test {unit} {rec['test_metric']:8.3f}  "
-                      f"({C.fmt_time(rec['train_time_s'])}, {rec['ms_per_step']:.2f} ms/step)", flush=True)
-        total = elapsed()
+    rows, total = C.truncation_sweep(args, log, lambda T, use_dni, label: train_one(args, corpus, T, use_dni, label),
+                                     lambda rec: f"test {unit} {rec['test_metric']:8.3f}")
     print()
     C.print_table(rows, [("variant", "variant", "{}"), ("test_metric", f"test {unit}", "{:.3f}"),
                          ("best_valid_metric", f"best valid {unit}", "{:.3f}"), ("final_cos", "cos(SG, g)", "{:.3f}"),
