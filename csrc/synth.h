@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace dni_fast {
@@ -42,6 +43,10 @@ Layout check_forward_args(const char* fn, const Tensor& x, const OptTensor& c, c
 void check_update_args(const char* fn, const Layout& lay, const Tensor& x, const OptTensor& c,
                        const TensorVec& params, const TensorVec& zs, const Tensor& s, const Tensor& g,
                        const OptTensor& grad_scale);
+// The pipelined step's checks (both halves); returns the layouts of step t+1 and step t.
+std::pair<Layout, Layout> check_pipelined_args(const char* fn, const Tensor& x, const OptTensor& c, const TensorVec& params,
+                            const Tensor& x_prev, const OptTensor& c_prev, const TensorVec& zs_prev,
+                            const Tensor& s_prev, const Tensor& g_prev);
 
 // The parameters in the work dtype of the products, each converted on first use
 // (once per call, even when the pipelined step uses a weight in both halves);

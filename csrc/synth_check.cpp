@@ -147,4 +147,18 @@ void check_update_args(const char* fn, const Layout& lay, const Tensor& x, const
   }
 }
 
+std::pair<Layout, Layout> check_pipelined_args(const char* fn, const Tensor& x, const OptTensor& c,
+                                               const TensorVec& params, const Tensor& x_prev,
+                                               const OptTensor& c_prev, const TensorVec& zs_prev,
+                                               const Tensor& s_prev, const Tensor& g_prev) {
+  const Layout lay = check_forward_args(fn, x, c, params);
+  TORCH_CHECK(lay.has_context == (c_prev.has_value() && c_prev->defined()), fn,
+              ": c and c_prev must both be tensors or both be None");
+  const Layout lay_prev = check_forward_args("dni_fast._C.synth_pipelined (x_prev, c_prev)", x_prev, c_prev, params);
+  TORCH_CHECK(lay.compute == lay_prev.compute, fn, ": x has dtype ", dtype_name(lay.compute), " but x_prev has ",
+              dtype_name(lay_prev.compute));
+  check_update_args(fn, lay_prev, x_prev, c_prev, params, zs_prev, s_prev, g_prev, std::nullopt);
+  return {lay, lay_prev};
+}
+
 }  // namespace dni_fast

@@ -144,14 +144,8 @@ PipelinedResult synth_pipelined(const Tensor& x, const OptTensor& c, const Tenso
                                 const Tensor& x_prev, const OptTensor& c_prev, const TensorVec& zs_prev,
                                 const Tensor& s_prev, const Tensor& g_prev, double scale) {
   constexpr const char* fn = "dni_fast._C.synth_pipelined";
-  const Layout lay = check_forward_args(fn, x, c, params);
+  const auto [lay, lay_prev] = check_pipelined_args(fn, x, c, params, x_prev, c_prev, zs_prev, s_prev, g_prev);
   check_cuda_dtype(fn, lay);
-  TORCH_CHECK(lay.has_context == (c_prev.has_value() && c_prev->defined()), fn,
-              ": c and c_prev must both be tensors or both be None");
-  const Layout lay_prev = check_forward_args("dni_fast._C.synth_pipelined (x_prev, c_prev)", x_prev, c_prev, params);
-  TORCH_CHECK(lay.compute == lay_prev.compute, fn, ": x has dtype ", dtype_name(lay.compute), " but x_prev has ",
-              dtype_name(lay_prev.compute));
-  check_update_args(fn, lay_prev, x_prev, c_prev, params, zs_prev, s_prev, g_prev, std::nullopt);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView guard;
   WorkParams w(params, lay.compute);  // autocast: each weight converted once, for both halves

@@ -432,6 +432,24 @@ if triton is not None:
             _st(o, rr, cc, so0, so1, NR, NC, acc)
 
     @triton.jit
+    def _stats_tiles(first, stride, N, NC, s, ss0, ss1, g, sg0, sg1, coef, db,
+                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """_stats_cols over the column tiles first, first + stride, ... of [0, NC):
+        stores db for them and returns the four partial sums, summed."""
+        p0 = coef * 0.0
+        p1 = coef * 0.0
+        p2 = coef * 0.0
+        p3 = coef * 0.0
+        for ot in range(first, tl.cdiv(NC, BLOCK_C), stride):
+            q0, q1, q2, q3 = _stats_cols(ot * BLOCK_C, N, NC, s, ss0, ss1, g, sg0, sg1, coef, db, db,
+                                         False, BLOCK_N, BLOCK_C)
+            p0 += q0
+            p1 += q1
+            p2 += q2
+            p3 += q3
+        return p0, p1, p2, p3
+
+    @triton.jit
     def _put_slot(slots, i, p0, p1, p2, p3):
         tl.store(slots + i * 4 + 0, p0)
         tl.store(slots + i * 4 + 1, p1)
@@ -487,17 +505,7 @@ if triton is not None:
             _wgrad(h_lo, N, D0, D1, z0, sz00, sz01, z0, sz00, sz01, s, ss0, ss1, g, sg0, sg1, coef,
                    gw1, 1, D0, 1, 2, False, DT, PREC, BLOCK_N, BLOCK_H, BLOCK_K)
             # db_1 and the partial sums: output tiles of Do dealt round-robin.
-            p0 = coef * 0.0
-            p1 = coef * 0.0
-            p2 = coef * 0.0
-            p3 = coef * 0.0
-            for ot in range(t, tl.cdiv(D1, BLOCK_K), total):
-                q0, q1, q2, q3 = _stats_cols(ot * BLOCK_K, N, D1, s, ss0, ss1, g, sg0, sg1, coef, gb1, gb1,
-                                             False, BLOCK_N, BLOCK_K)
-                p0 += q0
-                p1 += q1
-                p2 += q2
-                p3 += q3
+            p0, p1, p2, p3 = _stats_tiles(t, total, N, D1, s, ss0, ss1, g, sg0, sg1, coef, gb1, BLOCK_N, BLOCK_K)
             _put_slot(slots, t, p0, p1, p2, p3)
             tl.debug_barrier()  # this CTA's d_0 rows are in the workspace
             _wgrad(h_lo, N, D0, Dt, scr0, D0, 1, scr0, D0, 1, x, sx0, sx1, x, sx0, sx1, coef,
@@ -526,17 +534,7 @@ if triton is not None:
                                      True, DT, PREC, BLOCK_N, BLOCK_H, BLOCK_K)
                 _wgrad(h_lo, N, D1, D2, z1, sz10, sz11, z1, sz10, sz11, s, ss0, ss1, g, sg0, sg1, coef,
                        gw2, 1, D1, 1, 2, False, DT, PREC, BLOCK_N, BLOCK_H, BLOCK_K)
-                p0 = coef * 0.0
-                p1 = coef * 0.0
-                p2 = coef * 0.0
-                p3 = coef * 0.0
-                for ot in range(t, tl.cdiv(D2, BLOCK_K), PA):
-                    q0, q1, q2, q3 = _stats_cols(ot * BLOCK_K, N, D2, s, ss0, ss1, g, sg0, sg1, coef, gb2, gb2,
-                                                 False, BLOCK_N, BLOCK_K)
-                    p0 += q0
-                    p1 += q1
-                    p2 += q2
-                    p3 += q3
+                p0, p1, p2, p3 = _stats_tiles(t, PA, N, D2, s, ss0, ss1, g, sg0, sg1, coef, gb2, BLOCK_N, BLOCK_K)
                 _put_slot(slots, t, p0, p1, p2, p3)
                 tl.debug_barrier()
                 # dW_1[tile, :] = d_1[:, tile]^T @ relu(z_0): needs only own d_1.
