@@ -8,8 +8,9 @@ Providers (one per line of output):
 * ``backprop`` (MLP only): the same network trained by plain backprop.
 
 Ratios are always to ``reference`` measured in the same run, in the same math
-mode. Rows are appended to a CSV with the device, versions and date. CPU times
-use ``torch.utils.benchmark`` (median of blocked autorange); GPU times use
+mode. Rows are appended to a CSV with the device, versions and date. On the
+CPU every provider of one size (and the floor's parts) runs interleaved, block
+by block, and reports the median block (``time_many``); GPU times use
 ``triton.testing.do_bench`` quantiles (20/50/80).
 
 Definitions (DESIGN §5):
@@ -20,6 +21,8 @@ Definitions (DESIGN §5):
   same Linear's plain forward and backward;
 * the **CPU floor** is the synthesizer step's five matrix products plus the
   plain Linear's forward and backward, each timed alone;
+* the **MLP floor** is plain backprop plus the synthesizers' 25 matrix
+  products and Adam's update of their parameters, each timed alone;
 * the **GPU floor** is two launch latencies (an empty kernel) plus the larger
   of FLOPs (10·B·D·H) over the measured matmul peak and bytes over the
   measured copy bandwidth.
@@ -63,6 +66,48 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float 
     times = sorted(m.times)
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))] * 1e3  # noqa: E731
     return {"ms": m.median * 1e3, "p20": q(0.2), "p80": q(0.8)}
+
+
+def time_many(fns: Dict[str, Callable[[], object]], device: torch.device,
+              min_run_time: float = 0.5) -> Dict[str, Dict[str, float]]:
+    """``time_ms`` for several callables measured side by side.
+
+    On the CPU the callables run interleaved: round after round, each one runs
+    a block of about 2 ms, and each gets the median (and 20/80 % quantiles) of
+    its per-block means. On the shared 2-core CI VM the speed of the whole
+    machine drifts by up to 1.6x over tens of seconds (measured: a plain
+    Linear step at B=16, D=128 took 56 us in one run and 101 us in the next),
+    so timing providers one after another gave ratios that moved from 1.1x to
+    1.6x between runs; interleaving exposes every provider to the same drift.
+    On CUDA each callable gets ``do_bench`` in turn (the GPU does not drift)."""
+    if device.type == "cuda":
+        return {name: time_ms(fn, device, min_run_time) for name, fn in fns.items()}
+    import time
+
+    per_call = {}
+    for name, fn in fns.items():
+        fn()  # warm-up: first-call allocation, compilation
+        t0 = time.perf_counter()
+        fn()
+        fn()
+        per_call[name] = max((time.perf_counter() - t0) / 2, 1e-7)
+    reps = {name: max(1, int(2e-3 / t)) for name, t in per_call.items()}
+    block_s = sum(reps[n] * per_call[n] for n in fns)
+    rounds = max(15, int(min_run_time * len(fns) / max(block_s, 1e-6)))
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            k = reps[name]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / k * 1e3)
+    out = {}
+    for name, ts in samples.items():
+        ts.sort()
+        q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
+        out[name] = {"ms": q(0.5), "p20": q(0.2), "p80": q(0.8)}
+    return out
 
 
 def environment(device: torch.device) -> Dict[str, str]:
@@ -254,44 +299,77 @@ def bench_interface(sizes: Iterable[tuple], providers: Sequence[str], dtype: tor
     dt = str(dtype).replace("torch.", "")
     with _tf32(tf32):
         for B, D, H in sizes:
-            plain = time_ms(plain_linear_step(B, D, dtype, device), device, min_run_time)["ms"]
+            fns: Dict[str, Callable[[], object]] = {"plain": plain_linear_step(B, D, dtype, device)}
+            if floor and device.type != "cuda":
+                fns.update({f"product{i}": f for i, f in enumerate(five_products(B, D, H, dtype, device))})
+            for p in providers:
+                try:
+                    fn = interface_step(p, B, D, H, dtype, device)
+                    fn()  # a provider that cannot run this size/dtype fails here: say so, keep going
+                except Exception as e:
+                    print(f"  [skip] {p} B={B} D={D} {dt}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                    continue
+                fns[p] = fn
+            t = time_many(fns, device, min_run_time)
+            plain = t["plain"]["ms"]
             floor_info: Dict[str, float] = {}
             if floor and device.type == "cuda":
                 floor_info = gpu_floor_ms(B, D, H, dtype, device)
             elif floor:
-                prods = sum(time_ms(f, device, min_run_time / 4)["ms"] for f in five_products(B, D, H, dtype, device))
+                prods = sum(t[f"product{i}"]["ms"] for i in range(5))
                 floor_info = {"floor_ms": prods + plain, "products_ms": prods}
-            ref_ms = ref_dni = float("nan")
+            ref_ms = t["reference"]["ms"] if "reference" in t else float("nan")
+            ref_dni = ref_ms - plain
             for p in providers:
-                try:
-                    t = time_ms(interface_step(p, B, D, H, dtype, device), device, min_run_time)
-                except Exception as e:  # a provider that cannot run this size/dtype: say so, keep going
-                    print(f"  [skip] {p} B={B} D={D} {dt}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                if p not in t:
                     continue
-                dni_ms = t["ms"] - plain
-                if p == "reference":
-                    ref_ms, ref_dni = t["ms"], dni_ms
-                rows.append(Row("interface_step", p, B, D, H, dt, torch.get_num_threads(), tf32, t["ms"], t["p20"],
-                                t["p80"], ratio=ref_ms / t["ms"], dni_ms=dni_ms, dni_ratio=ref_dni / dni_ms,
+                tp = t[p]
+                dni_ms = tp["ms"] - plain
+                rows.append(Row("interface_step", p, B, D, H, dt, torch.get_num_threads(), tf32, tp["ms"], tp["p20"],
+                                tp["p80"], ratio=ref_ms / tp["ms"], dni_ms=dni_ms, dni_ratio=ref_dni / dni_ms,
                                 floor_ms=floor_info.get("floor_ms", float("nan")),
                                 extra={"plain_linear_ms": plain, **{k: v for k, v in floor_info.items()
                                                                      if k != "floor_ms"}}))
     return rows
 
 
+def mlp_synth_floor(B: int, device: torch.device, n_dni: int = 5, width: int = 256) -> Dict[str, Callable[[], None]]:
+    """What the MLP's synthesizers cannot avoid, each part timed alone: their
+    ``5 * n_dni`` matrix products, and Adam's update of their parameters."""
+    prods = five_products(B, width, width, torch.float32, device)
+
+    def products():
+        for _ in range(n_dni):
+            for f in prods:
+                f()
+
+    synths = [dni.BasicSynthesizer(width, n_hidden=1).to(device) for _ in range(n_dni)]
+    params = [p for s in synths for p in s.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(params, lr=1e-3)
+    return {"synth_products": products, "synth_adam": opt.step}
+
+
 def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_time: float = 1.0) -> List[Row]:
+    """The DESIGN §5 MLP per provider, against plain backprop, measured side by
+    side. ``floor_ms`` is backprop plus what the synthesizers cannot avoid
+    (``mlp_synth_floor``), each timed alone in the same run."""
+    names = ["backprop"] + [p for p in providers if p != "torch.compile"]
+    fns: Dict[str, Callable[[], object]] = {p: mlp_step(p, B, device) for p in names}
+    fns.update(mlp_synth_floor(B, device))
+    t = time_many(fns, device, min_run_time)
+    base = t["backprop"]["ms"]
+    floor = base + t["synth_products"]["ms"] + t["synth_adam"]["ms"]
+    ref = t["reference"]["ms"] if "reference" in t else None
     rows: List[Row] = []
-    base = None
-    ref = None
-    for p in ["backprop"] + [p for p in providers if p != "torch.compile"]:
-        t = time_ms(mlp_step(p, B, device), device, min_run_time)
-        if p == "backprop":
-            base = t["ms"]
-        if p == "reference":
-            ref = t["ms"]
-        rows.append(Row("mlp", p, B, 256, 256, "float32", torch.get_num_threads(), False, t["ms"], t["p20"],
-                        t["p80"], ratio=(ref / t["ms"]) if ref else float("nan"),
-                        extra={"vs_backprop": t["ms"] / base}))
+    for p in names:
+        tp = t[p]
+        rows.append(Row("mlp", p, B, 256, 256, "float32", torch.get_num_threads(), False, tp["ms"], tp["p20"],
+                        tp["p80"], ratio=(ref / tp["ms"]) if ref else float("nan"), floor_ms=floor,
+                        extra={"vs_backprop": tp["ms"] / base, "floor_vs_backprop": floor / base,
+                               "synth_products_ms": t["synth_products"]["ms"],
+                               "synth_adam_ms": t["synth_adam"]["ms"]}))
     return rows
 
 
@@ -305,7 +383,7 @@ def print_rows(rows: Sequence[Row]) -> None:
     for r in rows:
         note = ""
         if r.bench == "mlp":
-            note = f"{r.extra['vs_backprop']:.2f}x backprop"
+            note = f"{r.extra['vs_backprop']:.2f}x backprop (floor {r.extra['floor_vs_backprop']:.2f}x)"
         elif r.floor_ms == r.floor_ms and r.dni_ms == r.dni_ms:
             note = f"{r.ms / r.floor_ms:.2f}x floor (step)" if r.provider != "reference" else ""
         print(f"{r.bench:15} {r.provider:14} {r.B:5d} {r.D:5d} {r.H:5d} {r.dtype:9} {r.threads:3d} "

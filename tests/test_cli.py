@@ -25,6 +25,10 @@ def test_bench_rows_csv_and_auto_table(tmp_path, capsys):
     assert all(r.floor_ms > 0 and r.extra["plain_linear_ms"] > 0 for r in rows)
     rows += bench.bench_mlp(8, providers, dev, min_run_time=0.01)
     assert rows[-len(providers) - 1].provider == "backprop"
+    mlp = rows[-len(providers) - 1:]
+    # the floor is backprop plus the synthesizers' unavoidable parts, all measured
+    assert all(r.floor_ms > mlp[0].ms and r.extra["synth_products_ms"] > 0 and r.extra["synth_adam_ms"] > 0
+               for r in mlp)
     path = tmp_path / "bench.csv"
     env = bench.environment(dev)
     bench.append_csv(rows, str(path), env)
@@ -36,6 +40,16 @@ def test_bench_rows_csv_and_auto_table(tmp_path, capsys):
     assert table["rules"] and all(r["backend"] in providers for r in table["rules"])
     bench.print_rows(rows)
     assert "interface_step" in capsys.readouterr().out
+
+
+def test_time_many_interleaves_the_callables():
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    t = bench.time_many(fns, torch.device("cpu"), min_run_time=0.01)
+    assert set(t) == set("abc") and all(0 < v["p20"] <= v["ms"] <= v["p80"] for v in t.values())
+    # after the warm-up, blocks of each callable alternate round by round
+    switches = sum(1 for x, y in zip(order, order[1:]) if x != y)
+    assert switches >= 3 * 15 - 1, switches
 
 
 def test_bench_command_quick(tmp_path):
