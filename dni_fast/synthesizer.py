@@ -87,8 +87,13 @@ class BasicSynthesizer(nn.Module):
         for m in seq:
             p = m._parameters
             w, b = p.get("weight"), p.get("bias")
-            if w is None or b is None:  # only if a user replaced a layer
-                raise ValueError("BasicSynthesizer: the fused backends need every layer to be a Linear with a bias")
+            if w is None or b is None:
+                # A parametrized layer (torch.nn.utils.parametrize: weight_norm, spectral_norm,
+                # ...) computes its weight; gradients reach the originals through autograd.
+                w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+                if not (isinstance(w, Tensor) and isinstance(b, Tensor)):
+                    raise ValueError(f"BasicSynthesizer: the fused backends need every layer to be a Linear with a "
+                                     f"bias, got {m!r}; use backend='reference' for other layers")
             out += (w, b)
         return out
 
@@ -101,7 +106,10 @@ class BasicSynthesizer(nn.Module):
         if not trigger.is_floating_point():
             raise TypeError(f"BasicSynthesizer: trigger must be a floating-point tensor, got dtype {trigger.dtype}; "
                             "cast it with .float()")
-        w = self.input_trigger.weight
+        mods = self._modules  # the dicts, not Module.__getattr__ (~1 us a lookup): this runs every step
+        w = mods["input_trigger"]._parameters.get("weight")
+        if w is None:  # a parametrized or replaced layer
+            w = self.input_trigger.weight
         if trigger.dim() == 0 or trigger.shape[-1] != self.trigger_dim:
             raise ValueError(f"BasicSynthesizer: trigger has shape {tuple(trigger.shape)}, but its last dim must be "
                              f"trigger_dim={self.trigger_dim}")
@@ -111,7 +119,7 @@ class BasicSynthesizer(nn.Module):
         if trigger.dtype != w.dtype and not autocast_on(trigger):
             raise TypeError(f"BasicSynthesizer: trigger dtype {trigger.dtype} differs from the synthesizer's "
                             f"{w.dtype} outside autocast; cast one of them, or run under torch.autocast")
-        if self.input_context is None:
+        if mods.get("input_context") is None:
             return None
         if context is None:
             raise ValueError(f"BasicSynthesizer: context_dim={self.context_dim} is set but no context was given; "

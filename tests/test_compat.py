@@ -134,6 +134,40 @@ def test_gradient_accumulation_and_zero_grad_set_to_none(backend):
         assert_close(p.grad, g2[n], name=f"grad of {n} after zero_grad(set_to_none=True)")
 
 
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_parametrized_synthesizer_layers(backend):
+    """weight_norm / torch.nn.utils.parametrize on the synthesizer's layers: the
+    fused step reads the computed weight, and the gradients reach the original
+    parameters through autograd."""
+    from torch.nn.utils import parametrize
+
+    net = _make()
+    syn = net.iface.synthesizer
+    with torch.no_grad():
+        syn.layers[-1].weight.normal_(0, 0.1)  # a non-zero message, so every gradient is non-trivial
+    parametrize.register_parametrization(syn.input_trigger, "weight", _Double())
+    nn.utils.parametrizations.weight_norm(syn.layers[0])
+    x, y = _batch(1)
+    expected = _oracle_grads(net, x, y)
+    with dni.use_backend(backend):
+        _step(net, x, y)
+    names = [n for n, _ in net.named_parameters()]
+    assert any("parametrizations.weight.original" in n for n in names), names
+    for n, p in net.named_parameters():
+        assert_close(p.grad, expected[n], name=f"grad of {n}")
+
+
+def test_fused_backends_reject_a_layer_without_bias_by_name():
+    syn = dni.BasicSynthesizer(D, n_hidden=1)
+    syn.layers[0] = nn.Linear(D, D, bias=False)
+    with pytest.raises(ValueError, match="Linear with a bias, got Linear.*bias=False.*backend='reference'"):
+        syn.flat_params()
+
+
 # ---------------------------------------------------------------------------
 # Pickling, deepcopy, .to(dtype)
 # ---------------------------------------------------------------------------
