@@ -69,12 +69,14 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float 
 
 
 def time_many(fns: Dict[str, Callable[[], object]], device: torch.device,
-              min_run_time: float = 0.5) -> Dict[str, Dict[str, float]]:
+              min_run_time: float = 0.5, block_s: float = 0.01) -> Dict[str, Dict[str, float]]:
     """``time_ms`` for several callables measured side by side.
 
     On the CPU the callables run interleaved: round after round, each one runs
-    a block of about 2 ms, and each gets the median (and 20/80 % quantiles) of
-    its per-block means. On the shared 2-core CI VM the speed of the whole
+    a block of about ``block_s`` seconds, and each gets the median (and 20/80 %
+    quantiles) of its per-block means. (With 2 ms blocks a 0.7 ms step ran 3
+    times a block and the first, cache-cold run after another callable's block
+    showed in the mean; 10 ms blocks amortise it.) On the shared 2-core CI VM the speed of the whole
     machine drifts by up to 1.6x over tens of seconds (measured: a plain
     Linear step at B=16, D=128 took 56 us in one run and 101 us in the next),
     so timing providers one after another gave ratios that moved from 1.1x to
@@ -91,9 +93,9 @@ def time_many(fns: Dict[str, Callable[[], object]], device: torch.device,
         fn()
         fn()
         per_call[name] = max((time.perf_counter() - t0) / 2, 1e-7)
-    reps = {name: max(1, int(2e-3 / t)) for name, t in per_call.items()}
-    block_s = sum(reps[n] * per_call[n] for n in fns)
-    rounds = max(15, int(min_run_time * len(fns) / max(block_s, 1e-6)))
+    reps = {name: max(1, int(block_s / t)) for name, t in per_call.items()}
+    round_s = sum(reps[n] * per_call[n] for n in fns)
+    rounds = max(15, int(min_run_time * len(fns) / max(round_s, 1e-6)))
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
