@@ -74,13 +74,14 @@ def time_many(fns: Dict[str, Callable[[], object]], device: torch.device,
 
     On the CPU the callables run interleaved: round after round, each one runs
     a block of about ``block_s`` seconds, and each gets the median (and 20/80 %
-    quantiles) of its per-block means. (With 2 ms blocks a 0.7 ms step ran 3
-    times a block and the first, cache-cold run after another callable's block
-    showed in the mean; 10 ms blocks amortise it.) On the shared 2-core CI VM the speed of the whole
-    machine drifts by up to 1.6x over tens of seconds (measured: a plain
-    Linear step at B=16, D=128 took 56 us in one run and 101 us in the next),
-    so timing providers one after another gave ratios that moved from 1.1x to
-    1.6x between runs; interleaving exposes every provider to the same drift.
+    quantiles) of its per-block means. On the shared 2-core CI VM the speed of
+    the whole machine drifts by up to 1.6x over tens of seconds (measured: a
+    plain Linear step at B=16, D=128 took 56 us in one run and 101 us in the
+    next), so timing providers one after another gave ratios that moved from
+    1.1x to 1.6x between runs; interleaving exposes every provider to the same
+    drift. Blocks are 10 ms: with 2 ms blocks a 0.7 ms step ran 3 times a block,
+    and its first, cache-cold run after another callable's block showed in the
+    mean (B=64, D=256: 818 us with 2 ms blocks, 727 us with 20 ms blocks).
     On CUDA each callable gets ``do_bench`` in turn (the GPU does not drift)."""
     if device.type == "cuda":
         return {name: time_ms(fn, device, min_run_time) for name, fn in fns.items()}
