@@ -3,6 +3,10 @@
 #  1. nvcc -c csrc/synth_cuda_kernels.cu (CUDA headers only), with torch's half/bf16 flags;
 #  2. a syntax-only host compile of csrc/synth_cuda.cpp against torch's headers
 #     (a CPU wheel lacks c10/cuda/impl/cuda_cmake_macros.h: a stub stands in).
+# DNI_FAST_TORCH_INCLUDE=/path/to/torch/include checks every csrc/*.cpp (CUDA part
+# on) against another torch's headers instead, e.g. the GPU machine's:
+#   unzip -q torch-2.11.0-*.whl 'torch/include/*' -d /tmp/t211
+#   DNI_FAST_TORCH_INCLUDE=/tmp/t211/torch/include bash .ci/check_cuda.sh
 # Skips (exit 0) with a message when nvcc or torch is missing. Takes ~15 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +37,12 @@ echo "check_cuda: $("$NVCC" --version | tail -1)"
 echo "check_cuda: csrc/synth_cuda_kernels.cu compiles (sm_${ARCHS// /, sm_})"
 
 inc_py='from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))'
-if ! inc="$("$PY" -c "$inc_py" 2>/dev/null)"; then
+sources=(csrc/synth_cuda.cpp)
+if [[ -n "${DNI_FAST_TORCH_INCLUDE:-}" ]]; then
+  t="$DNI_FAST_TORCH_INCLUDE"
+  inc="-I$t -I$t/torch/csrc/api/include -I$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  sources=(csrc/*.cpp)
+elif ! inc="$("$PY" -c "$inc_py" 2>/dev/null)"; then
   echo "check_cuda: torch not importable; skipping the host-side check of csrc/synth_cuda.cpp"
   exit 0
 fi
@@ -45,5 +54,5 @@ mkdir -p "$tmp/stub/c10/cuda/impl"
 printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$tmp/stub/c10/cuda/impl/cuda_cmake_macros.h"
 # shellcheck disable=SC2086
 "${CXX:-c++}" -std=c++20 -fsyntax-only -Wall -Wextra -Wno-unused-parameter -DDNI_FAST_WITH_CUDA \
-  $inc -idirafter "$tmp/stub" -I"$CUDA_INC" csrc/synth_cuda.cpp
-echo "check_cuda: csrc/synth_cuda.cpp passes a host syntax check"
+  $inc -idirafter "$tmp/stub" -I"$CUDA_INC" "${sources[@]}"
+echo "check_cuda: host syntax check passed${DNI_FAST_TORCH_INCLUDE:+ against $DNI_FAST_TORCH_INCLUDE}: ${sources[*]}"
