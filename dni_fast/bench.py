@@ -376,13 +376,14 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
     return rows
 
 
-def print_rows(rows: Sequence[Row]) -> None:
+def print_rows(rows: Sequence[Row], header: bool = True) -> None:
     if not rows:
         return
     hdr = f"{'bench':15} {'provider':14} {'B':>5} {'D':>5} {'H':>5} {'dtype':9} {'thr':>3} {'tf32':>4} " \
           f"{'ms':>9} {'x ref':>6} {'dni ms':>8} {'dni x':>6} {'floor':>8} {'note'}"
-    print(hdr)
-    print("-" * len(hdr))
+    if header:
+        print(hdr)
+        print("-" * len(hdr))
     for r in rows:
         note = ""
         if r.bench == "mlp":
@@ -408,19 +409,36 @@ def append_csv(rows: Sequence[Row], path: str, env: Dict[str, str]) -> None:
             w.writerow({**env, **d})
 
 
+def rows_from_csv(path: str) -> List[Row]:
+    """The rows ``append_csv`` wrote (every run in the file)."""
+    ints, floats = ("B", "D", "H", "threads"), ("ms", "p20", "p80", "ratio", "dni_ms", "dni_ratio", "floor_ms")
+    out: List[Row] = []
+    with open(path, newline="") as f:
+        for d in csv.DictReader(f):
+            out.append(Row(bench=d["bench"], provider=d["provider"], dtype=d["dtype"], tf32=d["tf32"] == "True",
+                           extra=json.loads(d.get("extra") or "{}"), **{k: int(d[k]) for k in ints},
+                           **{k: float(d[k]) for k in floats}))
+    return out
+
+
 def auto_table(rows: Sequence[Row], device_type: str, env: Dict[str, str]) -> dict:
-    """The rules ``auto`` reads: per dtype and size, the fastest provider
-    among the backends (never torch.compile, which is not a backend)."""
-    best: Dict[tuple, Row] = {}
+    """The rules ``auto`` reads: per dtype and size, the backend (never
+    torch.compile, which is not a backend) with the best geometric-mean speed-up
+    over ``reference``. Ratios, not times, are compared: each ratio comes from
+    one run, so rows from several runs (and both fp32 math modes) combine
+    without mixing one run's drift into another's."""
+    import math
+
+    logs: Dict[tuple, Dict[str, List[float]]] = {}
     for r in rows:
-        if r.bench != "interface_step" or r.provider in ("torch.compile",):
+        if r.bench != "interface_step" or r.provider == "torch.compile" or not r.ratio > 0:
             continue
-        key = (r.dtype, r.B, r.D)
-        if key not in best or r.ms < best[key].ms:
-            best[key] = r
+        logs.setdefault((r.dtype, r.B, r.D), {}).setdefault(r.provider, []).append(math.log(r.ratio))
     rules = []
-    for (dtype, B, D), r in sorted(best.items()):
+    for (dtype, B, D), per in sorted(logs.items()):
+        speedup = {p: math.exp(sum(v) / len(v)) for p, v in per.items()}
+        best = max(speedup, key=lambda p: (speedup[p], p == "reference"))
         rules.append({"device": device_type, "dtype": dtype, "max_rows": B * 4, "min_rows": max(1, B // 4),
-                      "min_width": max(1, D // 2), "max_width": D * 2, "backend": r.provider,
-                      "speedup": round(r.ratio, 3), "measured": {"B": B, "D": D, "ms": round(r.ms, 5)}})
+                      "min_width": max(1, D // 2), "max_width": D * 2, "backend": best,
+                      "speedup": round(speedup[best], 3), "measured": {"B": B, "D": D, "runs": len(per[best])}})
     return {"source": env, "rules": rules}

@@ -58,6 +58,37 @@ def test_bench_command_quick(tmp_path):
     assert path.exists()
 
 
+def test_bench_time_budget_keeps_the_first_size_and_the_csv_then_auto_table_from_it(tmp_path, monkeypatch, capsys):
+    from dni_fast import backends as bk
+
+    path = tmp_path / "b.csv"
+    assert main(["bench", "--quick", "--sizes", "4,16,8", "8,16,8", "--no-mlp", "--threads", "0",
+                 "--time-budget", "0", "--csv", str(path)]) == 0
+    assert "[budget]" in capsys.readouterr().out
+    rows = bench.rows_from_csv(str(path))
+    assert {(r.B, r.D) for r in rows} == {(4, 16)}  # the first size always runs; the second was skipped
+    assert rows[0].provider == "reference" and rows[0].ratio == 1.0 and rows[0].extra["plain_linear_ms"] > 0
+    table_path = tmp_path / "auto.json"
+    monkeypatch.setattr(bk, "_TABLE_PATH", str(table_path))
+    assert main(["bench", "--auto-table-from", str(path)]) == 0
+    table = json.loads(table_path.read_text())
+    assert [(r["measured"]["B"], r["dtype"]) for r in table["rules"]] == [(4, "float32")]
+    bk.clear_cache()
+
+
+def test_auto_table_compares_ratios_across_runs():
+    def row(provider, ratio, ms):
+        return bench.Row("interface_step", provider, 16, 128, 128, "float32", 2, False, ms, ms, ms, ratio=ratio)
+
+    # run 1 on a fast phase of the machine, run 2 on a slow one: the fastest raw
+    # time is run 1's reference, but over both runs cpp is 1.26x faster
+    rows = [row("reference", 1.0, 0.20), row("cpp", 0.8, 0.25), row("reference", 1.0, 0.60), row("cpp", 2.0, 0.30)]
+    (rule,) = bench.auto_table(rows, "cpu", {})["rules"]
+    assert rule["backend"] == "cpp" and abs(rule["speedup"] - (0.8 * 2.0) ** 0.5) < 1e-3
+    (rule,) = bench.auto_table([row("reference", 1.0, 0.2), row("cpp", 0.9, 0.22)], "cpu", {})["rules"]
+    assert rule["backend"] == "reference"
+
+
 def test_auto_picks_from_the_table_and_never_the_interpreter(monkeypatch):
     from dni_fast import backends as bk
 
