@@ -252,6 +252,30 @@ def test_fp32_multi_tile(L, small_tiles):
     run_all(L, 129, 37, 40, 35, 9, NP=33)
 
 
+def _autotune_cases():
+    """Every tile config the GPU autotuner may pick, as interpreter meta-parameters."""
+    if not hasattr(K, "_FWD_CONFIGS"):
+        return []
+    fwd = [("fwd", {k: c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}) for c in K._FWD_CONFIGS]
+    upd = [("upd", {k: c.kwargs[k] for k in ("BLOCK_N", "BLOCK_H", "BLOCK_K")}) for c in K._UPD_CONFIGS]
+    return fwd + upd
+
+
+@pytest.mark.skipif(_CUDA, reason="on a GPU the autotuner itself runs these configs")
+@pytest.mark.parametrize("case", _autotune_cases(), ids=lambda c: c[0] + "-" + "x".join(str(v) for v in c[1].values()))
+def test_fp32_every_autotune_config(case):
+    """The interpreter normally runs one tile config; the GPU autotuner picks
+    any of these, so each runs once on a shape that is ragged against all of
+    them (n_hidden=2, context, N=37)."""
+    old = dict(K.INTERPRET_CONFIG)
+    K.INTERPRET_CONFIG.update(case[1])
+    try:
+        run_all(2, 37, 40, 45, 35, 9, NP=20)
+    finally:
+        K.INTERPRET_CONFIG.clear()
+        K.INTERPRET_CONFIG.update(old)
+
+
 @pytest.mark.parametrize("L", [1, 2])
 def test_fp32_noncontiguous(L):
     run_all(L, 129, 37, 45, 37, 9, noncontig=True)
