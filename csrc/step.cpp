@@ -12,7 +12,8 @@
 // the Triton backend uses): forward returns (trigger.clone(), S); backward
 // passes the true gradient g to the trigger unchanged and returns every
 // synthesizer parameter gradient from one fused update with
-// delta = 2 / g.size(0) * (S - g). Gradients reach the parameters through
+// delta = scale * (S - g), with the scale the caller computed once
+// (dni_fast/regression.py: 2 / g.size(0) for a BackwardInterface). Gradients reach the parameters through
 // autograd (hooks, accumulation and DDP behave as in plain PyTorch).
 #include "synth.h"
 
@@ -26,9 +27,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
-  // Inputs, in autograd's order: trigger, x, c (optional), params (list), stats_slot (optional).
+  // Inputs, in autograd's order: trigger, x, c (optional), params (list), scale, stats_slot (optional).
   static variable_list forward(AutogradContext* ctx, const Tensor& trigger, const Tensor& x, const OptTensor& c,
-                               at::TensorList params, const OptTensor& stats_slot) {
+                               at::TensorList params, double scale, const OptTensor& stats_slot) {
     TensorVec pv(params.begin(), params.end());
     auto [s, zs] = dispatch::synth_forward(x, c, pv);
     variable_list saved;
@@ -40,6 +41,7 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
     for (auto& p : pv) saved.push_back(p);
     ctx->save_for_backward(saved);
     ctx->saved_data["n_z"] = static_cast<int64_t>(zs.size());
+    ctx->saved_data["scale"] = scale;
     if (stats_slot.has_value()) ctx->saved_data["slot"] = *stats_slot;
     auto shape = trigger.sizes().vec();
     shape.back() = s.size(1);
@@ -61,7 +63,7 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
     const Tensor& s = saved[2];
     TensorVec zs(saved.begin() + 3, saved.begin() + 3 + n_z);
     TensorVec params(saved.begin() + 3 + n_z, saved.end());
-    const double scale = 2.0 / static_cast<double>(g.size(0));  // dni-pytorch: the first dimension
+    const double scale = ctx->saved_data["scale"].toDouble();
     Tensor g2 = g.reshape({-1, g.size(-1)});
     if (g2.scalar_type() != s.scalar_type()) g2 = g2.to(s.scalar_type());
     auto [grads, partials] = dispatch::synth_update(x, c, params, zs, s, g2, scale, std::nullopt);
@@ -78,6 +80,7 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
     out.push_back(Tensor());                                // x
     out.push_back(Tensor());                                // c
     for (auto& gr : grads) out.push_back(gr);               // params
+    out.push_back(Tensor());                                // scale
     out.push_back(Tensor());                                // stats_slot
     return out;
   }
@@ -86,11 +89,11 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
 }  // namespace
 
 std::tuple<Tensor, Tensor> trigger_step(const Tensor& trigger, const Tensor& x, const OptTensor& c,
-                                        const TensorVec& params, const OptTensor& stats_slot,
+                                        const TensorVec& params, double scale, const OptTensor& stats_slot,
                                         const OptTensor& inject_into) {
   TORCH_CHECK(trigger.dim() >= 1 && trigger.numel() / std::max<int64_t>(trigger.size(-1), 1) == x.size(0),
               "dni_fast._C.trigger_step: trigger of shape ", trigger.sizes(), " does not match x of shape ", x.sizes());
-  auto outs = TriggerUpdate::apply(trigger, x, c, at::TensorList(params), stats_slot);
+  auto outs = TriggerUpdate::apply(trigger, x, c, at::TensorList(params), scale, stats_slot);
   Tensor out = outs[0], s = outs[1];
   if (inject_into.has_value() && inject_into->requires_grad()) {
     // The injection: h.backward(S) now, so the part before the interface has its gradient.

@@ -67,13 +67,24 @@ class WorkParams {
   TensorVec cache_;
 };
 
+// What differs between the devices: one table each (synth_cpu.cpp, synth_cuda.cpp).
+// The entry points (bindings.cpp) are written once over it: validate, pick the
+// table by the tensor's device, convert the parameters to the work dtype once,
+// call `forward` / `update`.
+struct DeviceOps {
+  const char* backend;                                 // "cpp" or "cuda", for messages
+  void (*check_dtype)(const char* fn, const Layout& lay);
+  at::ScalarType (*work_dtype)(const Layout& lay);     // the dtype of the matrix products
+  // Returns s (in lay.compute); fills zs with the L pre-activations.
+  Tensor (*forward)(const Layout& lay, at::ScalarType work, const Tensor& x, const OptTensor& c, WorkParams& w,
+                    TensorVec& zs);
+  UpdateResult (*update)(const Layout& lay, at::ScalarType work, const Tensor& x, const OptTensor& c, WorkParams& w,
+                         const TensorVec& zs, const Tensor& s, const Tensor& g, double scale,
+                         const OptTensor& grad_scale);
+};
+
 namespace cpu {
-ForwardResult synth_forward(const Tensor& x, const OptTensor& c, const TensorVec& params);
-UpdateResult synth_update(const Tensor& x, const OptTensor& c, const TensorVec& params, const TensorVec& zs,
-                          const Tensor& s, const Tensor& g, double scale, const OptTensor& grad_scale);
-PipelinedResult synth_pipelined(const Tensor& x, const OptTensor& c, const TensorVec& params,
-                                const Tensor& x_prev, const OptTensor& c_prev, const TensorVec& zs_prev,
-                                const Tensor& s_prev, const Tensor& g_prev, double scale);
+extern const DeviceOps ops;
 // The dtype of bf16/fp16 matrix products: "auto" (fp32 unless the CPU has AMX
 // for the dtype), "native" or "fp32". lowp_gemm says what a dtype gets now.
 void set_lowp_gemm(const std::string& mode);
@@ -82,25 +93,24 @@ std::string lowp_gemm(at::ScalarType dtype);
 
 #ifdef DNI_FAST_WITH_CUDA
 namespace cuda {
+extern const DeviceOps ops;
+}  // namespace cuda
+#endif
+
+// The three primitives, for any device (bindings.cpp). `scale` is the
+// regression's gradient scale, computed once by the caller (dni_fast/regression.py).
+namespace dispatch {
 ForwardResult synth_forward(const Tensor& x, const OptTensor& c, const TensorVec& params);
 UpdateResult synth_update(const Tensor& x, const OptTensor& c, const TensorVec& params, const TensorVec& zs,
                           const Tensor& s, const Tensor& g, double scale, const OptTensor& grad_scale);
 PipelinedResult synth_pipelined(const Tensor& x, const OptTensor& c, const TensorVec& params,
                                 const Tensor& x_prev, const OptTensor& c_prev, const TensorVec& zs_prev,
                                 const Tensor& s_prev, const Tensor& g_prev, double scale);
-}  // namespace cuda
-#endif
-
-// Device dispatch of the three primitives (bindings.cpp).
-namespace dispatch {
-ForwardResult synth_forward(const Tensor& x, const OptTensor& c, const TensorVec& params);
-UpdateResult synth_update(const Tensor& x, const OptTensor& c, const TensorVec& params, const TensorVec& zs,
-                          const Tensor& s, const Tensor& g, double scale, const OptTensor& grad_scale);
 }  // namespace dispatch
 
 // The whole BackwardInterface step from C++ (step.cpp): returns (trigger.clone(), s shaped like trigger).
 std::tuple<Tensor, Tensor> trigger_step(const Tensor& trigger, const Tensor& x, const OptTensor& c,
-                                        const TensorVec& params, const OptTensor& stats_slot,
+                                        const TensorVec& params, double scale, const OptTensor& stats_slot,
                                         const OptTensor& inject_into);
 
 }  // namespace dni_fast

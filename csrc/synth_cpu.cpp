@@ -364,45 +364,7 @@ UpdateResult update_impl(const Layout& lay, at::ScalarType work, const Tensor& x
 
 }  // namespace
 
-ForwardResult synth_forward(const Tensor& x, const OptTensor& c, const TensorVec& params) {
-  constexpr const char* fn = "dni_fast._C.synth_forward";
-  const Layout lay = check_forward_args(fn, x, c, params);
-  check_cpu_dtype(fn, lay);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  const at::ScalarType work = work_dtype(lay);
-  WorkParams w(params, work);
-  TensorVec zs;
-  Tensor s = forward_impl(lay, work, x, c, w, zs);
-  return {std::move(s), std::move(zs)};
-}
-
-UpdateResult synth_update(const Tensor& x, const OptTensor& c, const TensorVec& params, const TensorVec& zs,
-                          const Tensor& s, const Tensor& g, double scale, const OptTensor& grad_scale) {
-  constexpr const char* fn = "dni_fast._C.synth_update";
-  const Layout lay = check_forward_args(fn, x, c, params);
-  check_cpu_dtype(fn, lay);
-  check_update_args(fn, lay, x, c, params, zs, s, g, grad_scale);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  const at::ScalarType work = work_dtype(lay);
-  WorkParams w(params, work);
-  return update_impl(lay, work, x, c, w, zs, s, g, scale, grad_scale);
-}
-
-PipelinedResult synth_pipelined(const Tensor& x, const OptTensor& c, const TensorVec& params,
-                                const Tensor& x_prev, const OptTensor& c_prev, const TensorVec& zs_prev,
-                                const Tensor& s_prev, const Tensor& g_prev, double scale) {
-  constexpr const char* fn = "dni_fast._C.synth_pipelined";
-  const auto [lay, lay_prev] = check_pipelined_args(fn, x, c, params, x_prev, c_prev, zs_prev, s_prev, g_prev);
-  check_cpu_dtype(fn, lay);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  const at::ScalarType work = work_dtype(lay);
-  WorkParams w(params, work);  // converted once (autocast / fp32 work), shared by both halves
-  TensorVec zs;
-  Tensor s = forward_impl(lay, work, x, c, w, zs);
-  auto [grads, partials] = update_impl(lay_prev, work, x_prev, c_prev, w, zs_prev, s_prev, g_prev, scale,
-                                       std::nullopt);
-  return {std::move(s), std::move(zs), std::move(grads), std::move(partials)};
-}
+const DeviceOps ops{"cpp", check_cpu_dtype, work_dtype, forward_impl, update_impl};
 
 void set_lowp_gemm(const std::string& mode) {
   g_lowp_mode.store(parse_lowp_mode(mode, "dni_fast._C._set_cpu_lowp_gemm"), std::memory_order_relaxed);

@@ -49,7 +49,11 @@ inline Tensor cast(const Tensor& t, at::ScalarType dtype) {
 }
 
 // The products run in the activations' dtype (lay.compute); fp32 accumulation is cuBLAS's.
-Tensor forward_impl(const Layout& lay, const Tensor& x, const OptTensor& c, WorkParams& w, TensorVec& zs) {
+at::ScalarType work_dtype(const Layout& lay) { return lay.compute; }
+
+Tensor forward_impl(const Layout& lay, at::ScalarType /*work*/, const Tensor& x, const OptTensor& c, WorkParams& w,
+                    TensorVec& zs) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
   Tensor z;
   if (lay.has_context) {
     z = at::addmm(at::add(w[1], w[3]), x, w[0].t());
@@ -67,9 +71,10 @@ Tensor forward_impl(const Layout& lay, const Tensor& x, const OptTensor& c, Work
   return z;
 }
 
-UpdateResult update_impl(const Layout& lay, const Tensor& x, const OptTensor& c, WorkParams& w,
-                         const TensorVec& zs, const Tensor& s, const Tensor& g, double scale,
+UpdateResult update_impl(const Layout& lay, at::ScalarType /*work*/, const Tensor& x, const OptTensor& c,
+                         WorkParams& w, const TensorVec& zs, const Tensor& s, const Tensor& g, double scale,
                          const OptTensor& grad_scale) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t n = lay.rows, d_out = lay.out_dim;
   const auto copts = s.options();
   const auto popts = copts.dtype(lay.param);
@@ -116,44 +121,7 @@ UpdateResult update_impl(const Layout& lay, const Tensor& x, const OptTensor& c,
 
 }  // namespace
 
-ForwardResult synth_forward(const Tensor& x, const OptTensor& c, const TensorVec& params) {
-  constexpr const char* fn = "dni_fast._C.synth_forward";
-  const Layout lay = check_forward_args(fn, x, c, params);
-  check_cuda_dtype(fn, lay);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  at::AutoDispatchBelowADInplaceOrView guard;
-  WorkParams w(params, lay.compute);
-  TensorVec zs;
-  Tensor s = forward_impl(lay, x, c, w, zs);
-  return {std::move(s), std::move(zs)};
-}
-
-UpdateResult synth_update(const Tensor& x, const OptTensor& c, const TensorVec& params, const TensorVec& zs,
-                          const Tensor& s, const Tensor& g, double scale, const OptTensor& grad_scale) {
-  constexpr const char* fn = "dni_fast._C.synth_update";
-  const Layout lay = check_forward_args(fn, x, c, params);
-  check_cuda_dtype(fn, lay);
-  check_update_args(fn, lay, x, c, params, zs, s, g, grad_scale);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  at::AutoDispatchBelowADInplaceOrView guard;
-  WorkParams w(params, lay.compute);
-  return update_impl(lay, x, c, w, zs, s, g, scale, grad_scale);
-}
-
-PipelinedResult synth_pipelined(const Tensor& x, const OptTensor& c, const TensorVec& params,
-                                const Tensor& x_prev, const OptTensor& c_prev, const TensorVec& zs_prev,
-                                const Tensor& s_prev, const Tensor& g_prev, double scale) {
-  constexpr const char* fn = "dni_fast._C.synth_pipelined";
-  const auto [lay, lay_prev] = check_pipelined_args(fn, x, c, params, x_prev, c_prev, zs_prev, s_prev, g_prev);
-  check_cuda_dtype(fn, lay);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  at::AutoDispatchBelowADInplaceOrView guard;
-  WorkParams w(params, lay.compute);  // autocast: each weight converted once, for both halves
-  TensorVec zs;
-  Tensor s = forward_impl(lay, x, c, w, zs);
-  auto [grads, partials] = update_impl(lay_prev, x_prev, c_prev, w, zs_prev, s_prev, g_prev, scale, std::nullopt);
-  return {std::move(s), std::move(zs), std::move(grads), std::move(partials)};
-}
+const DeviceOps ops{"cuda", check_cuda_dtype, work_dtype, forward_impl, update_impl};
 
 }  // namespace cuda
 }  // namespace dni_fast

@@ -2,7 +2,10 @@
 
 ``import dni_fast as dni`` runs code written for dni-pytorch, with the same
 numbers on the ``reference`` backend, and fused Triton / C++ / CUDA paths for
-``BasicSynthesizer`` steps.
+``BasicSynthesizer`` steps. The layout is described in docs/design.md.
+
+Importing dni_fast imports neither Triton, nor the C++ extension, nor the
+examples' data loaders, nor the benchmark harness: each loads on first use.
 """
 from dni_fast._manager import backward, current_context, defer_backward, synthesizer_context
 from dni_fast.backends import (
@@ -14,14 +17,22 @@ from dni_fast.backends import (
     set_backend,
     use_backend,
 )
-from dni_fast.interfaces import BackwardInterface, BidirectionalInterface, ForwardInterface, UnidirectionalInterface
+from dni_fast.interfaces import (
+    BackwardInterface,
+    BidirectionalInterface,
+    ForwardInterface,
+    UnidirectionalInterface,
+    get_check_finite,
+    name_interfaces,
+    set_check_finite,
+)
 from dni_fast.synthesizer import BasicSynthesizer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BasicSynthesizer", "UnidirectionalInterface", "ForwardInterface", "BackwardInterface", "BidirectionalInterface",
     "synthesizer_context", "defer_backward", "backward", "current_context",
     "BACKENDS", "BackendUnavailableError", "available_backends", "backend_status", "get_backend", "set_backend",
-    "use_backend", "__version__",
+    "use_backend", "set_check_finite", "get_check_finite", "name_interfaces", "__version__",
 ]

@@ -35,7 +35,8 @@ def _info() -> int:
 
 def _write_auto_table(B, rows, device: torch.device, env: dict) -> None:
     """Replace this device type's rules in dni_fast/_autotable.json by those measured in ``rows``."""
-    from dni_fast.backends import _TABLE_PATH, clear_cache
+    from dni_fast.backends import clear_cache
+    from dni_fast.backends.auto import TABLE_PATH as _TABLE_PATH
 
     try:
         with open(_TABLE_PATH) as f:

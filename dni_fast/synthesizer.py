@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dni_fast.backends import autocast_on
+from dni_fast._autocast import autocast_on
 
 __all__ = ["BasicSynthesizer"]
 

@@ -454,7 +454,7 @@ def test_stats_ring_folds_over_many_steps():
 
 
 def dni_fast_stats_capacity():
-    from dni_fast._fused import SynthStats
+    from dni_fast.stats import SynthStats
 
     return SynthStats.CAPACITY
 

@@ -60,6 +60,7 @@ def test_bench_command_quick(tmp_path):
 
 def test_bench_time_budget_keeps_the_first_size_and_the_csv_then_auto_table_from_it(tmp_path, monkeypatch, capsys):
     from dni_fast import backends as bk
+    from dni_fast.backends import auto
 
     path = tmp_path / "b.csv"
     assert main(["bench", "--quick", "--sizes", "4,16,8", "8,16,8", "--no-mlp", "--threads", "0",
@@ -69,7 +70,7 @@ def test_bench_time_budget_keeps_the_first_size_and_the_csv_then_auto_table_from
     assert {(r.B, r.D) for r in rows} == {(4, 16)}  # the first size always runs; the second was skipped
     assert rows[0].provider == "reference" and rows[0].ratio == 1.0 and rows[0].extra["plain_linear_ms"] > 0
     table_path = tmp_path / "auto.json"
-    monkeypatch.setattr(bk, "_TABLE_PATH", str(table_path))
+    monkeypatch.setattr(auto, "TABLE_PATH", str(table_path))
     assert main(["bench", "--auto-table-from", str(path)]) == 0
     table = json.loads(table_path.read_text())
     assert [(r["measured"]["B"], r["dtype"]) for r in table["rules"]] == [(4, "float32")]
@@ -89,15 +90,29 @@ def test_auto_table_compares_ratios_across_runs():
     assert rule["backend"] == "reference"
 
 
-def test_auto_picks_from_the_table_and_never_the_interpreter(monkeypatch):
+def test_auto_picks_from_the_table_and_never_the_interpreter(monkeypatch, tmp_path):
     from dni_fast import backends as bk
+    from dni_fast.backends import auto
 
     synth = dni.BasicSynthesizer(32, n_hidden=1)
     trig = torch.randn(8, 32)
-    monkeypatch.setattr(bk, "_table", [{"device": "cpu", "dtype": "float32", "backend": "triton"}])
-    bk._cache.clear()
-    assert bk.resolve("auto", synth, trig) is None  # triton on the CPU would be the interpreter
-    monkeypatch.setattr(bk, "_table", [{"device": "cpu", "dtype": "float32", "max_rows": 4, "backend": "cpp"}])
-    bk._cache.clear()
-    assert bk.resolve("auto", synth, trig) is None  # 8 rows: outside the rule
-    bk._cache.clear()
+
+    def table(*rules):
+        path = tmp_path / "t.json"
+        path.write_text(json.dumps({"rules": list(rules)}))
+        monkeypatch.setattr(auto, "TABLE_PATH", str(path))
+        bk.clear_cache()
+
+    table({"device": "cpu", "dtype": "float32", "backend": "triton"})
+    assert bk.resolve("auto", synth, trig).name == "reference"  # triton on the CPU would be the interpreter
+    table({"device": "cpu", "dtype": "float32", "max_rows": 4, "backend": "primref"})
+    assert bk.resolve("auto", synth, trig).name == "reference"  # 8 rows: outside the rule
+    table({"device": "cpu", "dtype": "float32", "min_rows": 8, "backend": "primref"})
+    assert bk.resolve("auto", synth, trig).name == "primref"
+    iface = dni.BackwardInterface(synth, backend="auto")
+    assert iface.resolved_backend(trig) == "primref"
+    assert iface.resolved_backend(trig[:4]) == "reference"
+    table({"device": "cpu", "dtype": "float32", "backend": "no-such-backend"},
+          {"device": "cpu", "dtype": "float32", "backend": "primref"})
+    assert bk.resolve("auto", synth, trig).name == "primref"  # the first usable rule wins
+    bk.clear_cache()

@@ -25,9 +25,10 @@ from torch import nn
 
 import dni_fast as dni
 import dni_fast.backends as bk
-from dni_fast import _fused
+from dni_fast.backends import fused as _fused
+from dni_fast.regression import BACKWARD_LOSS, FORWARD_LOSS
 from dni_fast.testing import assert_close, assert_lowp_close
-from tests.conftest import backend_name, fused_backends
+from tests.conftest import fused_backends
 
 # The Triton interpreter is left out for speed: its glue is the same as cpp's,
 # and test_equivalence.py / test_kernels_triton.py cover it.
@@ -37,8 +38,10 @@ DIN, D, H, DOUT, DC = 5, 8, 7, 3, 3
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    yield from backend_name(request.param, monkeypatch)
+def backend(request):
+    bk.clear_cache()
+    yield request.param
+    bk.clear_cache()
 
 
 class _Net(nn.Module):
@@ -306,12 +309,13 @@ def test_fused_message_is_not_differentiable(monkeypatch):
         monkeypatch.setattr(fn, "backward", staticmethod(spy))
     syn = dni.BasicSynthesizer(D, n_hidden=1)
     h = torch.randn(2, 3, D, requires_grad=True)
-    x, c = _fused.flatten_inputs(syn, h, None)
-    out, s = _fused.fused_trigger(bk.reference_impl(), None, h.detach(), x, c, syn.flat_params())
+    engine = bk.get("primref")
+    out, s = engine.trigger(syn, h.detach(), None, None, BACKWARD_LOSS.scale(h.shape), None)
     assert out.requires_grad and s.shape == (2, 3, D)
     assert not s.requires_grad and s.grad_fn is None
     out.sum().backward()
-    loss, s = _fused.fused_send(bk.reference_impl(), None, x, c, torch.randn(6, D), syn.flat_params())
+    m = torch.randn(2, 3, D)
+    loss, s = engine.send(syn, h, None, m, None, FORWARD_LOSS, FORWARD_LOSS.scale(m.shape))
     assert loss.requires_grad and not s.requires_grad
     loss.backward()
     assert unused == [None, None]
@@ -333,8 +337,9 @@ def test_fp64_under_autocast_computes_in_fp64(backend):
 
 
 def _native_step(backend):
-    impl = bk._load_impl(backend) if backend in ("cpp", "cuda") else None
-    return impl is not None and impl.step is not None
+    """Whether the backend runs the BackwardInterface step as one native call."""
+    b = bk.get(backend)
+    return b.fused and type(b).trigger is not _fused.FusedBackend.trigger
 
 
 def test_pipelined_gradient_arriving_late_or_twice_is_not_lost(backend):

@@ -1,9 +1,10 @@
 """Every fused backend against ``reference``, through the public API.
 
-The backends: ``primref`` (the fp32 pure-PyTorch primitives of
-kernels/synth_ref.py routed through the fused autograd glue: always runs, so
-the glue is tested even where no fast backend is built), ``triton`` (the
-interpreter on the CPU), ``cpp`` and ``cuda`` where built.
+The backends: every registered fused backend that runs here (the registry:
+``triton`` in the interpreter on the CPU, ``cpp`` and ``cuda`` where built) and
+``primref`` (tests/conftest.py: the fp32 pure-PyTorch primitives of
+kernels/synth_ref.py behind the fused glue, so the glue is tested even where
+no fast backend is built).
 """
 import copy
 
@@ -15,14 +16,16 @@ from torch import nn
 import dni_fast as dni
 import dni_fast.backends as bk
 from dni_fast.testing import assert_close, compare_backends, compare_training
-from tests.conftest import backend_name, fused_backends
+from tests.conftest import fused_backends
 
-BACKENDS = ["primref"] + fused_backends("cpu")
+BACKENDS = fused_backends("cpu")
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    yield from backend_name(request.param, monkeypatch)
+def backend(request):
+    bk.clear_cache()
+    yield request.param
+    bk.clear_cache()
 
 
 def _perturb(model, std=0.2):

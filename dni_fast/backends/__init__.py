@@ -1,0 +1,230 @@
+"""Backends: the registry, and the one place where dni_fast decides how a synthesizer runs.
+
+Each backend is one registered ``Backend`` object (``dni_fast/backends/<name>.py``)
+stating its name, devices, dtypes, the largest ``n_hidden`` it fuses and how
+to get it, and implementing the same entry points (docs/design.md §2):
+
+* ``reference``: plain PyTorch autograd, the ground truth; runs everywhere,
+  and always runs custom synthesizers;
+* ``triton``: fused Triton kernels (CUDA; on the CPU only under
+  ``TRITON_INTERPRET=1``, for tests);
+* ``cuda``: the C++/CUDA extension (``dni_fast._C``) on CUDA tensors;
+* ``cpp``: the same extension's CPU path, one native call per step;
+* ``auto`` (default, not a backend): for a ``BasicSynthesizer``, the fastest
+  available backend for the device, dtype and shape according to the measured
+  table ``dni_fast/_autotable.json`` (``backends/auto.py``); never the Triton
+  interpreter.
+
+The global choice comes from ``DNI_FAST_BACKEND``, ``set_backend`` or the
+``use_backend`` context manager; an interface's ``backend=`` overrides it.
+Adding a backend is one file with a ``Backend`` subclass and one ``register``
+line below.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from dni_fast._autocast import autocast_on, compute_dtype
+from dni_fast.backends.base import Backend, BackendUnavailableError, Primitives
+from dni_fast.synthesizer import BasicSynthesizer
+
+__all__ = [
+    "Backend", "Primitives", "BackendUnavailableError", "register", "unregister", "get", "registered",
+    "BACKENDS", "set_backend", "get_backend", "use_backend", "available_backends", "backend_status", "resolve",
+    "clear_cache", "autocast_on", "compute_dtype",
+]
+
+_REGISTRY: Dict[str, Backend] = {}
+_lock = threading.Lock()
+
+
+def register(backend: Backend) -> Backend:
+    """Add ``backend`` to the registry under ``backend.name`` (replacing one of that name)."""
+    if not isinstance(backend, Backend) or not backend.name or backend.name == "auto":
+        raise ValueError(f"register: expected a Backend with a name other than 'auto', got {backend!r}")
+    with _lock:
+        _REGISTRY[backend.name] = backend
+    clear_cache()
+    return backend
+
+
+def unregister(name: str) -> None:
+    """Remove a registered backend (``reference`` stays)."""
+    if name == "reference":
+        raise ValueError("the reference backend cannot be unregistered")
+    with _lock:
+        _REGISTRY.pop(name, None)
+    clear_cache()
+
+
+def registered() -> List[Backend]:
+    """Every registered backend, ``reference`` first."""
+    return list(_REGISTRY.values())
+
+
+def get(name: str) -> Backend:
+    """The registered backend called ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown dni_fast backend {name!r}; choose one of {', '.join(_names())}") from None
+
+
+def _names() -> Tuple[str, ...]:
+    return ("auto", *_REGISTRY)
+
+
+def _check_name(name, where: str) -> str:
+    if not isinstance(name, str) or name.lower() not in _names():
+        raise ValueError(f"unknown dni_fast backend {name!r} ({where}); choose one of {', '.join(_names())}")
+    return name.lower()
+
+
+# ---------------------------------------------------------------------------
+# The global choice
+# ---------------------------------------------------------------------------
+class _Global(threading.local):
+    def __init__(self) -> None:
+        self.stack: List[str] = []
+
+
+_global = _Global()
+_default: Optional[str] = None
+
+
+def get_backend() -> str:
+    """The backend name in force in this thread: the innermost ``use_backend``,
+    else ``set_backend``'s, else ``$DNI_FAST_BACKEND``, else ``auto``."""
+    if _global.stack:
+        return _global.stack[-1]
+    if _default is not None:
+        return _default
+    return _check_name(os.environ.get("DNI_FAST_BACKEND", "auto"), "from the DNI_FAST_BACKEND environment variable")
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide default backend (overrides ``$DNI_FAST_BACKEND``);
+    ``None`` goes back to the environment variable."""
+    global _default
+    _default = None if name is None else _check_name(name, "set_backend")
+
+
+@contextmanager
+def use_backend(name: str):
+    """Use ``name`` for every interface without its own ``backend=`` in the scope (this thread)."""
+    _global.stack.append(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _global.stack.pop()
+
+
+# ---------------------------------------------------------------------------
+# Availability
+# ---------------------------------------------------------------------------
+def backend_status(name: str, device: torch.device | str = "cpu") -> Tuple[bool, str]:
+    """``(available, reason)`` for backend ``name`` on ``device``; the reason says how to get it."""
+    name = _check_name(name, "backend_status")
+    if name == "auto":
+        return True, ""
+    return get(name).status(torch.device(device))
+
+
+def available_backends(device: torch.device | str = "cpu") -> List[str]:
+    """Names of the registered backends that can run on ``device`` now
+    (``reference`` first). The Triton interpreter counts only when
+    ``TRITON_INTERPRET=1`` is set."""
+    device = torch.device(device)
+    return [b.name for b in _REGISTRY.values() if b.status(device)[0]]
+
+
+# ---------------------------------------------------------------------------
+# resolve: called by every interface step
+# ---------------------------------------------------------------------------
+_cache: Dict[tuple, Backend] = {}
+
+
+def _fuses(backend: Backend, synth) -> bool:
+    return backend.max_hidden is None or synth.n_hidden <= backend.max_hidden
+
+
+def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -> Backend:
+    """The backend to run ``synthesizer`` on ``trigger`` with.
+
+    Custom synthesizers (anything but a ``BasicSynthesizer``) always get
+    ``reference``. An explicitly requested backend that cannot run this call
+    raises ``BackendUnavailableError`` saying why and how to get it."""
+    ref = _REGISTRY["reference"]
+    if not isinstance(synthesizer, BasicSynthesizer):
+        return ref
+    name = requested if requested is not None else get_backend()
+    if name == "reference":
+        return ref
+    if not isinstance(trigger, Tensor):
+        synthesizer.check_inputs(trigger, None)  # raises: the trigger must be a tensor
+    device, dtype = trigger.device, compute_dtype(trigger)
+    rows = trigger.numel() // max(trigger.shape[-1], 1) if trigger.dim() else 1
+    # Rows bucketed by powers of two, so the cache stays small when batch sizes vary.
+    key = (name, device.type, dtype, synthesizer.n_hidden, rows.bit_length(), synthesizer.output_dim,
+           synthesizer.hidden_dim)
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    if name == "auto":
+        from dni_fast.backends import auto
+
+        def usable(n: str) -> bool:
+            b = _REGISTRY.get(n)
+            return b is not None and _fuses(b, synthesizer) and dtype in b.dtypes and b.status(device)[0]
+
+        pick = _REGISTRY[auto.pick(device, dtype, rows, max(synthesizer.output_dim, synthesizer.hidden_dim), usable)]
+    else:
+        pick = get(name)
+        ok, why = pick.status(device)
+        if not ok:
+            raise BackendUnavailableError(f"dni_fast backend {name!r} is not available: {why}")
+        if not dtype.is_floating_point:
+            synthesizer.check_inputs(trigger, None)  # raises the same "cast it with .float()" error as reference
+        if dtype not in pick.dtypes:
+            raise BackendUnavailableError(f"dni_fast backend {name!r} does not support dtype {dtype} (it supports "
+                                          f"{pick.dtype_names()}); use backend='reference' or 'auto'")
+        if not _fuses(pick, synthesizer):
+            raise BackendUnavailableError(
+                f"dni_fast backend {name!r} fuses BasicSynthesizers with n_hidden <= {pick.max_hidden}, this one "
+                f"has n_hidden={synthesizer.n_hidden}; use backend='reference' or 'auto'")
+    _cache[key] = pick
+    return pick
+
+
+def clear_cache() -> None:
+    """Forget resolved backends, loaded primitives and the auto table (after
+    building the extension in-process, registering a backend or editing the table)."""
+    _cache.clear()
+    for b in _REGISTRY.values():
+        b.__dict__.pop("_primitives", None)
+    from dni_fast.backends import auto
+
+    auto.reload()
+
+
+# ---------------------------------------------------------------------------
+# The registrations: one line per backend.
+# ---------------------------------------------------------------------------
+from dni_fast.backends.reference import ReferenceBackend  # noqa: E402
+from dni_fast.backends.triton import TritonBackend  # noqa: E402
+from dni_fast.backends.cuda import CudaBackend  # noqa: E402
+from dni_fast.backends.cpp import CppBackend  # noqa: E402
+
+register(ReferenceBackend())
+register(TritonBackend())
+register(CudaBackend())
+register(CppBackend())
+
+#: The names a backend may be chosen by at import (``auto`` and every registered backend).
+BACKENDS = _names()

@@ -1,0 +1,87 @@
+"""The ``reference`` backend: the synthesizer module through plain autograd.
+
+The ground truth. It computes in the input's dtype, as PyTorch would, runs any
+synthesizer (custom ones always run here) on any device, and gives
+dni-pytorch's numbers. Its primitives (for the pipelined mode) are the fp32
+twins of ``kernels/synth_ref.py``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from dni_fast._manager import backward as _backward
+from dni_fast.backends.base import Backend, Primitives
+from dni_fast.regression import RegressionLoss
+from dni_fast.stats import SynthStats, partials_of
+
+__all__ = ["ReferenceBackend"]
+
+
+def _detached(context: Any) -> Any:
+    return context.detach() if isinstance(context, Tensor) else context
+
+
+class _RefUpdater(torch.autograd.Function):
+    """dni-pytorch's synthetic-gradient updater: identity forward; backward
+    passes the true gradient ``g`` through and sends ``scale * (S - g)``
+    (``scale = 2/g.size(0)``, ``regression.BACKWARD_LOSS``) into the
+    synthesizer's graph."""
+
+    @staticmethod
+    def forward(ctx, stats: Optional[SynthStats], scale: float, trigger: Tensor, s: Tensor) -> Tensor:
+        ctx.stats, ctx.scale = stats, scale
+        ctx.save_for_backward(s)
+        return trigger.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (s,) = ctx.saved_tensors
+        if ctx.stats is not None:
+            ctx.stats.record(partials_of(s, g), ctx.scale)
+        return None, None, (g if ctx.needs_input_grad[2] else None), ctx.scale * (s - g)
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    devices = ("cpu", "cuda", "mps", "xpu", "meta")
+    dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    max_hidden = None  # any synthesizer
+    fused = False
+
+    def status(self, device: torch.device) -> Tuple[bool, str]:
+        return True, ""  # runs wherever PyTorch does
+
+    def _load_primitives(self) -> Primitives:
+        from dni_fast.kernels import synth_ref as r
+
+        return Primitives(r.synth_forward_ref, r.synth_update_ref, r.synth_pipelined_ref)
+
+    def _synth_graph(self, synth: nn.Module, trigger: Tensor, context: Any) -> Tensor:
+        """``S`` with a graph over the synthesizer's parameters only (trigger and
+        context detached: the regression must not reach their producers)."""
+        return synth(trigger.detach(), _detached(context))
+
+    def receive(self, synth, trigger, context):
+        with torch.no_grad():
+            return synth(trigger.detach(), _detached(context))
+
+    def trigger(self, synth, trigger, context, stats, scale, inject_into):
+        s = self._synth_graph(synth, trigger, context)
+        if inject_into is not None:
+            _backward(inject_into, s.detach())
+        if not s.requires_grad:  # frozen synthesizer: nothing to update
+            return trigger, s.detach()
+        return _RefUpdater.apply(stats, scale, trigger, s), s.detach()
+
+    def send(self, synth, trigger, context, message, stats, loss: RegressionLoss, scale):
+        s = self._synth_graph(synth, trigger, context)
+        if s.shape != message.shape:
+            raise ValueError(f"send: message has shape {tuple(message.shape)} but the synthesizer predicts "
+                             f"{tuple(s.shape)} from a trigger of shape {tuple(trigger.shape)}")
+        m = message.detach()
+        if stats is not None:
+            stats.record(partials_of(s, m), scale)
+        return (loss.torch_loss(s, m) if s.requires_grad else None), s.detach()

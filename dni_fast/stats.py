@@ -1,0 +1,111 @@
+"""Per-interface statistics of the synthesizer's regression, kept on the device."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["SynthStats", "partials_of"]
+
+# A reserved row holds this in every column until its update writes it. Column 2
+# is sum(S^2): never negative, and NaN or inf when S is not finite, so a written
+# row never reads as unwritten (a NaN fill would, for a NaN step).
+_UNWRITTEN = -1.0
+
+
+def partials_of(s: Tensor, g: Tensor) -> Tensor:
+    """The four partial sums of one step, fp32 (4,): ``[sum((s-g)^2), sum(s*g),
+    sum(s^2), sum(g^2)]`` (what every fused update returns too)."""
+    sf, gf = s.detach().float(), g.detach().float()
+    d = sf - gf
+    return torch.stack([(d * d).sum(), (sf * gf).sum(), (sf * sf).sum(), (gf * gf).sum()])
+
+
+class SynthStats:
+    """Regression loss, cosine, relative error and norms of one interface.
+
+    Each update writes its four partial sums (:func:`partials_of`) into a row of
+    a ring reserved at forward time: recording is one small device copy and
+    never syncs. A step whose true gradient never arrives leaves its row
+    unwritten and is not counted. Everything else is derived from the rows when
+    :meth:`read` is called, or when the ring fills (every ``CAPACITY`` steps).
+
+    A step whose synthetic or true gradient holds a NaN or an inf (detected on
+    the device from the sums of squares, which are then not finite; a sum of
+    squares that overflows fp32 counts too) is counted in ``nonfinite`` and
+    kept out of the means.
+    """
+
+    CAPACITY = 128
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._ring: Optional[Tensor] = None  # (CAPACITY, 4) fp32
+        self._scales: List[float] = []
+        self._sum: Optional[Tensor] = None  # (6,) sums of (loss, cos, rel_err, s_norm, g_norm, count) + nonfinite
+        self._last: Optional[Tensor] = None  # (5,) last finite (loss, cos, rel_err, s_norm, g_norm)
+
+    def reserve(self, scale: float, device: torch.device) -> Tensor:
+        """A fresh (4,) fp32 row for one step's partials; the step's loss is
+        ``scale / 2 * partials[0]``."""
+        if self._ring is None or self._ring.device != device or len(self._scales) == self.CAPACITY:
+            self._fold()
+            # A new ring rather than reuse: a row reserved by a step whose
+            # backward has not run yet may still be written later. Filled once
+            # per CAPACITY steps instead of once per row (~3 us a step).
+            self._ring = torch.full((self.CAPACITY, 4), _UNWRITTEN, dtype=torch.float32, device=device)
+        row = self._ring[len(self._scales)]
+        self._scales.append(scale)
+        return row
+
+    def record(self, partials: Tensor, scale: float) -> None:
+        self.reserve(scale, partials.device).copy_(partials)
+
+    def _fold(self) -> None:
+        n = len(self._scales)
+        if n == 0 or self._ring is None:
+            return
+        p = self._ring[:n].double()
+        half = torch.tensor(self._scales, dtype=torch.float64).to(p.device, non_blocking=True) * 0.5
+        written = p[:, 2] != _UNWRITTEN
+        finite = torch.isfinite(p).all(1)
+        ok = written & finite
+        s2, g2 = p[:, 2].clamp_min(0), p[:, 3].clamp_min(0)
+        tiny = 1e-300
+        vals = torch.stack([p[:, 0] * half,                                   # loss
+                            p[:, 1] / torch.sqrt(s2 * g2).clamp_min(tiny),     # cos(S, g)
+                            torch.sqrt(p[:, 0].clamp_min(0) / g2.clamp_min(tiny)),  # |S-g| / |g|
+                            torch.sqrt(s2), torch.sqrt(g2)], 1)
+        vals = torch.where(ok[:, None], vals, 0.0)
+        sums = torch.cat([vals.sum(0), ok.sum().reshape(1).double(), (written & ~finite).sum().reshape(1).double()])
+        last_idx = (ok * torch.arange(1, n + 1, device=p.device)).argmax()
+        prev = self._last if self._last is not None else torch.full((5,), math.nan, dtype=torch.float64,
+                                                                     device=p.device)
+        self._last = torch.where(ok.any(), vals[last_idx], prev.to(p.device))
+        self._sum = sums if self._sum is None else sums + self._sum.to(sums.device)
+        self._scales = []
+        self._ring = None
+
+    def read(self) -> dict:
+        """Python numbers (syncs): the last and mean ``loss`` and ``cos``, the last
+        ``rel_err`` (``|S-g|/|g|``), ``s_norm`` and ``g_norm`` with their means,
+        ``count`` (finite steps recorded) and ``nonfinite`` (steps with a NaN or
+        inf in S or g)."""
+        self._fold()
+        sums = self._sum.tolist() if self._sum is not None else [0.0] * 7
+        count, nonfinite = int(sums[5]), int(sums[6])
+        keys = ("loss", "cos", "rel_err", "s_norm", "g_norm")
+        if count == 0:
+            out = {k: math.nan for k in keys}
+            out.update({f"{k}_mean": math.nan for k in keys})
+        else:
+            last = self._last.tolist()
+            out = {k: last[i] for i, k in enumerate(keys)}
+            out.update({f"{k}_mean": sums[i] / count for i, k in enumerate(keys)})
+        out["count"] = count
+        out["nonfinite"] = nonfinite
+        return out
