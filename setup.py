@@ -168,11 +168,11 @@ def _extensions():
 
     class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
         def build_extension(self, ext):
-            # Where the package's modules land: the source tree for editable and
-            # in-place builds, build_lib (then the wheel) otherwise.
-            dirs = [os.path.join(self.build_lib, "dni_fast")]
-            if self.inplace or getattr(self, "editable_mode", False):
-                dirs.append(src_pkg)
+            # Both where the package's modules are installed from (build_lib, then
+            # the wheel) and the source tree (editable and in-place installs run
+            # from it; setuptools clears self.inplace while it builds, so it
+            # cannot tell them apart here). The source tree's copy is gitignored.
+            dirs = [os.path.join(self.build_lib, "dni_fast"), src_pkg]
             try:
                 super().build_extension(ext)
             except BaseException as e:

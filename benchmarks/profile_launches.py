@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dni_fast as dni
-from dni_fast import bench
+from benchmarks import harness as bench
 
 
 def count_cuda(fn):

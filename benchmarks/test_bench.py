@@ -6,15 +6,10 @@
 Not part of the test suite (``testpaths`` is ``tests``). On CUDA the steps are
 followed by a synchronize so that each round times finished work.
 """
-import os
-
-if not os.environ.get("TRITON_INTERPRET"):
-    pass  # never benchmark the Triton interpreter: triton is a provider only on CUDA
-
 import pytest
 import torch
 
-from dni_fast import bench as B
+from benchmarks import harness as B
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PROVIDERS = [p for p in B.available_providers(DEVICE, compile=False)]

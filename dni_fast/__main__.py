@@ -1,154 +1,72 @@
 """Command line: ``python -m dni_fast {info,bench}`` (also the ``dni-fast`` script).
 
-    python -m dni_fast info                      # versions and available backends
-    python -m dni_fast bench                     # interface step + MLP, all providers
-    python -m dni_fast bench --quick             # a few seconds, small sizes
-    python -m dni_fast bench --threads 1 0       # at one thread and the default count
-    python -m dni_fast bench --write-auto-table  # also refresh the table `auto` reads
+    python -m dni_fast info        # versions, the build record and every backend's status
+    python -m dni_fast bench ...   # the microbenchmarks (benchmarks/cli.py; needs the source checkout)
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import platform
 import sys
-import time
+from pathlib import Path
 
 import torch
 
 
 def _info() -> int:
     import dni_fast as dni
-    from dni_fast.bench import environment
-
-    devs = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    env = environment(torch.device(devs[-1]))
-    for k, v in env.items():
-        print(f"{k:10} {v}")
-    print(f"{'backend':10} {dni.get_backend()} (DNI_FAST_BACKEND={os.environ.get('DNI_FAST_BACKEND', 'unset')})")
-    for d in devs:
-        for b in dni.BACKENDS[1:]:
-            ok, why = dni.backend_status(b, d)
-            print(f"  {d:5} {b:10} {'available' if ok else 'unavailable: ' + why}")
-    return 0
-
-
-def _write_auto_table(B, rows, device: torch.device, env: dict) -> None:
-    """Replace this device type's rules in dni_fast/_autotable.json by those measured in ``rows``."""
-    from dni_fast.backends import clear_cache
-    from dni_fast.backends.auto import TABLE_PATH as _TABLE_PATH
+    from dni_fast import _ext, backends
 
     try:
-        with open(_TABLE_PATH) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        old = {"rules": []}
-    fresh = B.auto_table(rows, device.type, env)
-    keep = [r for r in old.get("rules", []) if r.get("device") != device.type]
-    table = {"note": "written by `python -m dni_fast bench --write-auto-table`; first matching rule wins",
-             "sources": {**old.get("sources", {}), device.type: env}, "rules": fresh["rules"] + keep}
-    with open(_TABLE_PATH, "w") as f:
-        json.dump(table, f, indent=1)
-    clear_cache()
-    print(f"wrote {len(fresh['rules'])} {device.type} rules to {_TABLE_PATH}")
+        import triton
 
-
-def _bench(args) -> int:
-    from dni_fast import bench as B
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    env = B.environment(device)
-    if args.auto_table_from:
-        rows = [r for r in B.rows_from_csv(args.auto_table_from) if not (device.type == "cpu" and r.threads !=
-                                                                          torch.get_num_threads())]
-        _write_auto_table(B, rows, device, env)
-        return 0
-    dtypes = [getattr(torch, d) for d in args.dtype]
-    if args.sizes:
-        sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes]
-        sizes = [(s[0], s[1], s[1] if len(s) == 2 else s[2]) for s in sizes]
-    elif device.type == "cuda":
-        head = (256, 1024, 1024)  # DESIGN §5's headline size first: a run cut short still has it
-        sizes = [head] + ([] if args.quick else
-                          [(b, d, d) for b in (64, 256, 1024) for d in (256, 1024, 4096) if (b, d, d) != head])
-    else:
-        sizes = [(16, 128, 128)] if args.quick else [(16, 128, 128), (64, 256, 256)]
-    providers = args.providers or B.available_providers(device, compile=not args.no_compile and not args.quick)
-    # torch.compile recompiles for every size and dtype (10-20 s each on a GPU); the
-    # issue asks for it at the headline size, the first one on CUDA.
-    compile_sizes = set(sizes[:1]) if device.type == "cuda" else set(sizes)
-    min_t = 0.1 if args.quick else args.min_run_time
-    all_rows = []
-    threads = args.threads if device.type == "cpu" else [0]
-    default_threads = torch.get_num_threads()
-    t_start = time.monotonic()
-    mlp_b = args.mlp_batch or (256 if device.type == "cuda" else 64)
-
-    def over_budget() -> bool:
-        return args.time_budget is not None and time.monotonic() - t_start > args.time_budget
-
-    shown = [False]
-
-    def emit(rows) -> None:
-        # each group reaches the CSV as soon as it is measured, so a run cut
-        # short (a device-time limit) keeps what it measured
-        B.print_rows(rows, header=not shown[0])
-        shown[0] = shown[0] or bool(rows)
-        all_rows.extend(rows)
-        if args.csv and rows:
-            B.append_csv(rows, args.csv, env)
-
-    for th in threads:
-        torch.set_num_threads(th if th > 0 else default_threads)
-        print(f"\n# device={env['device']} torch={env['torch']} triton={env['triton']} "
-              f"threads={torch.get_num_threads()} date={env['date']}")
-        shown[0] = False
-        for i, size in enumerate(sizes):
-            if i > 0 and over_budget():
-                print(f"  [budget] {args.time_budget:.0f} s spent: skipping sizes {sizes[i:]}")
-                break
-            provs = [p for p in providers if p != "torch.compile" or size in compile_sizes]
-            for dt in dtypes:
-                for tf32 in ([False, True] if (device.type == "cuda" and dt == torch.float32 and args.tf32)
-                             else [False]):
-                    emit(B.bench_interface([size], provs, dt, device, tf32=tf32, min_run_time=min_t))
-            if i == 0 and not args.no_mlp:  # the MLP after the headline size, before the long tail
-                emit(B.bench_mlp(mlp_b, providers, device, min_run_time=min_t * 2))
-    torch.set_num_threads(default_threads)
-    if args.csv and all_rows:
-        print(f"\nappended {len(all_rows)} rows to {args.csv}")
-    if args.write_auto_table:
-        _write_auto_table(B, [r for r in all_rows if r.threads == default_threads or device.type != "cpu"], device,
-                          env)
+        tv = triton.__version__
+    except Exception as e:  # not installed, or broken
+        tv = f"not importable ({type(e).__name__})"
+    print(f"{'dni_fast':10} {dni.__version__}")
+    print(f"{'torch':10} {torch.__version__} (CUDA {torch.version.cuda})")
+    print(f"{'triton':10} {tv}")
+    print(f"{'python':10} {platform.python_version()}")
+    devs = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if "cuda" in devs:
+        print(f"{'gpu':10} {torch.cuda.get_device_name()}")
+    info = _ext.build_info()
+    print(f"{'build':10} " + ("no build record (never built with pip install)" if info is None else
+                             ", ".join(f"{k}={info[k]}" for k in ("status", "cuda", "torch", "time") if k in info)))
+    if info and info.get("cuda_reason"):
+        print(f"{'':10} CUDA part not built: {info['cuda_reason']}")
+    print(f"{'backend':10} {dni.get_backend()} (DNI_FAST_BACKEND={os.environ.get('DNI_FAST_BACKEND', 'unset')})")
+    for b in backends.registered():
+        facts = b.describe()
+        print(f"  {b.name:10} devices {','.join(facts['devices'])}; dtypes {facts['dtypes']}; "
+              f"{'runs any synthesizer' if b.max_hidden is None else f'fuses n_hidden <= {b.max_hidden}'}")
+        for d in devs:
+            ok, why = b.status(torch.device(d))
+            print(f"    {d:5} {'available' if ok else 'unavailable: ' + why}")
     return 0
+
+
+def _bench(argv) -> int:
+    # The harness lives in the source checkout's benchmarks/, outside the package.
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "cli.py").is_file():
+        raise SystemExit("python -m dni_fast bench: the benchmarks ship with the source checkout, not the package; "
+                         "clone the repository and run it from there")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks import cli
+
+    return cli.main(argv)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dni_fast", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions and available backends")
-    b = sub.add_parser("bench", help="microbenchmarks: interface step and MLP, per provider")
-    b.add_argument("--device", choices=["cpu", "cuda"])
-    b.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16", "float64"])
-    b.add_argument("--sizes", nargs="+", metavar="B,D[,H]", help="interface-step sizes (default per device)")
-    b.add_argument("--providers", nargs="+", help="default: every available provider")
-    b.add_argument("--threads", nargs="+", type=int, default=[0], help="CPU thread counts; 0 = the default count")
-    b.add_argument("--tf32", action="store_true", help="on CUDA, also measure fp32 with TF32 on (both paths)")
-    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    b.add_argument("--no-mlp", action="store_true")
-    b.add_argument("--mlp-batch", type=int)
-    b.add_argument("--quick", action="store_true", help="one small size, short timings, no torch.compile")
-    b.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement (CPU)")
-    b.add_argument("--csv", default=None, help="append rows to this CSV (e.g. benchmarks/results/bench.csv)")
-    b.add_argument("--write-auto-table", action="store_true", help="refresh dni_fast/_autotable.json")
-    b.add_argument("--auto-table-from", metavar="CSV",
-                   help="write dni_fast/_autotable.json from the rows of CSV (every run in it, this "
-                        "device type) and measure nothing")
-    b.add_argument("--time-budget", type=float, default=None, metavar="S",
-                   help="start no new size after S seconds (the rows so far are kept; the first size always runs)")
-    args = p.parse_args(argv)
-    return _info() if args.cmd == "info" else _bench(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["info"]:
+        return _info()
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    print(__doc__.strip(), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

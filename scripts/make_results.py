@@ -16,8 +16,9 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-import matplotlib
+from dni_fast.examples._extras import require
 
+matplotlib = require("matplotlib", "scripts/make_results.py (the plots)")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 

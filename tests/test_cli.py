@@ -5,7 +5,7 @@ import json
 import torch
 
 import dni_fast as dni
-from dni_fast import bench
+from benchmarks import harness as bench
 from dni_fast.__main__ import main
 
 

@@ -1,4 +1,4 @@
-"""dni_fast.data: loaders, checksum verification and clear errors, on small
+"""dni_fast.examples.data: loaders, checksum verification and clear errors, on small
 fake files made here (plus one check of the real data where it exists)."""
 import gzip
 import hashlib
@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from dni_fast import data
+from dni_fast.examples import data
 
 
 @pytest.fixture(autouse=True)
@@ -23,10 +23,11 @@ def _idx(magic: int, arr: torch.Tensor) -> bytes:
     return gzip.compress(header + bytes(arr.flatten().tolist()))
 
 
-def _write_sums(folder):
-    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}"
-             for p in sorted(folder.iterdir()) if p.name != "SHA256SUMS"]
-    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+def _publish(monkeypatch, folder):
+    """Make the package know the tiny fake files' hashes as the published ones
+    (the real table holds the real files' hashes; no SHA256SUMS is written)."""
+    for p in sorted(folder.iterdir()):
+        monkeypatch.setitem(data.OFFICIAL_SHA256, f"{folder.name}/{p.name}", hashlib.sha256(p.read_bytes()).hexdigest())
 
 
 WORD_TRAIN = "the cat sat\na dog ran far\n"
@@ -38,8 +39,8 @@ CHAR_TEST = "c a t _ a\n"
 
 
 @pytest.fixture
-def fake_root(tmp_path):
-    """A data root like /work/shared/data, with tiny files and their SHA256SUMS."""
+def fake_root(tmp_path, monkeypatch):
+    """A data root like /work/shared/data, with tiny files whose hashes the package knows."""
     g = torch.Generator().manual_seed(0)
     mnist = tmp_path / "mnist"
     mnist.mkdir()
@@ -49,18 +50,18 @@ def fake_root(tmp_path):
     for split, (img_name, lbl_name) in data.MNIST_FILES.items():
         (mnist / img_name).write_bytes(_idx(2051, imgs[split]))
         (mnist / lbl_name).write_bytes(_idx(2049, lbls[split]))
-    _write_sums(mnist)
+    _publish(monkeypatch, mnist)
     ptb = tmp_path / "ptb"
     ptb.mkdir()
     for name, text in (("train.txt", WORD_TRAIN), ("valid.txt", WORD_VALID), ("test.txt", WORD_TEST)):
         (ptb / name).write_text(text)
-    _write_sums(ptb)
+    _publish(monkeypatch, ptb)
     ptbc = tmp_path / "ptb-char"
     ptbc.mkdir()
     for name, text in (("ptb.char.train.txt", CHAR_TRAIN), ("ptb.char.valid.txt", CHAR_VALID),
                        ("ptb.char.test.txt", CHAR_TEST)):
         (ptbc / name).write_text(text)
-    _write_sums(ptbc)
+    _publish(monkeypatch, ptbc)
     return tmp_path, imgs, lbls
 
 
@@ -175,19 +176,86 @@ def test_missing_file_raises(fake_root):
     assert isinstance(e.value, FileNotFoundError)
 
 
-def test_missing_sha256sums_raises(fake_root):
+def test_published_files_need_no_checksum_file(fake_root):
     root, _, _ = fake_root
-    (root / "ptb" / "SHA256SUMS").unlink()
+    assert not list(root.rglob("SHA256SUMS"))
+    data.load_ptb("word", root)
+
+
+def test_unknown_file_is_verified_by_its_folders_sha256sums(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "extra.txt").write_text("hello\n")
     with pytest.raises(data.DataNotFoundError, match="SHA256SUMS"):
-        data.load_ptb("word", root)
+        data.verified_path(folder, "extra.txt")
+    digest = hashlib.sha256(b"hello\n").hexdigest()
+    (folder / "SHA256SUMS").write_text(f"{digest}  other.txt\n")
+    with pytest.raises(data.DataNotFoundError, match="no entry for it"):
+        data.verified_path(folder, "extra.txt")
+    (folder / "SHA256SUMS").write_text(f"{digest}  extra.txt\n")
+    assert data.verified_path(folder, "extra.txt") == folder / "extra.txt"
 
 
-def test_file_without_checksum_entry_raises(fake_root):
-    root, _, _ = fake_root
-    sums = root / "ptb" / "SHA256SUMS"
-    sums.write_text("".join(l + "\n" for l in sums.read_text().splitlines() if "test.txt" not in l))
-    with pytest.raises(data.DataNotFoundError, match="no entry for test.txt"):
-        data.load_ptb("word", root)
+def test_the_package_knows_every_published_file():
+    assert set(data.OFFICIAL_SHA256) == {f"{name}/{f}" for name, (_, _, files) in data.SOURCES.items() for f in files}
+    assert all(len(h) == 64 and int(h, 16) >= 0 for h in data.OFFICIAL_SHA256.values())
+
+
+# -- fetch: download from the published locations, verified ----------------------------
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/www."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield www, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_fetch_downloads_and_verifies(fake_root, server, tmp_path):
+    import tarfile
+
+    src, _, _ = fake_root
+    www, url = server
+    (www / "mnist").mkdir()
+    for p in (src / "mnist").iterdir():
+        (www / "mnist" / p.name).write_bytes(p.read_bytes())
+    with tarfile.open(www / "simple-examples.tgz", "w:gz") as tar:  # Mikolov's archive layout
+        for folder in ("ptb", "ptb-char"):
+            for name, member in data.SOURCES[folder][2].items():
+                tar.add(src / folder / name, arcname=member)
+    dest = tmp_path / "fetched"
+    mirrors = {"mnist": [url + "missing/", url + "mnist/"],  # the first mirror fails: the next one is tried
+               "ptb": [url + "simple-examples.tgz"], "ptb-char": [url + "simple-examples.tgz"]}
+    assert data.fetch(["mnist", "ptb", "ptb-char"], dest, mirrors=mirrors) == dest
+    data.clear_verification_cache()
+    x, _ = data.load_mnist("train", dest)
+    assert x.shape == (5, 28, 28)
+    for level in ("word", "char"):
+        got, want = data.load_ptb(level, dest), data.load_ptb(level, src)
+        assert got.decode(got.train) == want.decode(want.train)
+
+
+def test_fetch_rejects_a_file_that_is_not_the_published_one(fake_root, server, tmp_path):
+    src, _, _ = fake_root
+    www, url = server
+    (www / "mnist").mkdir()
+    for p in (src / "mnist").iterdir():
+        (www / "mnist" / p.name).write_bytes(p.read_bytes() + (b"x" if "t10k-labels" in p.name else b""))
+    dest = tmp_path / "fetched"
+    with pytest.raises(data.DataError, match="did not match the published SHA-256"):
+        data.fetch(["mnist"], dest, mirrors={"mnist": [url + "mnist/"]})
+    assert not (dest / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()  # the bad file is not kept
+    assert (dest / "mnist" / "train-images-idx3-ubyte.gz").exists()
 
 
 def test_missing_folder_raises(tmp_path, monkeypatch):
@@ -244,6 +312,14 @@ def test_digits():
     assert torch.equal(data.load_digits()["test"][0], xte)  # deterministic
 
 
+def test_missing_extra_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if scikit-learn were not installed
+    with pytest.raises(ImportError, match=r'pip install "dni_fast\[examples\]"'):
+        data.load_digits()
+
+
 def test_synthetic_corpus():
     w = data.synthetic_corpus("word", n_train=50, n_valid=5, n_test=5)
     c = data.synthetic_corpus("char", n_train=50, n_valid=5, n_test=5)
@@ -263,8 +339,13 @@ def test_copy_task_episode():
 # -- the real data, where it exists ----------------------------------------------------
 def test_real_data_if_present():
     root = data.find_data_root()
-    if root is None or not (root / "mnist" / "SHA256SUMS").is_file():
+    if root is None or not (root / "mnist").is_dir():
         pytest.skip("no real data folder here (set DNI_FAST_DATA)")
+    for sums in root.glob("*/SHA256SUMS"):  # the provider's checksum files agree with the package's table
+        for line in sums.read_text().split("\n"):
+            if line.strip():
+                digest, name = line.split()
+                assert data.OFFICIAL_SHA256[f"{sums.parent.name}/{name}"] == digest
     x, y = data.load_mnist("test", root)
     assert x.shape == (10000, 28, 28) and y.shape == (10000,) and int(y.min()) == 0 and int(y.max()) == 9
     if (root / "ptb").is_dir():

@@ -78,6 +78,11 @@ class Backend:
     def _status(self, device: torch.device) -> Tuple[bool, str]:
         return True, ""
 
+    def interpreted(self, device: torch.device) -> bool:
+        """Whether this backend runs in an interpreter on ``device`` (for tests
+        only: ``auto`` and the benchmarks never use it)."""
+        return False
+
     def dtype_names(self) -> str:
         return ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
 

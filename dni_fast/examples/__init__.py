@@ -10,6 +10,6 @@
 
 Every example takes ``--quick`` (seconds, for CI), ``--log runs/NAME.json`` (read by
 ``scripts/make_results.py``), ``--seed``, ``--backend`` and ``--data``. Without the
-data files (see ``dni_fast.data``) the MNIST examples use scikit-learn's digits and the
+data files (see ``dni_fast.examples.data``) the MNIST examples use scikit-learn's digits and the
 language models a generated corpus.
 """

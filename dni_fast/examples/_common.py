@@ -33,7 +33,7 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
     choices = list(data_choices)
     p.add_argument("--data", choices=choices, default=choices[0],
                    help="data set; 'auto' uses the real one when the data folder has it "
-                        "(see dni_fast.data), else the embedded default")
+                        "(see dni_fast.examples.data), else the embedded default")
     p.add_argument("--data-dir", default=None, help="data folder (default: $DNI_FAST_DATA, else ../shared/data)")
     p.add_argument("--epochs", type=int, default=epochs, help="training epochs")
     p.add_argument("--batch-size", type=int, default=batch_size, help="training batch size")
@@ -343,7 +343,7 @@ def time_steps(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
 
 def load_image_data(args: argparse.Namespace):
     """The image data set the command line asks for (``--quick``: a slice of it)."""
-    from dni_fast.data import load_images
+    from dni_fast.examples.data import load_images
 
     if args.quick:
         return load_images(args.data, args.data_dir, limit_train=256, limit_test=200)

@@ -2,7 +2,7 @@
 
 An LSTM reads a stream of copy-task episodes (``L`` random symbols, a
 delimiter, then ``L`` blank steps during which it must output the symbols in
-order; ``dni_fast.data.copy_task_episode``). It is trained with truncated
+order; ``dni_fast.examples.data.copy_task_episode``). It is trained with truncated
 BPTT over chunks of ``T`` steps that cut across episodes, so a plain LSTM
 gets no gradient from a recall step back to the symbol it needs once ``L``
 exceeds about ``T``. With DNI (``make_trigger`` on each chunk's first state,
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dni_fast as dni
-from dni_fast.data import copy_task_episode
+from dni_fast.examples.data import copy_task_episode
 from dni_fast.examples import _common as C
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dni_fast as dni
-from dni_fast.data import load_text
+from dni_fast.examples.data import load_text
 from dni_fast.examples import _common as C
 
 

@@ -7,11 +7,21 @@ Real data sets are read from a data folder laid out as::
     <root>/ptb/{train,valid,test}.txt
     <root>/ptb-char/ptb.char.{train,valid,test}.txt
 
-each sub-folder with a ``SHA256SUMS`` file (``sha256sum`` format). Every file
-is checked against it before it is read; a file is hashed at most once per
+Every file is checked, before it is read, against the SHA-256 of the
+published file, which this module knows (``OFFICIAL_SHA256``): no checksum
+file is needed. (A file this module does not know is checked against a
+``SHA256SUMS`` file in its folder instead.) A file is hashed at most once per
 process. The root is, in order: the ``root`` argument, ``$DNI_FAST_DATA``,
 then ``../shared/data`` relative to the current directory or to the checkout
 (the folder holding the ``dni_fast`` package), the first that exists.
+
+Where they come from (``SOURCES``): MNIST (LeCun, Cortes and Burges), the
+four IDX files as published; Penn Treebank in Mikolov's preprocessing, the
+``data/ptb.*.txt`` (word level: ``train.txt`` etc. here) and
+``data/ptb.char.*.txt`` members of his ``simple-examples.tgz``. On a machine
+that is online, :func:`fetch` (``python -m dni_fast.examples.data fetch
+mnist ptb ptb-char --root DIR``) downloads them from there and keeps them only
+if their hashes match.
 
 Embedded defaults (no files):
 
@@ -38,6 +48,7 @@ import torch
 
 __all__ = [
     "DataError", "DataNotFoundError", "ChecksumError",
+    "OFFICIAL_SHA256", "SOURCES", "fetch", "expected_sha256",
     "find_data_root", "data_root", "verified_path", "clear_verification_cache",
     "read_idx", "load_mnist", "load_digits", "ImageData", "load_images",
     "Corpus", "load_ptb", "synthetic_text", "synthetic_corpus", "load_text",
@@ -57,8 +68,37 @@ PTB_FILES = {
                           "test": "ptb.char.test.txt"}),
 }
 EOS = "<eos>"
-_HOW_TO_FIX = (f"set {ENV_VAR} to the folder that holds mnist/, ptb/ and ptb-char/ (each with its SHA256SUMS), "
-               f"pass the folder explicitly, or use the embedded default that needs no files "
+
+#: SHA-256 of the published files, by "<folder>/<file>".
+OFFICIAL_SHA256: Dict[str, str] = {
+    "mnist/train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "mnist/train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "mnist/t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "mnist/t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    "ptb/train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+    "ptb/valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+    "ptb/test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+    "ptb-char/ptb.char.train.txt": "e313d91425e06c4f0a8fb6e881dcce0c291f2a0e9f4dda54833069b122f91da9",
+    "ptb-char/ptb.char.valid.txt": "21661f63ec355085879458b6524644d4add5573541b4be14fb52ab2e2e995eb8",
+    "ptb-char/ptb.char.test.txt": "1ef5607ac3c463b16e38bfe7900dd3bfc91de5a96e0f21e7eab5188b465b8ebe",
+}
+
+_SIMPLE_EXAMPLES = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
+#: Where each folder's files are published: (kind, urls, {file: member in the archive}).
+#: ``kind`` is "files" (``url + file``) or "tgz" (members of one archive). Mirrors are tried in order.
+SOURCES: Dict[str, Tuple[str, Tuple[str, ...], Dict[str, str]]] = {
+    "mnist": ("files", ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+              {n: n for n in (*MNIST_FILES["train"], *MNIST_FILES["test"])}),
+    "ptb": ("tgz", (_SIMPLE_EXAMPLES,), {"train.txt": "./simple-examples/data/ptb.train.txt",
+                                         "valid.txt": "./simple-examples/data/ptb.valid.txt",
+                                         "test.txt": "./simple-examples/data/ptb.test.txt"}),
+    "ptb-char": ("tgz", (_SIMPLE_EXAMPLES,), {f"ptb.char.{s}.txt": f"./simple-examples/data/ptb.char.{s}.txt"
+                                              for s in ("train", "valid", "test")}),
+}
+
+_HOW_TO_FIX = (f"set {ENV_VAR} to the folder that holds mnist/, ptb/ and ptb-char/, pass the folder explicitly, "
+               f"download the published files into one (online: `python -m dni_fast.examples.data fetch mnist ptb "
+               f"ptb-char --root DIR`), or use the embedded default that needs no files "
                f"(--data digits for the MNIST examples, --data synthetic for the language-model examples)")
 
 
@@ -71,14 +111,14 @@ class DataNotFoundError(DataError, FileNotFoundError):
 
 
 class ChecksumError(DataError):
-    """A data file's SHA-256 differs from the one in its folder's SHA256SUMS."""
+    """A data file's SHA-256 differs from the published one (or its folder's SHA256SUMS)."""
 
 
 # ---------------------------------------------------------------------------
 # Where the data lives
 # ---------------------------------------------------------------------------
 def _repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]  # <checkout>/dni_fast/examples/data.py
 
 
 def _candidates(root: Optional[PathLike]) -> List[Tuple[Path, str]]:
@@ -111,7 +151,7 @@ def data_root(root: Optional[PathLike] = None) -> Path:
 
 
 # ---------------------------------------------------------------------------
-# Verification against SHA256SUMS, once per file and process
+# Verification against the published hashes, once per file and process
 # ---------------------------------------------------------------------------
 _verified: Dict[Tuple[str, int, int], str] = {}
 _lock = threading.Lock()
@@ -149,13 +189,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def expected_sha256(folder: PathLike, name: str) -> str:
+    """The SHA-256 that ``folder/name`` must have: the published file's when
+    this module knows it (``OFFICIAL_SHA256``), else the entry in
+    ``folder/SHA256SUMS``."""
+    folder = Path(folder)
+    known = OFFICIAL_SHA256.get(f"{folder.name}/{name}")
+    if known is not None:
+        return known
+    sums = _read_sums(folder)
+    if name not in sums:
+        raise DataNotFoundError(f"{name} is not a file dni_fast knows, and {folder / 'SHA256SUMS'} has no entry for "
+                                f"it, so {folder / name} cannot be verified. To fix: {_HOW_TO_FIX}")
+    return sums[name]
+
+
 def verified_path(folder: PathLike, name: str) -> Path:
-    """``folder/name`` after checking it against ``folder/SHA256SUMS``.
+    """``folder/name`` after checking its SHA-256 (:func:`expected_sha256`).
 
     The result is cached per process, keyed by the file's path, size and
     modification time, so a second call costs one ``stat``. Raises
-    :class:`DataNotFoundError` (no file, or no SHA256SUMS, or no entry for the
-    file) or :class:`ChecksumError` (a hash mismatch), each naming the file.
+    :class:`DataNotFoundError` (no file) or :class:`ChecksumError` (a hash
+    mismatch), each naming the file and the fix.
     """
     folder = Path(folder)
     path = folder / name
@@ -166,11 +221,7 @@ def verified_path(folder: PathLike, name: str) -> Path:
     with _lock:
         if key in _verified:
             return path
-    sums = _read_sums(folder)
-    if name not in sums:
-        raise DataNotFoundError(f"{folder / 'SHA256SUMS'} has no entry for {name}, so {path} cannot be verified. "
-                                f"To fix: {_HOW_TO_FIX}")
-    expected = sums[name]
+    expected = expected_sha256(folder, name)
     actual = _sha256(path)
     if actual != expected:
         raise ChecksumError(f"checksum mismatch for {path}: expected sha256 {expected}, got {actual}; the file is "
@@ -178,6 +229,78 @@ def verified_path(folder: PathLike, name: str) -> Path:
     with _lock:
         _verified[key] = actual
     return path
+
+
+# ---------------------------------------------------------------------------
+# Download from the published locations (online machines only)
+# ---------------------------------------------------------------------------
+def _download(url: str, dest: Path, timeout: float) -> None:
+    import urllib.request
+
+    tmp = dest.with_name(dest.name + ".part")
+    with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+        for chunk in iter(lambda: r.read(1 << 20), b""):
+            f.write(chunk)
+    tmp.replace(dest)
+
+
+def fetch(names: Sequence[str] = ("mnist", "ptb", "ptb-char"), root: Optional[PathLike] = None,
+          timeout: float = 60.0, mirrors: Optional[Dict[str, Sequence[str]]] = None) -> Path:
+    """Download the data sets ``names`` (``mnist``, ``ptb``, ``ptb-char``) from
+    their published locations (``SOURCES``; ``mirrors`` replaces a folder's
+    URLs) into ``root`` (default ``$DNI_FAST_DATA``, else ``./data``), keep
+    each file only if its SHA-256 is the published one, and return the root.
+    Files already there and verified are not downloaded again."""
+    import tarfile
+    import tempfile
+
+    root = Path(root if root is not None else os.environ.get(ENV_VAR) or "data")
+    for name in names:
+        if name not in SOURCES:
+            raise ValueError(f"unknown data set {name!r}; choose from {', '.join(SOURCES)}")
+        kind, urls, files = SOURCES[name]
+        urls = tuple((mirrors or {}).get(name, urls))
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = [f for f in files if not _is_good(folder, f)]
+        if not todo:
+            continue
+        errors = []
+        for url in urls:
+            try:
+                if kind == "files":
+                    for f in todo:
+                        _download(url + f, folder / f, timeout)
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        archive = Path(tmp) / "archive.tgz"
+                        _download(url, archive, timeout)
+                        with tarfile.open(archive) as tar:
+                            for f in todo:
+                                member = tar.extractfile(files[f])
+                                if member is None:
+                                    raise DataError(f"{url} has no file {files[f]}")
+                                (folder / f).write_bytes(member.read())
+            except Exception as e:  # network errors, a missing member: try the next mirror
+                errors.append(f"{url}: {type(e).__name__}: {e}")
+                continue
+            bad = [f for f in todo if not _is_good(folder, f)]
+            for f in bad:
+                (folder / f).unlink(missing_ok=True)
+            if not bad:
+                break
+            errors.append(f"{url}: {', '.join(bad)} did not match the published SHA-256 (deleted)")
+        else:
+            raise DataError(f"could not fetch {name} into {folder}: " + "; ".join(errors))
+    return root
+
+
+def _is_good(folder: Path, name: str) -> bool:
+    try:
+        verified_path(folder, name)
+        return True
+    except DataError:
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -217,7 +340,7 @@ def read_idx(path: PathLike, expected_magic: Optional[int] = None) -> torch.Tens
 
 def load_mnist(split: str = "train", root: Optional[PathLike] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """MNIST ``split`` (``"train"`` or ``"test"``): ``(images uint8 (N, 28, 28),
-    labels int64 (N,))``, verified against ``mnist/SHA256SUMS``."""
+    labels int64 (N,))``, verified against the published SHA-256."""
     if split not in MNIST_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     folder = data_root(root) / "mnist"
@@ -235,7 +358,9 @@ def load_digits(test_fraction: float = 0.2, size: int = 28, seed: int = 0) -> Di
     default, so MNIST models run unchanged; ``size=8`` keeps the original
     64 pixels). A stratified split fixed by ``seed``: ``{'train': (x, y),
     'test': (x, y)}``, ``x`` uint8 ``(N, size, size)``, ``y`` int64."""
-    from sklearn.datasets import load_digits as _sk_digits
+    from dni_fast.examples._extras import require
+
+    _sk_digits = require("sklearn.datasets", "the embedded digits data set").load_digits
 
     d = _sk_digits()
     x = torch.tensor(d.images, dtype=torch.float32) / 16.0  # (N, 8, 8) in [0, 1]
@@ -448,3 +573,35 @@ def copy_task_episode(batch: int, length: int, n_symbols: int = 8,
     inputs = torch.cat([seq, delim, blank])
     targets = torch.cat([torch.full((length + 1, batch), -1, dtype=torch.long), seq])
     return inputs, targets
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m dni_fast.examples.data fetch NAMES [--root DIR]`` or ``check [--root DIR]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dni_fast.examples.data", description=main.__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="download and verify the published files")
+    f.add_argument("names", nargs="*", default=list(SOURCES), choices=list(SOURCES))
+    f.add_argument("--root", default=None)
+    c = sub.add_parser("check", help="verify every known file under a data root")
+    c.add_argument("--root", default=None)
+    args = p.parse_args(argv)
+    if args.cmd == "fetch":
+        print(f"fetched into {fetch(args.names, args.root)}")
+        return 0
+    root = data_root(args.root)
+    bad = 0
+    for key in OFFICIAL_SHA256:
+        folder, name = key.split("/")
+        try:
+            verified_path(root / folder, name)
+            print(f"ok       {root / key}")
+        except DataError as e:
+            bad += 1
+            print(f"FAILED   {root / key}: {str(e).split('. To fix')[0]}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Microbenchmarks: the interface step and the DESIGN §5 MLP, per provider.
+"""The benchmark harness: the interface step and the docs/design.md §5 MLP, per provider.
 
 Providers (one per line of output):
 
@@ -44,7 +44,6 @@ from torch import nn
 
 import dni_fast as dni
 
-FUSED = ("triton", "cuda", "cpp")
 
 
 # ---------------------------------------------------------------------------
@@ -149,11 +148,6 @@ class Row:
 # ---------------------------------------------------------------------------
 # workloads
 # ---------------------------------------------------------------------------
-def _maybe_sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def interface_step(provider: str, B: int, D: int, H: int, dtype: torch.dtype, device: torch.device,
                    n_hidden: int = 1) -> Callable[[], None]:
     """One interface step: ``Linear(D, D)`` -> ``BackwardInterface`` -> true gradient.
@@ -287,12 +281,16 @@ def _tf32(enabled: bool):
 
 
 def available_providers(device: torch.device, compile: bool = True) -> List[str]:
+    """``reference`` (and ``torch.compile`` of it), then every registered fused
+    backend that runs on ``device``, never the Triton interpreter."""
+    from dni_fast import backends
+
     out = ["reference"] + (["torch.compile"] if compile else [])
-    for b in FUSED:
-        if b == "triton" and device.type != "cuda":
-            continue  # never benchmark the interpreter
-        if dni.backend_status(b, device)[0]:
-            out.append(b)
+    for b in backends.registered():
+        if not b.fused or b.interpreted(device):
+            continue  # never benchmark the Triton interpreter
+        if b.status(device)[0]:
+            out.append(b.name)
     return out
 
 

@@ -1,0 +1,144 @@
+"""The install: the extension that was built loads, the reasons given when it
+cannot, the build's failure modes (run on a copy of the sources), and what
+``import dni_fast`` loads."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dni_fast as dni
+from dni_fast import _ext
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_extension_that_was_built_loads():
+    """When the build record says the extension was built, it must load: a
+    test run never passes quietly without the extension it expected."""
+    info = _ext.build_info()
+    if info is None or info.get("requested") is False:
+        pytest.skip(f"the extension was not requested here (build record: {info})")
+    ok, why = dni.backend_status("cpp", "cpu")
+    assert ok, f"the build record says {info.get('status')!r} but the cpp backend is unavailable: {why}"
+    assert info.get("status") == "built" and info.get("torch") == torch.__version__
+
+
+def test_cuda_part_skipped_with_the_reason():
+    """A machine whose torch has CUDA but whose toolkit is incomplete (nvcc
+    without the CUDA runtime headers, as here) builds the CPU part and says why."""
+    info = _ext.build_info()
+    if not info or not info.get("built"):
+        pytest.skip("no built extension")
+    if info.get("cuda"):
+        assert dni.backend_status("cuda", "cuda")[0] or not torch.cuda.is_available()
+        return
+    assert info.get("cuda_reason"), info
+    ok, why = _ext.cuda_available()
+    assert not ok and info["cuda_reason"] in why
+
+
+@pytest.fixture
+def fresh_ext(monkeypatch):
+    """Reload the extension under a faked build record and import outcome."""
+    def load(info, module=None):
+        monkeypatch.setattr(_ext, "build_info", lambda: info)
+        monkeypatch.setitem(sys.modules, "dni_fast._C", module)  # None: the import fails as if never built
+        monkeypatch.delattr(dni, "_C", raising=False)  # else `from dni_fast import _C` finds the loaded one
+        _ext._reset()
+        return _ext.cpp_available()
+
+    yield load
+    _ext._reset()
+
+
+def test_reason_never_built(fresh_ext):
+    ok, why = fresh_ext(None)
+    assert not ok and "never built" in why and "no build record" in why and "pip install --no-build-isolation" in why
+
+
+def test_reason_build_failed(fresh_ext):
+    ok, why = fresh_ext({"requested": True, "built": False, "status": "failed", "reason": "g++: error: boom"})
+    assert not ok and "never built" in why and "g++: error: boom" in why
+
+
+def test_reason_skipped_on_purpose(fresh_ext):
+    ok, why = fresh_ext({"requested": False, "built": False, "status": "skipped"})
+    assert not ok and "DNI_FAST_BUILD_EXT=FALSE" in why and "skipped on purpose" in why
+
+
+def test_reason_built_against_another_torch(fresh_ext):
+    import types
+
+    fake = types.ModuleType("dni_fast._C")
+    ok, why = fresh_ext({"requested": True, "built": True, "status": "built", "torch": "1.0.0"}, fake)
+    assert not ok and "another torch (1.0.0)" in why and torch.__version__ in why and "rebuild" in why
+
+
+def test_unavailable_cpp_raises_with_the_reason(fresh_ext):
+    fresh_ext({"requested": False, "built": False, "status": "skipped"})
+    dni.backends.clear_cache()
+    iface = dni.BackwardInterface(dni.BasicSynthesizer(4), backend="cpp")
+    with pytest.raises(dni.BackendUnavailableError, match="DNI_FAST_BUILD_EXT=FALSE"):
+        iface(torch.randn(2, 4, requires_grad=True))
+    dni.backends.clear_cache()
+
+
+# -- the build itself, on a copy of the sources (never touching this checkout's record) -------
+def _copy_sources(tmp_path):
+    dst = tmp_path / "src"
+    dst.mkdir()
+    for f in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / f, dst / f)
+    shutil.copytree(REPO / "csrc", dst / "csrc")
+    (dst / "dni_fast").mkdir()
+    return dst
+
+
+def _setup(dst, *args, **env):
+    return subprocess.run([sys.executable, "setup.py", *args], cwd=dst, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+def test_build_opt_out_is_recorded(tmp_path):
+    dst = _copy_sources(tmp_path)
+    p = _setup(dst, "--version", DNI_FAST_BUILD_EXT="FALSE")
+    assert p.returncode == 0, p.stderr
+    info = json.loads((dst / "dni_fast" / "_build_info.json").read_text())
+    assert info["requested"] is False and info["status"] == "skipped"
+
+
+def test_failed_build_fails_loudly_with_the_opt_out(tmp_path):
+    """A requested build that fails makes the install fail, with the compiler's
+    message and how to install without the extension; never a silent success."""
+    dst = _copy_sources(tmp_path)
+    for f in (dst / "csrc").glob("*.cpp"):  # every file, so that the first compile fails
+        f.write_text("#error deliberately broken for this test\n")
+    p = _setup(dst, "build_ext", "--inplace", DNI_FAST_FORCE_CUDA="FALSE", MAX_JOBS="1")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "deliberately broken" in out and "DNI_FAST_BUILD_EXT=FALSE" in out
+    info = json.loads((dst / "dni_fast" / "_build_info.json").read_text())
+    assert info["status"] == "failed" and info["built"] is False
+
+
+def test_force_cuda_without_a_toolkit_fails_with_the_reason(tmp_path):
+    dst = _copy_sources(tmp_path)
+    p = _setup(dst, "--version", DNI_FAST_FORCE_CUDA="TRUE", CUDA_HOME=str(tmp_path / "no-cuda"))
+    assert p.returncode != 0
+    assert "DNI_FAST_FORCE_CUDA=TRUE" in p.stderr and "DNI_FAST_BUILD_EXT=FALSE" in p.stderr
+
+
+# -- what import dni_fast loads ----------------------------------------------------------------
+def test_import_loads_neither_extension_nor_kernels_nor_harness_nor_loaders():
+    # (torch itself may import triton, through torch._dynamo: only our modules are checked)
+    code = ("import sys, dni_fast; bad = [m for m in ('dni_fast._C', 'dni_fast.kernels.synth_step', "
+            "'dni_fast.examples', 'dni_fast.examples.data', 'benchmarks', 'sklearn') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert p.returncode == 0, p.stdout + p.stderr
