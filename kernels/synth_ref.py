@@ -21,7 +21,15 @@ caller):
 The regression loss is ``scale / 2 * sum((s - g) ** 2)`` and its gradient with
 respect to ``s`` is ``delta = scale * (s - g)``: ``scale = 2 / g.size(0)`` for a
 BackwardInterface (dni-pytorch's normalisation by the first dimension) and
-``2 / g.numel()`` for a ForwardInterface (``F.mse_loss``).
+``2 / g.numel()`` for a ForwardInterface (``F.mse_loss``); the caller computes
+it once (``dni_fast/regression.py``).
+
+``upcast`` (flash-attention's ``attention_ref`` switch): ``True`` (default)
+computes in fp32 (fp64 for fp64 inputs), the reference every fast path is
+held to; ``False`` computes in the inputs' own dtype, as PyTorch would run the
+reference module in that precision. A low-precision fast path passes when its
+error against ``upcast=True`` is at most twice that of ``upcast=False``
+(docs/design.md §6).
 """
 from __future__ import annotations
 
@@ -39,19 +47,23 @@ def n_hidden_of(params: Sequence[Tensor], has_context: bool) -> int:
     return n // 2
 
 
-def _acc(t: Tensor) -> torch.dtype:
-    # fp32 accumulation for fp32/fp16/bf16; fp64 stays fp64.
+def _acc(t: Tensor, upcast: bool = True) -> torch.dtype:
+    # fp32 accumulation for fp32/fp16/bf16; fp64 stays fp64; no upcast: t's own dtype.
+    if not upcast:
+        return t.dtype
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def synth_forward_ref(x: Tensor, c: Optional[Tensor], params: Sequence[Tensor]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    """Synthesizer forward in fp32 (fp64 for fp64 inputs).
+def synth_forward_ref(x: Tensor, c: Optional[Tensor], params: Sequence[Tensor],
+                      upcast: bool = True) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """Synthesizer forward in fp32 (fp64 for fp64 inputs; ``x``'s dtype with
+    ``upcast=False``).
 
     Returns ``(s, zs)``: ``s`` (N, Do) and the pre-activations ``zs`` (L tensors
     of (N, H)), both cast back to ``x.dtype``.
     """
     L = n_hidden_of(params, c is not None)
-    acc = _acc(x)
+    acc = _acc(x, upcast)
     w = [p.to(acc) for p in params]
     z = torch.addmm(w[1], x.to(acc), w[0].t())
     i = 2
@@ -75,8 +87,10 @@ def synth_update_ref(
     g: Tensor,
     scale: float,
     grad_scale: Optional[Tensor] = None,
+    upcast: bool = True,
 ) -> Tuple[Tuple[Tensor, ...], Tensor]:
-    """Regression loss and every synthesizer parameter gradient, in fp32.
+    """Regression loss and every synthesizer parameter gradient, in fp32
+    (``s``'s dtype with ``upcast=False``; the partial sums are fp32 always).
 
     ``grad_scale`` is an optional 0-dim tensor on ``s``'s device that multiplies
     ``scale`` (the incoming gradient of a loss node); read on the device, so the
@@ -90,10 +104,12 @@ def synth_update_ref(
       between ``s`` and ``g`` follow.
     """
     L = n_hidden_of(params, c is not None)
-    acc = _acc(s)
+    acc = _acc(s, upcast)
     sf, gf = s.to(acc), g.to(acc)
+    s32, g32 = s.to(_acc(s)), g.to(_acc(s))
+    d32 = s32 - g32
+    partials = torch.stack([(d32 * d32).sum(), (s32 * g32).sum(), (s32 * s32).sum(), (g32 * g32).sum()]).float()
     diff = sf - gf
-    partials = torch.stack([(diff * diff).sum(), (sf * gf).sum(), (sf * sf).sum(), (gf * gf).sum()]).float()
     d = diff * scale
     if grad_scale is not None:
         d = d * grad_scale.to(acc)
@@ -125,6 +141,7 @@ def synth_pipelined_ref(
     s_prev: Tensor,
     g_prev: Tensor,
     scale: float,
+    upcast: bool = True,
 ) -> Tuple[Tensor, Tuple[Tensor, ...], Tuple[Tensor, ...], Tensor]:
     """The pipelined step: step t+1's forward and step t's update, with the
     weights as they are now. Step t's update uses its saved ``s_prev`` and
@@ -133,6 +150,6 @@ def synth_pipelined_ref(
 
     Returns ``(s, zs, grads_prev, partials_prev)``.
     """
-    s, zs = synth_forward_ref(x, c, params)
-    grads, partials = synth_update_ref(x_prev, c_prev, params, zs_prev, s_prev, g_prev, scale)
+    s, zs = synth_forward_ref(x, c, params, upcast=upcast)
+    grads, partials = synth_update_ref(x_prev, c_prev, params, zs_prev, s_prev, g_prev, scale, upcast=upcast)
     return s, zs, grads, partials

@@ -6,6 +6,7 @@ import torch
 
 import dni_fast as dni
 from benchmarks import harness as bench
+from dni_fast.timing import time_many
 from dni_fast.__main__ import main
 
 
@@ -45,7 +46,7 @@ def test_bench_rows_csv_and_auto_table(tmp_path, capsys):
 def test_time_many_interleaves_the_callables():
     order = []
     fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
-    t = bench.time_many(fns, torch.device("cpu"), min_run_time=0.01)
+    t = time_many(fns, torch.device("cpu"), min_run_time=0.01)
     assert set(t) == set("abc") and all(0 < v["p20"] <= v["ms"] <= v["p80"] for v in t.values())
     # after the warm-up, blocks of each callable alternate round by round
     switches = sum(1 for x, y in zip(order, order[1:]) if x != y)

@@ -317,28 +317,17 @@ def fit_classifier(model: nn.Module, data, *, epochs: int, batch_size: int, lr: 
     }
 
 
-def time_steps(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, *, steps: int,
-               warmup: int = 5, lr: float = 1e-3) -> float:
-    """Milliseconds per training step (forward, backward, Adam) of a fresh
-    ``make_model()`` on one fixed batch, median of three timed blocks."""
-    model = make_model()
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3) -> Callable[[], None]:
+    """One training step (forward, backward, Adam) of ``model`` on a fixed batch, as a callable to time."""
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 
-    def run(n: int) -> None:
-        for _ in range(n):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x, y), y).backward()
-            opt.step()
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x, y), y).backward()
+        opt.step()
 
-    run(warmup)
-    times = []
-    block = max(steps // 3, 1)
-    for _ in range(3):
-        t0 = time.perf_counter()
-        run(block)
-        times.append((time.perf_counter() - t0) * 1000.0 / block)
-    return sorted(times)[1]
+    return step
 
 
 def load_image_data(args: argparse.Namespace):
