@@ -142,3 +142,34 @@ def test_import_loads_neither_extension_nor_kernels_nor_harness_nor_loaders():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+# -- the README's code runs as written -----------------------------------------------------------
+def _readme_python_blocks():
+    text = (REPO / "README.md").read_text()
+    blocks, inside, cur = [], False, []
+    for line in text.splitlines():
+        if line.startswith("```python"):
+            inside, cur = True, []
+        elif line.startswith("```") and inside:
+            inside = False
+            blocks.append("\n".join(cur))
+        elif inside:
+            cur.append(line)
+    return blocks
+
+
+def test_readme_equivalence_example_runs():
+    """The README's compare_backends / compare_training example, with its exact
+    ``step(model, i)`` signature, on the registered test backend."""
+    block = next(b for b in _readme_python_blocks() if "compare_training" in b)
+    exec(compile(block.replace('backend="cpp"', 'backend="primref"'), "README.md", "exec"), {})
+
+
+def test_readme_setup_block_has_two_one_line_commands():
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Set-up")
+    block = text[text.index("```bash", start):].split("```")[1].splitlines()[1:]
+    i1 = next(i for i, l in enumerate(block) if l.startswith("# 1."))
+    i2 = next(i for i, l in enumerate(block) if l.startswith("# 2."))
+    assert block[i1 + 1].startswith("pip install") and "pytest" in block[i2 + 1]
