@@ -8,7 +8,7 @@
 # It must fit one device command (10 minutes), so the phases run against a
 # deadline, most valuable first, and each writes its results as it goes:
 #   1. build (DNI_FAST_FORCE_CUDA=TRUE);
-#   2. the headline benchmark, DESIGN §5: B=256, D=H=1024 in fp32, TF32 and
+#   2. the headline benchmark, docs/design.md §5: B=256, D=H=1024 in fp32, TF32 and
 #      bf16, every provider with torch.compile and the floor, then the MLP;
 #   3. the test suite on the GPU. The Triton kernels use one fixed tile config
 #      (DNI_FAST_TRITON_AUTOTUNE=0): autotuning every odd test shape would

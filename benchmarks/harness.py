@@ -13,7 +13,7 @@ CPU every provider of one size (and the floor's parts) runs interleaved, block
 by block, and reports the median block (``time_many``); GPU times use
 ``triton.testing.do_bench`` quantiles (20/50/80).
 
-Definitions (DESIGN §5):
+Definitions (docs/design.md §5):
 
 * the **interface step** is ``Linear(D, D)`` then
   ``BackwardInterface(BasicSynthesizer(D, n_hidden=1, hidden_dim=H))`` and the
@@ -137,9 +137,10 @@ def five_products(B: int, D: int, H: int, dtype: torch.dtype, device: torch.devi
 
 class MLP(nn.Module):
     """784-256x6-10 with BatchNorm and ReLU; a BackwardInterface after each of
-    the first five hidden layers when ``backend`` is not None (DESIGN §5)."""
+    the first five hidden layers when ``backend`` is not None (docs/design.md §5)."""
 
-    def __init__(self, backend: Optional[str], width: int = 256, depth: int = 6, n_dni: int = 5):
+    def __init__(self, backend: Optional[str], width: int = 256, depth: int = 6, n_dni: int = 5,
+                 overlap: bool = False):
         super().__init__()
         layers: List[nn.Module] = []
         d = 784
@@ -147,7 +148,7 @@ class MLP(nn.Module):
             layers += [nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU()]
             if backend is not None and i < n_dni:
                 layers.append(dni.BackwardInterface(dni.BasicSynthesizer(width, n_hidden=1), backend=backend,
-                                                    track_stats=False))
+                                                    track_stats=False, overlap=overlap))
             d = width
         layers.append(nn.Linear(d, 10))
         self.net = nn.Sequential(*layers)
@@ -156,9 +157,15 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+OVERLAP = "+overlap"  # provider suffix: the same backend with drop-in overlap (dni.overlap)
+
+
 def mlp_step(provider: str, B: int, device: torch.device) -> Callable[[], None]:
+    """One training step of the MLP; ``provider`` is ``backprop``, a backend
+    name, or a backend name + ``+overlap``."""
     torch.manual_seed(0)
-    model = MLP(None if provider == "backprop" else provider).to(device)
+    backend, overlap = (provider[: -len(OVERLAP)], True) if provider.endswith(OVERLAP) else (provider, False)
+    model = MLP(None if backend == "backprop" else backend, overlap=overlap).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(B, 784, device=device)
     y = torch.randint(0, 10, (B,), device=device)
@@ -278,32 +285,46 @@ def mlp_synth_floor(B: int, device: torch.device, n_dni: int = 5, width: int = 2
             for f in prods:
                 f()
 
+    def forward_products():  # what stays on the main path with drop-in overlap
+        for _ in range(n_dni):
+            prods[0]()
+            prods[1]()
+
     synths = [dni.BasicSynthesizer(width, n_hidden=1).to(device) for _ in range(n_dni)]
     params = [p for s in synths for p in s.parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
     opt = torch.optim.Adam(params, lr=1e-3)
-    return {"synth_products": products, "synth_adam": opt.step}
+    return {"synth_products": products, "synth_forward_products": forward_products, "synth_adam": opt.step}
 
 
-def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_time: float = 1.0) -> List[Row]:
-    """The DESIGN §5 MLP per provider, against plain backprop, measured side by
-    side. ``floor_ms`` is backprop plus what the synthesizers cannot avoid
-    (``mlp_synth_floor``), each timed alone in the same run."""
+def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_time: float = 1.0,
+              overlap: bool = False) -> List[Row]:
+    """The docs/design.md §5 MLP per provider, against plain backprop, measured
+    side by side. ``floor_ms`` is backprop plus what the synthesizers cannot
+    avoid (``mlp_synth_floor``), each timed alone in the same run. With
+    ``overlap``, every backend also runs with drop-in overlap (``<b>+overlap``),
+    whose floor is backprop plus what stays on the main path: the synthesizers'
+    forward products and Adam over their parameters."""
     names = ["backprop"] + [p for p in providers if p != "torch.compile"]
+    if overlap:
+        names += [p + OVERLAP for p in providers if p != "torch.compile"]
     fns: Dict[str, Callable[[], object]] = {p: mlp_step(p, B, device) for p in names}
     fns.update(mlp_synth_floor(B, device))
     t = time_many(fns, device, min_run_time)
     base = t["backprop"]["ms"]
     floor = base + t["synth_products"]["ms"] + t["synth_adam"]["ms"]
+    overlap_floor = base + t["synth_forward_products"]["ms"] + t["synth_adam"]["ms"]
     ref = t["reference"]["ms"] if "reference" in t else None
     rows: List[Row] = []
     for p in names:
         tp = t[p]
+        fl = overlap_floor if p.endswith(OVERLAP) else floor
         rows.append(Row("mlp", p, B, 256, 256, "float32", torch.get_num_threads(), False, tp["ms"], tp["p20"],
-                        tp["p80"], ratio=(ref / tp["ms"]) if ref else float("nan"), floor_ms=floor,
-                        extra={"vs_backprop": tp["ms"] / base, "floor_vs_backprop": floor / base,
+                        tp["p80"], ratio=(ref / tp["ms"]) if ref else float("nan"), floor_ms=fl,
+                        extra={"vs_backprop": tp["ms"] / base, "floor_vs_backprop": fl / base,
                                "synth_products_ms": t["synth_products"]["ms"],
+                               "synth_forward_products_ms": t["synth_forward_products"]["ms"],
                                "synth_adam_ms": t["synth_adam"]["ms"]}))
     return rows
 

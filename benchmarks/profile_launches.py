@@ -4,7 +4,7 @@
 
 On CUDA it lists every kernel (and memcpy/memset) launched by one synchronous
 interface step per provider, and by one pipelined step, so the fused paths'
-launch counts (DESIGN §3: one for the forward and injection, one for the
+launch counts (docs/design.md §3: one for the forward and injection, one for the
 regression and update) can be read off directly. On the CPU it prints the
 Triton launch counter of the interpreter instead (the profiler sees no kernels).
 """

@@ -26,6 +26,7 @@ from dni_fast.interfaces import (
     name_interfaces,
     set_check_finite,
 )
+from dni_fast._overlap import get_overlap, overlap, set_overlap, synchronize
 from dni_fast.synthesizer import BasicSynthesizer
 
 __version__ = "0.2.0"
@@ -34,5 +35,6 @@ __all__ = [
     "BasicSynthesizer", "UnidirectionalInterface", "ForwardInterface", "BackwardInterface", "BidirectionalInterface",
     "synthesizer_context", "defer_backward", "backward", "current_context",
     "BACKENDS", "BackendUnavailableError", "available_backends", "backend_status", "get_backend", "set_backend",
-    "use_backend", "set_check_finite", "get_check_finite", "name_interfaces", "__version__",
+    "use_backend", "set_check_finite", "get_check_finite", "name_interfaces",
+    "overlap", "set_overlap", "get_overlap", "synchronize", "__version__",
 ]

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from dni_fast import _overlap
 from dni_fast._autocast import no_autocast
 from dni_fast._manager import backward as _backward
 from dni_fast._manager import current_context, is_deferring
@@ -73,6 +74,10 @@ class _Runtime:
     def __init__(self) -> None:
         self.steps = 0  # injections attempted (drives the warm-up); see n_steps
         self.last_backend: Optional[str] = None
+
+
+def _synchronize_hook(module, prefix, keep_vars) -> None:
+    _overlap._synchronize_quietly()
 
 
 class _FiniteGuard(torch.autograd.Function):
@@ -138,7 +143,8 @@ class UnidirectionalInterface(nn.Module):
 
     # -- statistics --------------------------------------------------------
     def stats(self) -> dict:
-        """The regression statistics since the last reset (``SynthStats.read``:
+        """The regression statistics since the last reset (``SynthStats.read``, which
+        first waits for the overlap worker's pending rows:
         last and mean ``loss``, ``cos``, ``rel_err``, ``s_norm``, ``g_norm``;
         ``count``; ``nonfinite``), plus ``backend``: the backend of the last
         step. Reading syncs with the device; recording never does."""
@@ -272,18 +278,38 @@ class BackwardInterface(UnidirectionalInterface):
             uses ``S`` as computed at step t and the weights as they are when it
             runs. Needs a ``BasicSynthesizer``. Call ``flush()`` after the last
             step to deliver the last pending update.
+        overlap: run the synthesizer's regression update off the main path
+            (``dni_fast/_overlap.py``: a worker thread on the CPU, a side stream
+            on a GPU); its gradients are complete at the next synchronisation
+            point (``dni.synchronize()``, an optimizer's ``step()`` or
+            ``zero_grad()``, ``state_dict()``). ``None``: the global
+            ``dni.overlap()`` / ``dni.set_overlap()``.
     """
 
     def __init__(self, synthesizer: nn.Module, backend: Optional[str] = None, warmup_steps: int = 0,
                  track_stats: bool = True, pipelined: bool = False, check_finite: Optional[bool] = None,
-                 name: Optional[str] = None) -> None:
+                 name: Optional[str] = None, overlap: Optional[bool] = None) -> None:
         super().__init__(synthesizer, backend=backend, warmup_steps=warmup_steps, track_stats=track_stats,
                          check_finite=check_finite, name=name)
         if pipelined and not isinstance(synthesizer, BasicSynthesizer):
             raise TypeError("BackwardInterface(pipelined=True) needs a BasicSynthesizer; custom synthesizers run "
                             "through autograd, which cannot split the update from its own forward")
+        if pipelined and overlap:
+            raise ValueError("BackwardInterface: pipelined=True and overlap=True cannot be combined: the pipelined "
+                             "mode already runs the update in the next step's fused call")
         self.pipelined = pipelined
+        self.overlap = overlap
+        if overlap:
+            _overlap._install_hooks()
         self._pending: Optional[dict] = None
+        # state_dict() is a synchronisation point (a module-level hook: models must stay picklable)
+        self.register_state_dict_pre_hook(_synchronize_hook)
+
+    def _overlapping(self) -> bool:
+        """Whether this step's update goes to the overlap worker."""
+        ov = self.overlap if self.overlap is not None else _overlap.get_overlap()
+        # Under DDP the reducer must see every gradient within the backward it prepares: run inline.
+        return ov and not self.pipelined and not _overlap.inside_ddp_forward()
 
     @torch.compiler.disable  # a host-side counter: torch.compile must not guard on (and recompile for) it
     def _take_injection(self, trigger: Tensor) -> bool:
@@ -310,7 +336,8 @@ class BackwardInterface(UnidirectionalInterface):
         check = self._checking()
         now = inject and not check and not is_deferring()  # else injected below, after the check
         out, s = engine.trigger(self._modules["synthesizer"], trigger.detach(), current_context(),
-                                self._stats_sink(), BACKWARD_LOSS.scale(trigger.shape), trigger if now else None)
+                                self._stats_sink(), BACKWARD_LOSS.scale(trigger.shape), trigger if now else None,
+                                self._overlapping())
         if check:
             self._check_synthetic(s)
             out = _FiniteGuard.apply(self, self._rt.steps, out)
@@ -348,7 +375,8 @@ class BackwardInterface(UnidirectionalInterface):
         if trigger.numel() == 0:
             return trigger
         out, s = self._engine(trigger).trigger(self._modules["synthesizer"], trigger, current_context(),
-                                               self._stats_sink(), BACKWARD_LOSS.scale(trigger.shape), None)
+                                               self._stats_sink(), BACKWARD_LOSS.scale(trigger.shape), None,
+                                               self._overlapping())
         if self._checking():
             self._check_synthetic(s)
             out = _FiniteGuard.apply(self, self._rt.steps, out)
@@ -444,13 +472,14 @@ class BidirectionalInterface(nn.Module):
 
     def __init__(self, forward_synthesizer: nn.Module, backward_synthesizer: nn.Module,
                  backend: Optional[str] = None, warmup_steps: int = 0, track_stats: bool = True,
-                 check_finite: Optional[bool] = None, name: Optional[str] = None) -> None:
+                 check_finite: Optional[bool] = None, name: Optional[str] = None,
+                 overlap: Optional[bool] = None) -> None:
         super().__init__()
         self.forward_interface = ForwardInterface(forward_synthesizer, backend=backend, track_stats=track_stats,
                                                   check_finite=check_finite)
         self.backward_interface = BackwardInterface(backward_synthesizer, backend=backend,
                                                     warmup_steps=warmup_steps, track_stats=track_stats,
-                                                    check_finite=check_finite)
+                                                    check_finite=check_finite, overlap=overlap)
         self.name = name or f"{type(self).__name__}#{next(_ids)}"
 
     def __setattr__(self, key, value):

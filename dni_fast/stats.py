@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -13,6 +13,10 @@ __all__ = ["SynthStats", "partials_of"]
 # is sum(S^2): never negative, and NaN or inf when S is not finite, so a written
 # row never reads as unwritten (a NaN fill would, for a NaN step).
 _UNWRITTEN = -1.0
+
+#: Called before the rows are read (set by dni_fast.overlap: wait until the
+#: worker has written the rows of the updates it is computing).
+before_read: Optional[Callable[[], None]] = None
 
 
 def partials_of(s: Tensor, g: Tensor) -> Tensor:
@@ -69,6 +73,8 @@ class SynthStats:
         n = len(self._scales)
         if n == 0 or self._ring is None:
             return
+        if before_read is not None:
+            before_read()
         p = self._ring[:n].double()
         half = torch.tensor(self._scales, dtype=torch.float64).to(p.device, non_blocking=True) * 0.5
         written = p[:, 2] != _UNWRITTEN

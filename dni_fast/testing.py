@@ -1,6 +1,6 @@
 """Numerical-equivalence checks between backends, for users and for our tests.
 
-* ``assert_close``: dtype-aware tolerances (DESIGN §6), scale-relative atol,
+* ``assert_close``: dtype-aware tolerances (docs/design.md §6), scale-relative atol,
   and a failure report with the max and mean error, the mismatch count and
   the first mismatches.
 * ``assert_lowp_close``: flash-attention's rule for fp16/bf16: the fast path's
@@ -161,7 +161,7 @@ def compare_training(make_model: Callable[[], nn.Module], step: Callable[[nn.Mod
                      max_rel: float = 1e-4) -> Report:
     """Train ``make_model()`` for ``steps`` steps of SGD (no momentum) on
     ``reference`` and on ``backend`` from one seed and compare every parameter
-    by relative norm ``|a - e| / |e| <= max_rel`` (1e-4 in fp32, DESIGN §6).
+    by relative norm ``|a - e| / |e| <= max_rel`` (1e-4 in fp32, docs/design.md §6).
 
     ``step(model, i)`` runs the forward pass and any backward calls of step
     ``i`` (the interfaces' own happen inside the forward); ``compare_training``

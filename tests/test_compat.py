@@ -245,7 +245,7 @@ def test_to_float64_and_back_round_trip(backend):
 
 def test_to_bfloat16(backend):
     """A model cast to bf16 (no autocast) runs and matches the bf16 reference
-    under the low-precision rule (DESIGN section 6)."""
+    under the low-precision rule (docs/design.md §6)."""
     net = _make()
     x, y = _batch(1)
     exp32 = _oracle_grads(net, x, y)
@@ -261,7 +261,7 @@ def test_to_bfloat16(backend):
 def test_bf16_autocast_matches_reference_under_the_lowp_rule(backend):
     """bf16 autocast with fp32 weights, every interface kind: the backend's
     gradients against fp32 are at most 2x as far as the reference's own
-    autocast run (DESIGN section 6)."""
+    autocast run (docs/design.md §6)."""
 
     class Net(nn.Module):
         def __init__(self):

@@ -53,7 +53,9 @@ class Backend:
     * :meth:`receive` -> ``S (*, Do)``, detached;
     * :meth:`trigger` -> ``(out, S)``: ``out`` is the pass-through tensor whose
       backward regresses ``S`` on the true gradient with the given ``scale``;
-      ``S`` is injected into ``inject_into``'s graph when that is given;
+      ``S`` is injected into ``inject_into``'s graph when that is given; with
+      ``overlap`` the regression's products go to the overlap worker
+      (``dni_fast/_overlap.py``) instead of running in the backward;
     * :meth:`send` -> ``(loss, S)``: the forward regression of ``S`` on a
       message; ``loss`` (or ``None``) is what to backpropagate;
     * :attr:`primitives`: for the pipelined mode and the op tests.
@@ -111,7 +113,7 @@ class Backend:
         raise NotImplementedError
 
     def trigger(self, synth: nn.Module, trigger: Tensor, context: Any, stats: Optional[SynthStats], scale: float,
-                inject_into: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                inject_into: Optional[Tensor], overlap: bool = False) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def send(self, synth: nn.Module, trigger: Tensor, context: Any, message: Tensor, stats: Optional[SynthStats],

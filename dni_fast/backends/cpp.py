@@ -33,7 +33,9 @@ class CppBackend(FusedBackend):
         self._step = C.trigger_step
         return Primitives(C.synth_forward, C.synth_update, C.synth_pipelined)
 
-    def trigger(self, synth, trigger, context, stats, scale, inject_into):
+    def trigger(self, synth, trigger, context, stats, scale, inject_into, overlap=False):
+        if overlap:  # the native step runs its update inside C++'s backward: defer it through the Python glue
+            return super().trigger(synth, trigger, context, stats, scale, inject_into, overlap=True)
         x, c = flatten_inputs(synth, trigger, context)
         slot = None if stats is None else stats.reserve(scale, trigger.device)
         step = self.__dict__.get("_step") or (self.primitives and self._step)

@@ -21,6 +21,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from dni_fast import _overlap
 from dni_fast._autocast import compute_dtype, no_autocast
 from dni_fast._manager import backward as _backward
 from dni_fast.backends.base import Backend, Primitives
@@ -68,11 +69,12 @@ class _TriggerUpdate(torch.autograd.Function):
     fused call turns ``scale * (S - g)`` into every parameter gradient."""
 
     @staticmethod
-    def forward(ctx, prims: Primitives, stats: Optional[SynthStats], scale: float, trigger: Tensor, x: Tensor,
-                c: Optional[Tensor], *params: Tensor):
+    def forward(ctx, prims: Primitives, stats: Optional[SynthStats], scale: float, overlap: bool, trigger: Tensor,
+                x: Tensor, c: Optional[Tensor], *params: Tensor):
         with no_autocast(x):
             s, zs = prims.forward(x, c, list(params))
         ctx.prims, ctx.stats, ctx.scale, ctx.has_c, ctx.n_z = prims, stats, scale, c is not None, len(zs)
+        ctx.overlap = overlap
         ctx.save_for_backward(x, *(() if c is None else (c,)), s, *zs, *params)
         # Mark the tensor that is returned (a view of s), not s itself: else the
         # message carries a graph and backward gets a zero-filled gradient for it.
@@ -87,10 +89,26 @@ class _TriggerUpdate(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])
         if g2.dtype != s.dtype:
             g2 = g2.to(s.dtype)
-        grads, partials = ctx.prims.update(x, c, params, zs, s, g2, ctx.scale, None)
+        g_in = g if ctx.needs_input_grad[4] else None
+        prims, scale = ctx.prims, ctx.scale
+        if ctx.overlap:
+            # Overlap: the fused update runs on the worker; its statistics row is
+            # reserved here, in order, and written by the worker.
+            row = None if ctx.stats is None else ctx.stats.reserve(scale, s.device)
+
+            def compute():
+                with torch.no_grad():
+                    grads, partials = prims.update(x, c, params, zs, s, g2, scale, None)
+                if row is not None:
+                    row.copy_(partials)
+                return grads
+
+            _overlap.submit(compute, params, (x, c, s, g2, *zs, *params), s.device)
+            return (None, None, None, None, g_in, None, None, *([None] * len(params)))
+        grads, partials = prims.update(x, c, params, zs, s, g2, scale, None)
         if ctx.stats is not None:
-            ctx.stats.record(partials, ctx.scale)
-        return (None, None, None, g if ctx.needs_input_grad[3] else None, None, None, *grads)
+            ctx.stats.record(partials, scale)
+        return (None, None, None, None, g_in, None, None, *grads)
 
 
 class _SendRegression(torch.autograd.Function):
@@ -156,9 +174,9 @@ class FusedBackend(Backend):
             s, _ = self.primitives.forward(x, c, [p.detach() for p in synth.flat_params()])
         return s.view(*trigger.shape[:-1], s.shape[-1])
 
-    def trigger(self, synth, trigger, context, stats, scale, inject_into):
+    def trigger(self, synth, trigger, context, stats, scale, inject_into, overlap=False):
         x, c = flatten_inputs(synth, trigger, context)
-        out, s = _TriggerUpdate.apply(self.primitives, stats, scale, trigger, x, c, *synth.flat_params())
+        out, s = _TriggerUpdate.apply(self.primitives, stats, scale, overlap, trigger, x, c, *synth.flat_params())
         if inject_into is not None:
             _backward(inject_into, s)
         return out, s

@@ -12,6 +12,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from dni_fast import _overlap
 from dni_fast._manager import backward as _backward
 from dni_fast.backends.base import Backend, Primitives
 from dni_fast.regression import RegressionLoss
@@ -31,8 +32,12 @@ class _RefUpdater(torch.autograd.Function):
     synthesizer's graph."""
 
     @staticmethod
-    def forward(ctx, stats: Optional[SynthStats], scale: float, trigger: Tensor, s: Tensor) -> Tensor:
-        ctx.stats, ctx.scale = stats, scale
+    def forward(ctx, stats: Optional[SynthStats], scale: float, overlap, trigger: Tensor, s: Tensor,
+                anchor: Optional[Tensor]) -> Tensor:
+        # overlap: None, or (params, S with its graph). S is then not an input
+        # (the main backward must neither traverse nor free its graph: the
+        # worker backpropagates through it).
+        ctx.stats, ctx.scale, ctx.overlap = stats, scale, overlap
         ctx.save_for_backward(s)
         return trigger.clone()
 
@@ -41,7 +46,19 @@ class _RefUpdater(torch.autograd.Function):
         (s,) = ctx.saved_tensors
         if ctx.stats is not None:
             ctx.stats.record(partials_of(s, g), ctx.scale)
-        return None, None, (g if ctx.needs_input_grad[2] else None), ctx.scale * (s - g)
+        g_in = g if ctx.needs_input_grad[3] else None
+        delta = ctx.scale * (s - g)
+        if ctx.overlap is None:
+            return None, None, None, g_in, delta, None
+        # Overlap: the synthesizer's own backward (the products for its
+        # parameter gradients) runs on the worker; the main backward goes on.
+        params, s_graph = ctx.overlap
+
+        def compute():
+            return torch.autograd.grad(s_graph, params, delta, retain_graph=True, allow_unused=True)
+
+        _overlap.submit(compute, params, (s_graph, delta), s.device)
+        return None, None, None, g_in, None, None
 
 
 class ReferenceBackend(Backend):
@@ -68,13 +85,18 @@ class ReferenceBackend(Backend):
         with torch.no_grad():
             return synth(trigger.detach(), _detached(context))
 
-    def trigger(self, synth, trigger, context, stats, scale, inject_into):
+    def trigger(self, synth, trigger, context, stats, scale, inject_into, overlap=False):
         s = self._synth_graph(synth, trigger, context)
         if inject_into is not None:
             _backward(inject_into, s.detach())
         if not s.requires_grad:  # frozen synthesizer: nothing to update
             return trigger, s.detach()
-        return _RefUpdater.apply(stats, scale, trigger, s), s.detach()
+        if overlap:
+            ov = ([p for p in synth.parameters() if p.requires_grad], s)
+            # A 0-element leaf stands in for S as the input that makes the output require grad.
+            anchor = s.new_empty(0).requires_grad_()
+            return _RefUpdater.apply(stats, scale, ov, trigger, s.detach(), anchor), s.detach()
+        return _RefUpdater.apply(stats, scale, None, trigger, s, None), s.detach()
 
     def send(self, synth, trigger, context, message, stats, loss: RegressionLoss, scale):
         s = self._synth_graph(synth, trigger, context)

@@ -1,0 +1,289 @@
+"""Drop-in overlap: the synthesizer's regression update off the main path.
+
+With ``dni.overlap()`` (or ``dni.set_overlap(True)``, or
+``BackwardInterface(..., overlap=True)``), when a true gradient reaches a
+``BackwardInterface`` its regression update, the products that give every
+synthesizer parameter gradient, is handed to a worker: a thread on the CPU
+(running with ``max(1, torch.get_num_threads() // 2)`` intra-op threads), the
+same thread launching on a side CUDA stream on a GPU (ordered with events,
+no host sync). The main path goes on at once: the layers below backpropagate,
+the next layers run their forward.
+
+The worker only computes. Its gradients reach ``.grad`` through autograd (a
+node whose backward returns them, run on the caller's thread) at the next
+*synchronisation point*, all of them or none:
+
+* ``dni.synchronize()``;
+* any optimizer's ``step()`` (a global ``register_optimizer_step_pre_hook``,
+  so optimizers made before ``overlap()`` are covered);
+* ``torch.optim.Optimizer.zero_grad`` and ``torch.nn.Module.zero_grad``
+  (wrapped once, the first time overlap is used; a subclass that overrides
+  ``zero_grad`` without calling the base is not covered);
+* ``state_dict()`` of a module that holds an overlapped interface;
+* reading an interface's ``stats()``.
+
+A raw ``.grad`` read needs ``dni.synchronize()`` first. Under
+``DistributedDataParallel`` (detected during its forward) the update runs
+inline instead, so that the reducer sees every gradient in its backward.
+
+The result equals the run without overlap: the same operations on the same
+tensors, the gradients delivered in the order the updates arose (bit for bit
+on the CPU when the worker runs with the same intra-op thread count as the
+caller, e.g. at one thread; a synthesizer updated several times within one
+backward pass may differ in the rounding of the sum). An exception on the
+worker is raised, with its original traceback, at the next synchronisation
+point; nothing from the failed batch of updates is delivered.
+"""
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["overlap", "set_overlap", "get_overlap", "synchronize", "pending", "discard", "OverlapError"]
+
+
+class OverlapError(RuntimeError):
+    """Misuse of overlapped execution (e.g. synchronising inside ``defer_backward``)."""
+
+
+# ---------------------------------------------------------------------------
+# The switch
+# ---------------------------------------------------------------------------
+class _Switch(threading.local):
+    def __init__(self) -> None:
+        self.stack: List[bool] = []
+
+
+_switch = _Switch()
+_default = False
+
+
+def get_overlap() -> bool:
+    """Whether overlap is on for interfaces without their own ``overlap=`` (this thread)."""
+    return _switch.stack[-1] if _switch.stack else _default
+
+
+def set_overlap(enabled: bool) -> None:
+    """Turn overlap on or off process-wide (``overlap()`` scopes override it).
+    Turning it off synchronises first."""
+    global _default
+    if not enabled:
+        synchronize()
+    _default = bool(enabled)
+    if enabled:
+        _install_hooks()
+
+
+@contextlib.contextmanager
+def overlap(enabled: bool = True):
+    """Run the synthesizer updates of every ``BackwardInterface`` without its
+    own ``overlap=`` off the main path within the scope (this thread). The
+    scope ends with ``dni.synchronize()``: every gradient is complete after it."""
+    _switch.stack.append(bool(enabled))
+    if enabled:
+        _install_hooks()
+    try:
+        yield
+    except BaseException:
+        _switch.stack.pop()
+        discard()  # the step failed: its updates must not land in the next one
+        raise
+    _switch.stack.pop()
+    synchronize()
+
+
+# ---------------------------------------------------------------------------
+# The worker
+# ---------------------------------------------------------------------------
+class _Job:
+    __slots__ = ("compute", "params", "done", "grads", "error", "threads", "cuda")
+
+    def __init__(self, compute: Callable[[], Sequence[Optional[Tensor]]], params: Sequence[Tensor], threads: int,
+                 cuda: Optional[dict]) -> None:
+        self.compute, self.params, self.threads, self.cuda = compute, list(params), threads, cuda
+        self.done = threading.Event()
+        self.grads: Optional[Sequence[Optional[Tensor]]] = None
+        self.error: Optional[BaseException] = None
+
+
+class _Worker:
+    """One daemon thread running jobs in submission order."""
+
+    def __init__(self) -> None:
+        self._q: "queue.Queue[_Job]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self.pending: List[_Job] = []  # submitted, not yet delivered; owned by the callers' threads
+        self._streams: dict = {}
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="dni_fast-overlap", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            try:
+                # Intra-op threads are per thread, but torch.set_num_threads on
+                # another thread can change this one's too: check every job.
+                if torch.get_num_threads() != job.threads:
+                    torch.set_num_threads(job.threads)
+                if job.cuda is None:
+                    job.grads = job.compute()
+                else:
+                    c = job.cuda
+                    with torch.cuda.device(c["device"]), torch.cuda.stream(c["stream"]):
+                        c["stream"].wait_event(c["ready"])
+                        job.grads = job.compute()
+                        c["done"].record(c["stream"])
+            except BaseException as e:  # surfaces in the caller at the next synchronisation point
+                job.error = e
+            finally:
+                job.done.set()
+
+    def side_stream(self, device: torch.device):
+        s = self._streams.get(device.index)
+        if s is None:
+            s = self._streams[device.index] = torch.cuda.Stream(device)
+        return s
+
+    def submit(self, job: _Job) -> None:
+        with self._lock:
+            self.pending.append(job)
+            self._ensure_thread()
+        self._q.put(job)
+
+    def wait(self) -> None:
+        """Block until every submitted job has been computed (no delivery)."""
+        with self._lock:
+            jobs = list(self.pending)
+        for job in jobs:
+            while not job.done.wait(1.0):
+                if self._thread is None or not self._thread.is_alive():  # cannot happen short of interpreter exit
+                    raise OverlapError("dni_fast: the overlap worker thread died with updates pending")
+
+    def take(self) -> List[_Job]:
+        with self._lock:
+            jobs, self.pending = self.pending, []
+        return jobs
+
+
+_worker = _Worker()
+
+
+def pending() -> int:
+    """Updates computed or in flight, not yet delivered to ``.grad``."""
+    return len(_worker.pending)
+
+
+def submit(compute: Callable[[], Sequence[Optional[Tensor]]], params: Sequence[Tensor], inputs: Sequence[Tensor],
+           device: torch.device) -> None:
+    """Hand ``compute() -> grads`` (one per entry of ``params``, ``None`` for
+    none) to the worker. ``inputs``: the tensors it reads, kept alive for it
+    (and, on CUDA, marked as used on its stream)."""
+    cuda = None
+    if device.type == "cuda":
+        stream = _worker.side_stream(device)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(device))
+        for t in inputs:  # the caching allocator must not reuse them while the side stream reads them
+            if isinstance(t, Tensor) and t.is_cuda:
+                t.record_stream(stream)
+        cuda = {"device": device, "stream": stream, "ready": ready, "done": torch.cuda.Event()}
+    # the caller's intra-op thread count, halved: the worker shares the cores with it
+    _worker.submit(_Job(compute, params, max(1, torch.get_num_threads() // 2), cuda))
+
+
+def discard() -> None:
+    """Drop every pending update (after waiting for the worker to finish them)."""
+    if _worker.pending:
+        _worker.wait()
+        _worker.take()
+
+
+def wait_computed() -> None:
+    """Block until the worker has computed every submitted update (statistics rows included)."""
+    if _worker.pending:
+        _worker.wait()
+
+
+def synchronize() -> None:
+    """Complete every synthesizer gradient: wait for the worker and deliver its
+    gradients through autograd, in submission order. Raises the worker's first
+    exception (with its traceback) instead, delivering none of the pending
+    updates. A no-op when nothing is pending."""
+    if not _worker.pending:
+        return
+    from dni_fast._manager import is_deferring
+
+    if is_deferring():
+        raise OverlapError("dni_fast: cannot synchronise overlapped updates inside defer_backward: the deferred "
+                           "backward has not run yet, so the gradients it will produce cannot be complete; "
+                           "synchronise (or step the optimizer) after the defer_backward scope")
+    _worker.wait()
+    jobs = _worker.take()
+    failed = next((j for j in jobs if j.error is not None), None)
+    if failed is not None:
+        raise failed.error
+    from dni_fast.backends.fused import grad_carrier
+
+    for job in jobs:
+        if job.cuda is not None:
+            torch.cuda.current_stream(job.cuda["device"]).wait_event(job.cuda["done"])
+        live = [(g, p) for g, p in zip(job.grads, job.params) if g is not None and p.requires_grad]
+        if not live:
+            continue
+        with torch.enable_grad():
+            carrier = grad_carrier([g for g, _ in live], [p for _, p in live])
+        carrier.backward()
+
+
+def _synchronize_quietly(*_args, **_kwargs) -> None:
+    if _worker.pending:
+        synchronize()
+
+
+# ---------------------------------------------------------------------------
+# Synchronisation points (installed once, the first time overlap is used)
+# ---------------------------------------------------------------------------
+_hooks_installed = False
+
+
+def _install_hooks() -> None:
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    register_optimizer_step_pre_hook(lambda opt, args, kwargs: _synchronize_quietly())
+
+    def wrap(cls):
+        orig = cls.zero_grad
+
+        def zero_grad(self, *args, **kwargs):
+            _synchronize_quietly()
+            return orig(self, *args, **kwargs)
+
+        zero_grad.__doc__ = orig.__doc__
+        zero_grad.__wrapped__ = orig
+        cls.zero_grad = zero_grad
+
+    wrap(torch.optim.Optimizer)
+    wrap(torch.nn.Module)
+    from dni_fast import stats
+
+    stats.before_read = wait_computed
+
+
+def inside_ddp_forward() -> bool:
+    """Whether a DistributedDataParallel forward is running (its reducer must
+    see every gradient in the backward it prepares)."""
+    ddp = getattr(torch.nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+    return ddp is not None

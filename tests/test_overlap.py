@@ -1,0 +1,225 @@
+"""Drop-in overlap (dni_fast/_overlap.py): the synthesizer's update on a worker,
+delivered at the synchronisation points, with the numbers of the run without
+overlap."""
+import threading
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dni_fast as dni
+import dni_fast.backends as bk
+from dni_fast import _overlap as ov
+from tests.conftest import fused_backends
+
+# The Triton interpreter cannot run kernels from a second thread (its patching
+# of the language is per thread); compiled kernels on a GPU can.
+BACKENDS = ["reference"] + [b for b in fused_backends("cpu") if not bk.get(b).interpreted(torch.device("cpu"))]
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    ov.discard()
+    ov.set_overlap(False)
+    yield
+    ov.discard()
+    ov.set_overlap(False)
+    bk.clear_cache()
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the worker then runs with max(1, 1 // 2) = 1 too: bit-exact comparisons
+    yield
+    torch.set_num_threads(n)
+
+
+def _mlp(backend, seed=0, width=24, depth=4, **kw):
+    torch.manual_seed(seed)
+    layers, dims = [], [32] + [width] * depth
+    for i in range(depth):
+        layers += [nn.Linear(dims[i], dims[i + 1]), nn.BatchNorm1d(width)]
+        if i < depth - 1:
+            layers.append(dni.BackwardInterface(dni.BasicSynthesizer(width, n_hidden=1), backend=backend, **kw))
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers, nn.Linear(width, 5))
+
+
+def _synth_params(model):
+    return [p for m in model.modules() if isinstance(m, dni.BackwardInterface) for p in m.synthesizer.parameters()]
+
+
+def _train(model, steps, scope, seed=1):
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    torch.manual_seed(seed)
+    with scope():
+        for _ in range(steps):
+            x, y = torch.randn(16, 32), torch.randint(0, 5, (16,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_parameters_as_without_overlap(backend, one_thread):
+    a = _train(_mlp(backend), 12, lambda: dni.overlap(False))
+    b = _train(_mlp(backend), 12, dni.overlap)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit on the CPU at a fixed thread count
+
+
+def test_per_interface_switch_and_set_overlap(one_thread):
+    a = _train(_mlp("reference"), 5, lambda: dni.overlap(False))
+    b = _train(_mlp("reference", overlap=True), 5, lambda: dni.overlap(False))
+    dni.set_overlap(True)
+    assert dni.get_overlap()
+    c = _train(_mlp("reference"), 5, lambda: dni.overlap(True))
+    dni.set_overlap(False)
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+
+
+def test_the_update_is_pending_until_a_synchronisation_point():
+    model = _mlp("reference", overlap=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # made before anything overlapped: the global hook covers it
+    F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+    assert ov.pending() == 3
+    assert all(p.grad is None for p in _synth_params(model))  # not delivered yet: a raw read needs synchronize()
+    before = [p.detach().clone() for p in _synth_params(model)]
+    opt.step()  # synchronises first
+    assert ov.pending() == 0
+    assert all(p.grad is not None for p in _synth_params(model))
+    assert any(not torch.equal(b, p) for b, p in zip(before, _synth_params(model)))
+
+
+@pytest.mark.parametrize("point", ["synchronize", "optimizer.zero_grad", "module.zero_grad", "state_dict", "stats"])
+def test_every_synchronisation_point_delivers(point):
+    model = _mlp("reference", overlap=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+    assert ov.pending() == 3
+    iface = next(m for m in model.modules() if isinstance(m, dni.BackwardInterface))
+    if point == "synchronize":
+        dni.synchronize()
+    elif point == "optimizer.zero_grad":
+        opt.zero_grad()
+    elif point == "module.zero_grad":
+        model.zero_grad()
+    elif point == "state_dict":
+        model.state_dict()
+    else:
+        assert iface.stats()["count"] == 1  # the worker's statistics row is waited for
+        dni.synchronize()
+    assert ov.pending() == 0
+    if point.endswith("zero_grad"):  # delivered, then zeroed: nothing leaks into the next step
+        assert all(p.grad is None for p in _synth_params(model))
+    else:
+        assert all(p.grad is not None for p in _synth_params(model))
+
+
+def test_the_update_runs_on_another_thread(monkeypatch):
+    seen = []
+    prims = bk.get("primref").primitives
+    real = prims.update
+
+    def spy(*a, **k):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(bk.get("primref"), "_primitives", type(prims)(prims.forward, spy, prims.pipelined))
+    n = torch.get_num_threads()
+    model = _mlp("primref", overlap=True)
+    F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+    dni.synchronize()
+    assert len(seen) == 3 and all(t != threading.get_ident() for t, _ in seen)
+    assert all(k == max(1, n // 2) for _, k in seen), (n, seen)  # the worker's own intra-op thread count
+
+
+def test_a_worker_error_surfaces_with_its_traceback_and_nothing_is_delivered(monkeypatch):
+    prims = bk.get("primref").primitives
+
+    def broken_update(*a, **k):
+        raise ValueError("synthetic failure in the update")
+
+    monkeypatch.setattr(bk.get("primref"), "_primitives", type(prims)(prims.forward, broken_update, prims.pipelined))
+    model = _mlp("primref", overlap=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+    before = [p.detach().clone() for p in _synth_params(model)]  # (state_dict() would synchronise, and raise)
+    with pytest.raises(ValueError, match="synthetic failure") as e:
+        opt.step()
+    assert "broken_update" in "".join(traceback.format_tb(e.value.__traceback__))  # the worker's frames
+    assert ov.pending() == 0 and all(p.grad is None for p in _synth_params(model))
+    assert all(torch.equal(b, p) for b, p in zip(before, _synth_params(model)))  # the step did not happen
+    monkeypatch.undo()
+    bk.clear_cache()
+    F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+    opt.step()  # and the next step works
+
+
+def test_an_error_in_the_scope_discards_its_updates():
+    model = _mlp("reference")
+    with pytest.raises(RuntimeError, match="boom"):
+        with dni.overlap():
+            F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+            raise RuntimeError("boom")
+    assert ov.pending() == 0 and all(p.grad is None for p in _synth_params(model))
+
+
+def test_synchronising_inside_defer_backward_is_refused():
+    iface = dni.BackwardInterface(dni.BasicSynthesizer(6), overlap=True)
+    lin = nn.Linear(6, 6)
+    iface(lin(torch.randn(3, 6))).sum().backward()
+    assert ov.pending() == 1
+    with dni.defer_backward():
+        with pytest.raises(ov.OverlapError, match="inside defer_backward"):
+            dni.synchronize()
+    dni.synchronize()
+
+
+def test_defer_backward_with_overlap_gives_the_same_gradients(one_thread):
+    """Truncated BPTT: real and synthetic gradients through one graph."""
+    def run(overlap):
+        torch.manual_seed(0)
+        cell = nn.RNNCell(4, 6)
+        iface = dni.BackwardInterface(dni.BasicSynthesizer(6, n_hidden=1), overlap=overlap)
+        h = torch.zeros(2, 6)
+        with dni.defer_backward():
+            for t in range(3):
+                h = cell(torch.randn(2, 4), h)
+                dni.backward((h ** 2).sum())
+            iface.backward(h)
+            h = iface.make_trigger(h.detach())
+        (h.sum()).backward()
+        dni.synchronize()
+        return [p.grad.clone() for p in [*cell.parameters(), *iface.parameters()]]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+def test_pipelined_and_overlap_cannot_be_combined():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        dni.BackwardInterface(dni.BasicSynthesizer(4), pipelined=True, overlap=True)
+
+
+def test_under_ddp_the_update_runs_inline(monkeypatch):
+    """DDP's reducer must see every gradient in its backward: inside a DDP
+    forward the update is not deferred."""
+    model = _mlp("reference", overlap=True)
+    monkeypatch.setattr(torch.nn.parallel.DistributedDataParallel, "_active_ddp_module", object())
+    out = model(torch.randn(8, 32))
+    monkeypatch.undo()
+    F.cross_entropy(out, torch.randint(0, 5, (8,))).backward()
+    assert ov.pending() == 0 and all(p.grad is not None for p in _synth_params(model))
+
+
+def test_models_with_overlapped_interfaces_still_pickle(tmp_path):
+    model = _mlp("reference", overlap=True)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert all(i.overlap for i in loaded.modules() if isinstance(i, dni.BackwardInterface))
