@@ -9,7 +9,8 @@
 # deadline, most valuable first, and each writes its results as it goes:
 #   1. build (DNI_FAST_FORCE_CUDA=TRUE);
 #   2. the headline benchmark, docs/design.md §5: B=256, D=H=1024 in fp32, TF32 and
-#      bf16, every provider with torch.compile and the floor, then the MLP;
+#      bf16, every provider with torch.compile and the floor, then the MLP
+#      (each backend also with drop-in overlap, <backend>+overlap);
 #   3. the test suite on the GPU. The Triton kernels use one fixed tile config
 #      (DNI_FAST_TRITON_AUTOTUNE=0): autotuning every odd test shape would
 #      compile ~10 configs per shape. A check of the autotuned kernels against
@@ -47,7 +48,7 @@ echo "build took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.log"
 python -m dni_fast info 2>&1 | tee "$OUT/info.txt"
 
 echo "== headline benchmark ($(left) s left)" | tee "$OUT/bench.txt"
-timeout "$(slot 300)" python -m dni_fast bench --sizes 256,1024 --dtype float32 bfloat16 --tf32 --csv "$CSV" \
+timeout "$(slot 300)" python -m dni_fast bench --sizes 256,1024 --dtype float32 bfloat16 --tf32 --overlap --csv "$CSV" \
   2>&1 | tee -a "$OUT/bench.txt"
 
 echo "== tests on the GPU ($(left) s left)" | tee "$OUT/tests.log"
