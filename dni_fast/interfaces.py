@@ -76,6 +76,37 @@ class _Runtime:
         self.last_backend: Optional[str] = None
 
 
+class _TargetScale(torch.autograd.Function):
+    """Regression-target normalisation, on the output side: identity forward;
+    backward folds the arriving true gradient ``g`` into the running mean
+    square and hands ``g / sigma`` (sigma as of the forward) to the updater
+    below, which regresses the synthesizer on it."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, sigma: Tensor, owner: "BackwardInterface") -> Tensor:
+        ctx.sigma, ctx.owner = sigma, owner
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        ctx.owner._observe_target(g)
+        return g / ctx.sigma.to(g.dtype), None, None
+
+
+class _TargetUnscale(torch.autograd.Function):
+    """The input side of ``make_trigger`` under normalisation: the updater passes
+    ``g / sigma`` through; this gives the trigger's producers ``g`` back."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, sigma: Tensor) -> Tensor:
+        ctx.sigma = sigma
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g * ctx.sigma.to(g.dtype), None
+
+
 def _synchronize_hook(module, prefix, keep_vars) -> None:
     _overlap._synchronize_quietly()
 
@@ -278,6 +309,15 @@ class BackwardInterface(UnidirectionalInterface):
             uses ``S`` as computed at step t and the weights as they are when it
             runs. Needs a ``BasicSynthesizer``. Call ``flush()`` after the last
             step to deliver the last pending update.
+        normalize_targets: regress the synthesizer on ``g / sigma``, with
+            ``sigma`` the running RMS of the true gradients (an exponential
+            average with ``target_momentum``, bias-corrected, kept on the
+            device as the buffers ``target_sq_ema`` and ``target_count``), and
+            inject ``sigma * S``: the synthesizer learns targets of unit scale
+            whatever the loss's scale, while the injected gradient keeps the
+            true scale. Off by default (dni-pytorch's behaviour); the
+            statistics are then in normalised units (cos and rel_err are
+            scale-free). See docs/synthetic_gradients.md.
         overlap: run the synthesizer's regression update off the main path
             (``dni_fast/_overlap.py``: a worker thread on the CPU, a side stream
             on a GPU); its gradients are complete at the next synchronisation
@@ -288,9 +328,19 @@ class BackwardInterface(UnidirectionalInterface):
 
     def __init__(self, synthesizer: nn.Module, backend: Optional[str] = None, warmup_steps: int = 0,
                  track_stats: bool = True, pipelined: bool = False, check_finite: Optional[bool] = None,
-                 name: Optional[str] = None, overlap: Optional[bool] = None) -> None:
+                 name: Optional[str] = None, overlap: Optional[bool] = None, normalize_targets: bool = False,
+                 target_momentum: float = 0.99) -> None:
         super().__init__(synthesizer, backend=backend, warmup_steps=warmup_steps, track_stats=track_stats,
                          check_finite=check_finite, name=name)
+        if normalize_targets and pipelined:
+            raise ValueError("BackwardInterface: normalize_targets=True is not supported with pipelined=True")
+        if not 0.0 <= target_momentum < 1.0:
+            raise ValueError(f"target_momentum must be in [0, 1), got {target_momentum!r}")
+        self.normalize_targets = normalize_targets
+        self.target_momentum = target_momentum
+        if normalize_targets:  # buffers only when asked: the default state_dict keeps dni-pytorch's keys
+            self.register_buffer("target_sq_ema", torch.zeros(()))
+            self.register_buffer("target_count", torch.zeros(()))
         if pipelined and not isinstance(synthesizer, BasicSynthesizer):
             raise TypeError("BackwardInterface(pipelined=True) needs a BasicSynthesizer; custom synthesizers run "
                             "through autograd, which cannot split the update from its own forward")
@@ -304,6 +354,35 @@ class BackwardInterface(UnidirectionalInterface):
         self._pending: Optional[dict] = None
         # state_dict() is a synchronisation point (a module-level hook: models must stay picklable)
         self.register_state_dict_pre_hook(_synchronize_hook)
+
+    def receive(self, trigger: Tensor) -> Tensor:
+        """``S(trigger)``, detached, in the true gradient's scale (``sigma * S``
+        under ``normalize_targets``). ``trigger (*, Dt)`` -> ``(*, Do)``."""
+        s = super().receive(trigger)
+        if self.normalize_targets:
+            s = s * self.target_sigma().to(s.dtype)
+        return s
+
+    # -- regression-target normalisation -------------------------------------
+    def target_sigma(self) -> Tensor:
+        """The current RMS scale of the true gradients (1 before the first one), 0-dim, on the device."""
+        m = self.target_momentum
+        count = self.target_count
+        debiased = self.target_sq_ema / (1.0 - torch.pow(torch.full_like(count, m), count)).clamp_min(1e-12)
+        return torch.where(count > 0, debiased.sqrt().clamp_min(1e-30), torch.ones_like(count))
+
+    def _observe_target(self, g: Tensor) -> None:
+        # An all-zero target (the first steps of a stacked interface, whose
+        # input is the zero-initialised synthesizer above it) carries no scale:
+        # counting it would make sigma ~0 and the next targets astronomically
+        # large, killing the synthesizer's ReLUs. It is skipped, on the device.
+        m = self.target_momentum
+        with torch.no_grad():
+            msq = g.detach().float().pow(2).mean().to(self.target_sq_ema.dtype)
+            seen = (msq > 0).to(self.target_count.dtype)
+            self.target_sq_ema.copy_(torch.where(seen > 0, self.target_sq_ema * m + msq * (1.0 - m),
+                                                 self.target_sq_ema))
+            self.target_count.add_(seen)
 
     def _overlapping(self) -> bool:
         """Whether this step's update goes to the overlap worker."""
@@ -334,10 +413,17 @@ class BackwardInterface(UnidirectionalInterface):
         engine = self._engine(trigger)
         inject = self._take_injection(trigger)
         check = self._checking()
-        now = inject and not check and not is_deferring()  # else injected below, after the check
+        norm = self.normalize_targets
+        # Inject inside the engine's call (one native call for cpp) unless S must
+        # first be checked or scaled, or the injection is deferred.
+        now = inject and not check and not norm and not is_deferring()
         out, s = engine.trigger(self._modules["synthesizer"], trigger.detach(), current_context(),
                                 self._stats_sink(), BACKWARD_LOSS.scale(trigger.shape), trigger if now else None,
                                 self._overlapping())
+        if norm:
+            sigma = self.target_sigma()
+            s = s * sigma.to(s.dtype)
+            out = _TargetScale.apply(out, sigma, self)
         if check:
             self._check_synthetic(s)
             out = _FiniteGuard.apply(self, self._rt.steps, out)
@@ -374,9 +460,16 @@ class BackwardInterface(UnidirectionalInterface):
             raise TypeError(f"{self.label()}: the trigger must be a tensor, got {type(trigger).__name__}")
         if trigger.numel() == 0:
             return trigger
+        norm = self.normalize_targets
+        if norm:
+            sigma = self.target_sigma()
+            trigger = _TargetUnscale.apply(trigger, sigma)
         out, s = self._engine(trigger).trigger(self._modules["synthesizer"], trigger, current_context(),
                                                self._stats_sink(), BACKWARD_LOSS.scale(trigger.shape), None,
                                                self._overlapping())
+        if norm:
+            s = s * sigma.to(s.dtype)
+            out = _TargetScale.apply(out, sigma, self)
         if self._checking():
             self._check_synthetic(s)
             out = _FiniteGuard.apply(self, self._rt.steps, out)

@@ -32,7 +32,7 @@ class MLP(nn.Module):
 
     def __init__(self, input_dim: int = 784, hidden: Sequence[int] = (256, 256), n_classes: int = 10,
                  mode: str = "dni", synth_hidden: int = 1, synth_width: Optional[int] = None,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, interface_kwargs: Optional[dict] = None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -50,7 +50,8 @@ class MLP(nn.Module):
             ctx = n_classes if mode == "cdni" else None
             self.dnis = nn.ModuleList(
                 dni.BackwardInterface(dni.BasicSynthesizer(h, n_hidden=synth_hidden, hidden_dim=synth_width,
-                                                           context_dim=ctx), backend=backend)
+                                                           context_dim=ctx), backend=backend,
+                                     **(interface_kwargs or {}))
                 for h in hidden)
 
     def forward(self, x, y=None):
