@@ -38,22 +38,28 @@ __all__ = ["UnidirectionalInterface", "ForwardInterface", "BackwardInterface", "
            "set_check_finite", "get_check_finite", "name_interfaces"]
 
 _ids = itertools.count(1)
-_check_finite_default: Optional[bool] = None
+
+
+def _env_check_finite() -> bool:
+    return os.environ.get("DNI_FAST_CHECK_FINITE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# Read once (an environment lookup costs ~1 us, and this is read every step).
+_check_finite = _env_check_finite()
 
 
 def set_check_finite(enabled: Optional[bool]) -> None:
     """Turn the finite checks on or off for every interface without its own
-    ``check_finite=`` (``None``: back to ``$DNI_FAST_CHECK_FINITE``). Each check
-    syncs with the device once per step: a debugging switch."""
-    global _check_finite_default
-    _check_finite_default = None if enabled is None else bool(enabled)
+    ``check_finite=`` (``None``: back to ``$DNI_FAST_CHECK_FINITE``, read again
+    now; it is otherwise read when dni_fast is imported). Each check syncs with
+    the device once per step: a debugging switch."""
+    global _check_finite
+    _check_finite = _env_check_finite() if enabled is None else bool(enabled)
 
 
 def get_check_finite() -> bool:
     """The global finite-check switch: ``set_check_finite``'s, else ``$DNI_FAST_CHECK_FINITE``."""
-    if _check_finite_default is not None:
-        return _check_finite_default
-    return os.environ.get("DNI_FAST_CHECK_FINITE", "0").strip().lower() in ("1", "true", "yes", "on")
+    return _check_finite
 
 
 def name_interfaces(model: nn.Module, prefix: str = "") -> nn.Module:
@@ -215,7 +221,8 @@ class UnidirectionalInterface(nn.Module):
         return self._stats if self.track_stats else None
 
     def _checking(self) -> bool:
-        return self.check_finite if self.check_finite is not None else get_check_finite()
+        c = self.check_finite
+        return _check_finite if c is None else c
 
     def _check_synthetic(self, s: Tensor) -> None:
         if not bool(torch.isfinite(s).all()):

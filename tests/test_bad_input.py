@@ -121,8 +121,8 @@ def test_check_finite_global_switch_and_env(backend, monkeypatch):
     dni.set_check_finite(True)
     with pytest.raises(FloatingPointError):
         iface(x)
-    dni.set_check_finite(None)
     monkeypatch.setenv("DNI_FAST_CHECK_FINITE", "1")
+    dni.set_check_finite(None)  # back to the environment variable, read again
     with pytest.raises(FloatingPointError):
         iface(x)
     iface.check_finite = False  # the interface's own setting wins
