@@ -13,6 +13,7 @@ the losses at the end, so every module's graph is alive at once.)
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -107,8 +108,9 @@ class GradientIsolated(nn.Module):
         self.frozen_eval = frozen_eval
         self._train_module: Optional[int] = None
         self.train_module = train_module
-        # the loss-None guard: BackwardInterface calls in flight, per module
-        self._iface_depth = [0] * len(modules)
+        # the loss-None guard: inputs of the BackwardInterface calls in flight,
+        # per module
+        self._iface_inputs: List[List[Tensor]] = [[] for _ in modules]
         self._guard_hooks = []
         for j, m in enumerate(modules):
             if j > 0 and losses[j - 1] is None:
@@ -168,22 +170,24 @@ class GradientIsolated(nn.Module):
 
     def _enter_iface(self, j: int):
         def hook(module, args):
-            self._iface_depth[j] += 1
+            self._iface_inputs[j].append(args[0] if args else None)
         return hook
 
     def _leave_iface(self, j: int):
         def hook(module, args, output):
-            self._iface_depth[j] -= 1
+            self._iface_inputs[j].pop()
         return hook
 
     def _guard(self, i: int, h: Tensor) -> None:
         """Raise if a gradient reaches module i's output (whose loss is None)
-        other than through a BackwardInterface call of module i+1."""
+        other than as the injection of a BackwardInterface of module i+1 that
+        takes this very tensor as its input."""
         if not h.requires_grad:
             return
+        ref = weakref.ref(h)  # not h itself: h -> hook -> h would be a cycle that delays freeing h
 
         def hook(grad):
-            if self._iface_depth[i + 1] <= 0:
+            if not any(t is ref() for t in self._iface_inputs[i + 1]):
                 raise BoundaryCrossingError(
                     f"a gradient reached module {i}'s output from outside a BackwardInterface of module {i + 1}. "
                     f"Module {i}'s loss is None, so module {i + 1} must feed its input straight into a "
