@@ -624,6 +624,9 @@ def _scores_fwd_chunked(A: Tensor, Tt: Tensor, idx: Tensor, g: _Geom,
             lse_c = torch.logaddexp(s_pos, torch.logsumexp(s_neg, 1))
             lse[off + p0:off + p1] = lse_c
             torch.mul(lse_c - s_pos, 1.0 / (g.K * P), out=nll[off + p0:off + p1])
+            # release this chunk's temporaries before the next is gathered
+            # (a loop variable otherwise keeps them alive one chunk longer)
+            del s_pos, s_neg, lse_c
     return lse, nll
 
 
@@ -654,7 +657,11 @@ def _scores_bwd_chunked(A: Tensor, Tt: Tensor, idx: Tensor, lse: Tensor, go: Ten
                 dTk.index_add_(0, _pos_rows(g, k, p0, p1, A.device), g_pos[:, None] * a32)
             else:
                 dTk[p0:p1] += g_pos[:, None] * a32
-            dTk.index_add_(0, q.reshape(-1), (g_neg.unsqueeze(2) * a32.unsqueeze(1)).reshape(-1, C))
+            # the weighted query rows overwrite the gathered keys (no longer
+            # needed): one chunk-sized temporary instead of two
+            prod = torch.mul(g_neg.unsqueeze(2), a32.unsqueeze(1), out=tn)
+            dTk.index_add_(0, q.reshape(-1), prod.view(-1, C))
+            del a32, t_pos, tn, prod, s_pos, s_neg, g_pos, g_neg, da
     return dA, dT
 
 
@@ -691,6 +698,7 @@ class _InfoNCEFunction(torch.autograd.Function):
         lse, nll = _engine_fwd(impl, A, Tt, idx, g, chunk_bytes)
         ctx.save_for_backward(src, other, idx, proj, lse, *weights)
         ctx.g, ctx.impl, ctx.chunk_bytes, ctx.skip_rows = g, impl, chunk_bytes, skip_rows
+        ctx.same = other is src
         return nll.sum()
 
     @staticmethod
@@ -698,11 +706,18 @@ class _InfoNCEFunction(torch.autograd.Function):
         src, other, idx, proj, lse, *weights = ctx.saved_tensors
         g = ctx.g
         A, Tt = (proj, other) if g.seq else (other, proj)
-        dA, dT = _engine_bwd(ctx.impl, A, Tt, idx, lse, go, g, ctx.chunk_bytes)
+        dA, dT = _engine_bwd(ctx.impl, A, Tt, idx, lse, go, g, ctx.chunk_bytes)  # fp32
         d_proj, d_other = (dA, dT) if g.seq else (dT, dA)
         need_src, need_other = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
         need_w = ctx.needs_input_grad[7:]
-        d_src, d_ws = _project_backward(g, ctx.skip_rows, src, weights, d_proj.to(src.dtype), need_src, need_w)
+        if ctx.same:
+            # c = z (GIM): one tensor is both the queries and the projections'
+            # input, so its two gradients go into one fp32 buffer (the queries'
+            # one), saving two (HWB, C) buffers and autograd's sum of them
+            into = d_other if (need_src or need_other) else None
+            _, d_ws = _project_backward(g, ctx.skip_rows, src, weights, d_proj, False, need_w, into)
+            return (None, None, None, None, None if into is None else into.to(src.dtype), None, None, *d_ws)
+        d_src, d_ws = _project_backward(g, ctx.skip_rows, src, weights, d_proj, need_src, need_w)
         d_other = d_other.to(other.dtype) if need_other else None
         return (None, None, None, None, d_src, d_other, None, *d_ws)
 
@@ -725,22 +740,30 @@ def _project(g: _Geom, skip_rows: int, src: Tensor, weights: Sequence[Tensor]) -
 
 
 def _project_backward(g: _Geom, skip_rows: int, src: Tensor, weights: Sequence[Tensor], d_proj: Tensor,
-                      need_src: bool, need_w: Sequence[bool]):
-    d_src = torch.zeros_like(src) if need_src else None
+                      need_src: bool, need_w: Sequence[bool], into: Optional[Tensor] = None):
+    """Backward of :func:`_project` from the fp32 ``d_proj``: (d_src, [dW_k]).
+    d_src is accumulated in fp32 into ``into`` (vision rows only) when given,
+    else in a new tensor of src's dtype; dW_k is computed in src's dtype."""
+    d_low = d_proj if d_proj.dtype == src.dtype else d_proj.to(src.dtype)
+    d_src = None
+    if need_src and into is None:
+        d_src = torch.zeros_like(src)
     d_ws = []
     for k in range(1, g.K + 1):
         P, off = g.P(k), g.off(k)
         w = weights[k - 1]
-        dp = d_proj[off:off + P]
+        dp = d_low[off:off + P]
         if g.seq:
             L, B = g.T, src.shape[0]
             s_k = src[:, :L - k]
-            if need_src:
+            if d_src is not None:
                 d_src[:, :L - k] += dp.view(B, L - k, -1) @ w
             d_ws.append((dp.t() @ s_k.reshape(-1, src.shape[2])) if need_w[k - 1] else None)
         else:
             first = (k + skip_rows) * g.R
-            if need_src:
+            if into is not None:
+                into[first:].addmm_(d_proj[off:off + P], w if w.dtype == into.dtype else w.to(into.dtype))
+            elif d_src is not None:
                 d_src[first:].addmm_(dp, w)
             d_ws.append((dp.t() @ src[first:]) if need_w[k - 1] else None)
     return d_src, d_ws
