@@ -29,7 +29,7 @@ import argparse
 import itertools
 import os
 import sys
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 from torch import nn

@@ -61,23 +61,30 @@ What runs where, and why
   ``dT[idx_pj] += g_pj A[p]`` use fp32 atomics: negatives are drawn with
   replacement, so any row may receive from any position. The alternative,
   a deterministic CSR transpose of the indices, costs a sort (several
-  launches) per call, more than the atomics at these sizes. dT is therefore
-  not bitwise deterministic on a GPU (fp32 addition order); dA is owned by
-  one program per row block (in the vision case that program loops over k,
-  since ``ctx_k`` rows are shared by every k).
+  launches) per call, more than the atomics at these sizes. dA rows are
+  only ever added to by the program that owns them (in the vision case it
+  loops over k, since ``ctx_k`` rows are shared by every k), so those
+  atomics are uncontended. The GPU backward is therefore not bitwise
+  deterministic (fp32 addition order); it agrees with the reference to fp32
+  rounding.
 * The chunked engine (:func:`_scores_fwd_chunked` / ``_bwd``) does the same
   per chunk of positions with ``torch`` ops (gather, ``bmm``, ``logsumexp``,
   ``index_add_``): its temporaries are bounded by ``chunk x N x C`` whatever
   the problem size, and a chunk that stays in cache makes it faster than the
-  reference on a CPU too. It runs on any device; it is the CPU path.
+  reference on a CPU too. Its backward also goes one step at a time: step
+  k's own gradient ((P_k, C), fp32) is handed to the projection's backward
+  as soon as it is complete and freed, so one such buffer is alive, not K.
+  It runs on any device; it is the CPU path, and deterministic.
+* Not recomputed: ``f_k`` (``W_k z``) is saved, as the reference saves it.
+  Recomputing it in the backward would save (sum P_k, C) but cost K more
+  GEMMs, which at GIM's shapes are most of the op's FLOPs.
 
-Launches on a GPU, forward: K ``mm`` + 1 kernel + 1 ``sum``; backward: one
-zero fill, 1 kernel, 2K ``mm`` (+ casts for 16-bit inputs). The reference
+Launches on a GPU, forward: K ``mm`` + 1 kernel + 1 ``sum``; backward: two
+zero fills, 1 kernel, 2K ``mm`` (+ casts for 16-bit inputs). The reference
 takes about 10 ops per k forward and 15 backward.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -555,19 +562,23 @@ def _scores_fwd_triton(A: Tensor, Tt: Tensor, idx: Tensor, g: _Geom) -> Tuple[Te
     return lse, nll
 
 
-def _scores_bwd_triton(A: Tensor, Tt: Tensor, idx: Tensor, lse: Tensor, go: Tensor, g: _Geom):
+def _scores_bwd_triton(A: Tensor, Tt: Tensor, idx: Tensor, lse: Tensor, go: Tensor, g: _Geom, shared: Tensor,
+                       on_step) -> None:
+    """One launch for every k: accumulates the shared gradient (vision: the
+    queries'; sequence: the keys') into ``shared`` (fp32, zero-filled) and
+    hands each step's own gradient (fp32 rows of the concatenated buffer) to
+    ``on_step(k, d_k)``."""
     _require_triton(A.device)
     C = A.shape[1]
-    # one zero fill for both fp32 accumulators
-    buf = torch.zeros(A.shape[0] * C + Tt.shape[0] * C, device=A.device, dtype=torch.float32)
-    dA = buf[:A.shape[0] * C].view(A.shape[0], C)
-    dT = buf[A.shape[0] * C:].view(Tt.shape[0], C)
+    local = torch.zeros(g.total, C, device=A.device, dtype=torch.float32)
+    dA, dT = (local, shared) if g.seq else (shared, local)
     bn = _block_n(g.N)
     grid = lambda meta: (triton.cdiv(g.P(1), meta["BLOCK_P"]), g.K if g.seq else 1)  # noqa: E731
     _bwd_launch[grid](A, A.stride(0), Tt, Tt.stride(0), idx, lse, go.reshape(1).float(), dA, dT,
                       g.T, g.R, g.K, g.N, C, 1.0 / g.K, SEQ=g.seq, BLOCK_N=bn, **_meta())
     _count("infonce_bwd")
-    return dA, dT
+    for k in range(1, g.K + 1):
+        on_step(k, local[g.off(k):g.off(k) + g.P(k)])
 
 
 # =============================================================================
@@ -630,17 +641,20 @@ def _scores_fwd_chunked(A: Tensor, Tt: Tensor, idx: Tensor, g: _Geom,
     return lse, nll
 
 
-def _scores_bwd_chunked(A: Tensor, Tt: Tensor, idx: Tensor, lse: Tensor, go: Tensor, g: _Geom,
-                        chunk_bytes: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+def _scores_bwd_chunked(A: Tensor, Tt: Tensor, idx: Tensor, lse: Tensor, go: Tensor, g: _Geom, shared: Tensor,
+                        on_step, chunk_bytes: Optional[int] = None) -> None:
+    """As :func:`_scores_bwd_triton`, one step at a time: step k's own
+    gradient lives only until ``on_step`` has used it, so the backward holds
+    one (P_k, C) buffer instead of all K."""
     C = A.shape[1]
-    dA = torch.zeros(A.shape, device=A.device, dtype=torch.float32)
-    dT = torch.zeros(Tt.shape, device=A.device, dtype=torch.float32)
     rows = _chunk_rows(g, C, chunk_bytes)
     go = go.float()
     for k in range(1, g.K + 1):
         P, off = g.P(k), g.off(k)
         Ak, Tk = _step_views(A, Tt, g, k)
-        dAk, dTk = _step_views(dA, dT, g, k)
+        local = torch.zeros(P, C, device=A.device, dtype=torch.float32)
+        # vision: queries shared by every k, keys f_k local; sequence: the reverse
+        dAk, dTk = (local, shared) if g.seq else (shared[:P], local)
         coef = go / (g.K * P)
         for p0 in range(0, P, rows):
             p1 = min(P, p0 + rows)
@@ -662,7 +676,8 @@ def _scores_bwd_chunked(A: Tensor, Tt: Tensor, idx: Tensor, lse: Tensor, go: Ten
             prod = torch.mul(g_neg.unsqueeze(2), a32.unsqueeze(1), out=tn)
             dTk.index_add_(0, q.reshape(-1), prod.view(-1, C))
             del a32, t_pos, tn, prod, s_pos, s_neg, g_pos, g_neg, da
-    return dA, dT
+        on_step(k, local)
+        del local
 
 
 # =============================================================================
@@ -674,20 +689,24 @@ def _engine_fwd(impl: str, A, Tt, idx, g, chunk_bytes):
     return _scores_fwd_chunked(A, Tt, idx, g, chunk_bytes)
 
 
-def _engine_bwd(impl: str, A, Tt, idx, lse, go, g, chunk_bytes):
+def _engine_bwd(impl: str, A, Tt, idx, lse, go, g, shared, on_step, chunk_bytes):
     if impl == "triton":
-        return _scores_bwd_triton(A, Tt, idx, lse, go, g)
-    return _scores_bwd_chunked(A, Tt, idx, lse, go, g, chunk_bytes)
+        return _scores_bwd_triton(A, Tt, idx, lse, go, g, shared, on_step)
+    return _scores_bwd_chunked(A, Tt, idx, lse, go, g, shared, on_step, chunk_bytes)
 
 
 class _InfoNCEFunction(torch.autograd.Function):
     """loss = InfoNCE over every k, with the projections inside.
 
-    Vision: ``src`` = z rows (HWB, C), ``q_src`` = ctx rows (HWB, C); the keys
-    ``F = [W_k z rows]`` are computed here. Sequence: ``src`` = c (B, L, Cc),
-    ``q_src`` = z rows (BL, Cz) (the keys); the queries
-    ``[W_k c[:, :L-k]]`` are computed here. Saved: the inputs, the projected
-    rows and one fp32 LSE per position.
+    Vision: ``src`` = z rows (HWB, C), ``other`` = ctx rows (HWB, C) (the
+    queries); the keys ``F = [W_k z rows]`` are computed here. Sequence:
+    ``src`` = c (B, L, Cc), ``other`` = z rows (BL, Cz) (the keys); the
+    queries ``[W_k c[:, :L-k]]`` are computed here. Saved: the inputs, the
+    projected rows and one fp32 LSE per position.
+
+    Backward, per step k as soon as its own gradient is complete: the
+    projection's backward (``d_src += dP_k W_k``, ``dW_k = dP_k^T src_k``),
+    accumulated in fp32 and cast once at the end.
     """
 
     @staticmethod
@@ -706,19 +725,27 @@ class _InfoNCEFunction(torch.autograd.Function):
         src, other, idx, proj, lse, *weights = ctx.saved_tensors
         g = ctx.g
         A, Tt = (proj, other) if g.seq else (other, proj)
-        dA, dT = _engine_bwd(ctx.impl, A, Tt, idx, lse, go, g, ctx.chunk_bytes)  # fp32
-        d_proj, d_other = (dA, dT) if g.seq else (dT, dA)
         need_src, need_other = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
         need_w = ctx.needs_input_grad[7:]
+        # the gradient shared by every k (vision: the queries'; sequence: the keys')
+        shared = torch.zeros(other.shape, device=other.device, dtype=torch.float32)
         if ctx.same:
             # c = z (GIM): one tensor is both the queries and the projections'
-            # input, so its two gradients go into one fp32 buffer (the queries'
-            # one), saving two (HWB, C) buffers and autograd's sum of them
-            into = d_other if (need_src or need_other) else None
-            _, d_ws = _project_backward(g, ctx.skip_rows, src, weights, d_proj, False, need_w, into)
-            return (None, None, None, None, None if into is None else into.to(src.dtype), None, None, *d_ws)
-        d_src, d_ws = _project_backward(g, ctx.skip_rows, src, weights, d_proj, need_src, need_w)
-        d_other = d_other.to(other.dtype) if need_other else None
+            # input, so both gradients go into one fp32 buffer, saving two
+            # (HWB, C) buffers and autograd's sum of them
+            d_src32 = shared
+        else:
+            d_src32 = torch.zeros(src.shape, device=src.device, dtype=torch.float32) if need_src else None
+        d_ws: List[Optional[Tensor]] = [None] * g.K
+
+        def on_step(k: int, dp: Tensor) -> None:
+            d_ws[k - 1] = _project_backward_k(g, k, ctx.skip_rows, src, weights[k - 1], dp, d_src32, need_w[k - 1])
+
+        _engine_bwd(ctx.impl, A, Tt, idx, lse, go, g, shared, on_step, ctx.chunk_bytes)
+        if ctx.same:
+            return (None, None, None, None, None, shared.to(src.dtype), None, *d_ws)
+        d_src = d_src32.to(src.dtype) if need_src else None
+        d_other = shared.to(other.dtype) if need_other else None
         return (None, None, None, None, d_src, d_other, None, *d_ws)
 
 
@@ -739,34 +766,22 @@ def _project(g: _Geom, skip_rows: int, src: Tensor, weights: Sequence[Tensor]) -
     return out
 
 
-def _project_backward(g: _Geom, skip_rows: int, src: Tensor, weights: Sequence[Tensor], d_proj: Tensor,
-                      need_src: bool, need_w: Sequence[bool], into: Optional[Tensor] = None):
-    """Backward of :func:`_project` from the fp32 ``d_proj``: (d_src, [dW_k]).
-    d_src is accumulated in fp32 into ``into`` (vision rows only) when given,
-    else in a new tensor of src's dtype; dW_k is computed in src's dtype."""
-    d_low = d_proj if d_proj.dtype == src.dtype else d_proj.to(src.dtype)
-    d_src = None
-    if need_src and into is None:
-        d_src = torch.zeros_like(src)
-    d_ws = []
-    for k in range(1, g.K + 1):
-        P, off = g.P(k), g.off(k)
-        w = weights[k - 1]
-        dp = d_low[off:off + P]
-        if g.seq:
-            L, B = g.T, src.shape[0]
-            s_k = src[:, :L - k]
-            if d_src is not None:
-                d_src[:, :L - k] += dp.view(B, L - k, -1) @ w
-            d_ws.append((dp.t() @ s_k.reshape(-1, src.shape[2])) if need_w[k - 1] else None)
-        else:
-            first = (k + skip_rows) * g.R
-            if into is not None:
-                into[first:].addmm_(d_proj[off:off + P], w if w.dtype == into.dtype else w.to(into.dtype))
-            elif d_src is not None:
-                d_src[first:].addmm_(dp, w)
-            d_ws.append((dp.t() @ src[first:]) if need_w[k - 1] else None)
-    return d_src, d_ws
+def _project_backward_k(g: _Geom, k: int, skip_rows: int, src: Tensor, w: Tensor, dp: Tensor,
+                        d_src32: Optional[Tensor], need_w: bool) -> Optional[Tensor]:
+    """Backward of step k's projection from its fp32 gradient ``dp`` (P_k, C_out):
+    adds ``dp W_k`` into the fp32 ``d_src32`` (when given) and returns
+    ``dW_k = dp^T src_k`` in src's dtype (when needed)."""
+    w32 = w if w.dtype == torch.float32 else w.float()
+    dp_low = dp if dp.dtype == src.dtype else dp.to(src.dtype)
+    if g.seq:
+        L, B = g.T, src.shape[0]
+        if d_src32 is not None:
+            d_src32[:, :L - k] += dp.view(B, L - k, -1) @ w32
+        return (dp_low.t() @ src[:, :L - k].reshape(-1, src.shape[2])) if need_w else None
+    first = (k + skip_rows) * g.R
+    if d_src32 is not None:
+        d_src32[first:].addmm_(dp, w32)
+    return (dp_low.t() @ src[first:]) if need_w else None
 
 
 def _resolve_impl(impl: str, device) -> str:

@@ -26,8 +26,6 @@ except Exception:  # pragma: no cover
 if not _CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import math  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
