@@ -100,9 +100,12 @@ def main(argv=None) -> List[dict]:
     p.add_argument("--infonce-backend", default=None)
     p.add_argument("--min-run-time", type=float, default=3.0)
     p.add_argument("--no-time", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--csv", default=None)
     p.add_argument("--no-csv", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = environment(device)
     batches = args.batch or ([128] if device.type == "cpu" else [512])
