@@ -44,10 +44,7 @@ import torch
 from dni_fast.kernels import infonce as K
 from dni_fast.local._memory import peak_memory
 
-try:  # the interleaved timer (it may move to dni_fast.timing)
-    from dni_fast.timing import time_many
-except ImportError:  # pragma: no cover - depends on the checkout
-    from dni_fast.bench import time_many
+from dni_fast.timing import time_many
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -75,7 +75,9 @@ def table(res: Dict[str, dict], logs: List[dict]) -> str:
 
 
 def plot(res: Dict[str, dict], path: str) -> None:
-    import matplotlib
+    from dni_fast.examples._extras import require
+
+    matplotlib = require("matplotlib", "scripts/gim_results.py (the plot)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -173,3 +173,16 @@ def test_readme_setup_block_has_two_one_line_commands():
     i1 = next(i for i, l in enumerate(block) if l.startswith("# 1."))
     i2 = next(i for i, l in enumerate(block) if l.startswith("# 2."))
     assert block[i1 + 1].startswith("pip install") and "pytest" in block[i2 + 1]
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject.toml lists the packages explicitly (kernels/ ships as
+    dni_fast.kernels): a new subpackage must be added there, or a wheel lacks it."""
+    import re
+
+    listed = set(re.search(r"^packages = \[(.*)\]", (REPO / "pyproject.toml").read_text(), re.M).group(1)
+                 .replace('"', "").replace(" ", "").split(","))
+    found = {"dni_fast." + str(p.parent.relative_to(REPO / "dni_fast")).replace("/", ".")
+             for p in (REPO / "dni_fast").rglob("__init__.py")}
+    found = {f.replace("dni_fast..", "dni_fast").rstrip(".") for f in found} | {"dni_fast.kernels"}
+    assert found == listed, f"pyproject.toml packages differ from the tree: missing {found - listed}, extra {listed - found}"
