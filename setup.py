@@ -146,7 +146,8 @@ def _extensions():
         _log(f"no GPU visible: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
 
     csrc = "csrc"  # relative to this file: setuptools wants relative source paths
-    sources = [os.path.join(csrc, f) for f in ("bindings.cpp", "step.cpp", "synth_check.cpp", "synth_cpu.cpp")]
+    sources = [os.path.join(csrc, f)
+               for f in ("bindings.cpp", "overlap.cpp", "step.cpp", "synth_check.cpp", "synth_cpu.cpp")]
     define_macros = []
     if with_cuda:
         sources += [os.path.join(csrc, "synth_cuda.cpp"), os.path.join(csrc, "synth_cuda_kernels.cu")]

@@ -4,6 +4,7 @@
 // work dtype once, run. The contract is dni_fast/kernels/synth_ref.py.
 #include <torch/extension.h>
 
+#include "overlap.h"
 #include "synth.h"
 
 namespace dni_fast {
@@ -94,10 +95,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Step t+1's forward and step t's update in one call: returns (s, zs, grads_prev, partials_prev).");
   m.def("trigger_step", &dni_fast::trigger_step, py::arg("trigger"), py::arg("x"), py::arg("c"), py::arg("params"),
         py::arg("scale"), py::arg("stats_slot") = py::none(), py::arg("inject_into") = py::none(),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("overlap_threads") = 0, py::call_guard<py::gil_scoped_release>(),
         "BackwardInterface step in one C++ call: the fused forward, the C++ autograd node whose backward runs "
         "the fused update with delta = scale * (S - g), and the injection of S into inject_into's graph when "
-        "given. Returns (out, s).");
+        "given. Returns (out, s). overlap_threads > 0: the update runs on the C++ overlap worker instead "
+        "(collected by _overlap_collect).");
+  m.def("_overlap_pending", &dni_fast::overlap::pending, "Updates queued on the C++ overlap worker, not collected.");
+  m.def("_overlap_collect", &dni_fast::overlap::collect, py::call_guard<py::gil_scoped_release>(),
+        "Wait for the C++ overlap worker; [(params, grads)] per update in submission order (raises the first "
+        "failure and drops the batch).");
   m.def("_set_cpu_lowp_gemm", &dni_fast::cpu::set_lowp_gemm, py::arg("mode"),
         "CPU bf16/fp16 products: 'auto' (fp32 unless the CPU has AMX for the dtype), 'native' or 'fp32'. "
         "Default: $DNI_FAST_CPU_LOWP_GEMM or 'auto'.");

@@ -15,6 +15,7 @@
 // delta = scale * (S - g), with the scale the caller computed once
 // (dni_fast/regression.py: 2 / g.size(0) for a BackwardInterface). Gradients reach the parameters through
 // autograd (hooks, accumulation and DDP behave as in plain PyTorch).
+#include "overlap.h"
 #include "synth.h"
 
 #include <torch/autograd.h>
@@ -27,9 +28,11 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
-  // Inputs, in autograd's order: trigger, x, c (optional), params (list), scale, stats_slot (optional).
+  // Inputs, in autograd's order: trigger, x, c (optional), params (list), scale, stats_slot (optional),
+  // overlap_threads (0: the update runs in this backward; n > 0: on the overlap worker with n threads).
   static variable_list forward(AutogradContext* ctx, const Tensor& trigger, const Tensor& x, const OptTensor& c,
-                               at::TensorList params, double scale, const OptTensor& stats_slot) {
+                               at::TensorList params, double scale, const OptTensor& stats_slot,
+                               int64_t overlap_threads) {
     TensorVec pv(params.begin(), params.end());
     auto [s, zs] = dispatch::synth_forward(x, c, pv);
     variable_list saved;
@@ -42,6 +45,7 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
     ctx->save_for_backward(saved);
     ctx->saved_data["n_z"] = static_cast<int64_t>(zs.size());
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["overlap"] = overlap_threads;
     if (stats_slot.has_value()) ctx->saved_data["slot"] = *stats_slot;
     auto shape = trigger.sizes().vec();
     shape.back() = s.size(1);
@@ -66,22 +70,41 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
     const double scale = ctx->saved_data["scale"].toDouble();
     Tensor g2 = g.reshape({-1, g.size(-1)});
     if (g2.scalar_type() != s.scalar_type()) g2 = g2.to(s.scalar_type());
-    auto [grads, partials] = dispatch::synth_update(x, c, params, zs, s, g2, scale, std::nullopt);
     // One statistics row per step: the first update through this node writes it
     // (a second backward with retain_graph still updates the parameters).
-    auto slot = ctx->saved_data.find("slot");
-    if (slot != ctx->saved_data.end()) {
-      slot->second.toTensor().copy_(partials, /*non_blocking=*/true);
-      ctx->saved_data.erase(slot);
+    OptTensor slot;
+    auto it = ctx->saved_data.find("slot");
+    if (it != ctx->saved_data.end()) {
+      slot = it->second.toTensor();
+      ctx->saved_data.erase(it);
+    }
+    const int64_t overlap_threads = ctx->saved_data["overlap"].toInt();
+    TensorVec grads;
+    if (overlap_threads > 0) {
+      // Off the main path: the worker computes the gradients; Python delivers
+      // them through autograd at the next synchronisation point.
+      overlap::submit(
+          [=]() {
+            auto [gr, partials] = dispatch::synth_update(x, c, params, zs, s, g2, scale, std::nullopt);
+            if (slot.has_value()) slot->copy_(partials);
+            return gr;
+          },
+          params, static_cast<int>(overlap_threads));
+      grads.resize(params.size());  // undefined: no gradient from this backward
+    } else {
+      auto [gr, partials] = dispatch::synth_update(x, c, params, zs, s, g2, scale, std::nullopt);
+      if (slot.has_value()) slot->copy_(partials, /*non_blocking=*/true);
+      grads = std::move(gr);
     }
     variable_list out;
-    out.reserve(4 + grads.size());
+    out.reserve(5 + grads.size());
     out.push_back(ctx->needs_input_grad(0) ? g : Tensor());  // trigger
     out.push_back(Tensor());                                // x
     out.push_back(Tensor());                                // c
     for (auto& gr : grads) out.push_back(gr);               // params
     out.push_back(Tensor());                                // scale
     out.push_back(Tensor());                                // stats_slot
+    out.push_back(Tensor());                                // overlap_threads
     return out;
   }
 };
@@ -90,10 +113,10 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
 
 std::tuple<Tensor, Tensor> trigger_step(const Tensor& trigger, const Tensor& x, const OptTensor& c,
                                         const TensorVec& params, double scale, const OptTensor& stats_slot,
-                                        const OptTensor& inject_into) {
+                                        const OptTensor& inject_into, int64_t overlap_threads) {
   TORCH_CHECK(trigger.dim() >= 1 && trigger.numel() / std::max<int64_t>(trigger.size(-1), 1) == x.size(0),
               "dni_fast._C.trigger_step: trigger of shape ", trigger.sizes(), " does not match x of shape ", x.sizes());
-  auto outs = TriggerUpdate::apply(trigger, x, c, at::TensorList(params), scale, stats_slot);
+  auto outs = TriggerUpdate::apply(trigger, x, c, at::TensorList(params), scale, stats_slot, overlap_threads);
   Tensor out = outs[0], s = outs[1];
   if (inject_into.has_value() && inject_into->requires_grad()) {
     // The injection: h.backward(S) now, so the part before the interface has its gradient.

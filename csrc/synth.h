@@ -111,6 +111,6 @@ PipelinedResult synth_pipelined(const Tensor& x, const OptTensor& c, const Tenso
 // The whole BackwardInterface step from C++ (step.cpp): returns (trigger.clone(), s shaped like trigger).
 std::tuple<Tensor, Tensor> trigger_step(const Tensor& trigger, const Tensor& x, const OptTensor& c,
                                         const TensorVec& params, double scale, const OptTensor& stats_slot,
-                                        const OptTensor& inject_into);
+                                        const OptTensor& inject_into, int64_t overlap_threads);
 
 }  // namespace dni_fast

@@ -177,9 +177,31 @@ class _Worker:
 _worker = _Worker()
 
 
+# The native worker of the C++ extension (csrc/overlap.cpp), once the cpp
+# backend has queued an update on it: it runs the update with no GIL at all.
+_native = None
+
+
+def uses_native_worker() -> None:
+    global _native
+    if _native is None:
+        from dni_fast import _ext
+
+        _native = _ext.get_ext()
+
+
+def worker_threads() -> int:
+    """Intra-op threads of the worker: the caller's count, halved (they share the cores)."""
+    return max(1, torch.get_num_threads() // 2)
+
+
+def _native_pending() -> int:
+    return _native._overlap_pending() if _native is not None else 0
+
+
 def pending() -> int:
     """Updates computed or in flight, not yet delivered to ``.grad``."""
-    return len(_worker.pending)
+    return len(_worker.pending) + _native_pending()
 
 
 def submit(compute: Callable[[], Sequence[Optional[Tensor]]], params: Sequence[Tensor], inputs: Sequence[Tensor],
@@ -196,21 +218,34 @@ def submit(compute: Callable[[], Sequence[Optional[Tensor]]], params: Sequence[T
             if isinstance(t, Tensor) and t.is_cuda:
                 t.record_stream(stream)
         cuda = {"device": device, "stream": stream, "ready": ready, "done": torch.cuda.Event()}
-    # the caller's intra-op thread count, halved: the worker shares the cores with it
-    _worker.submit(_Job(compute, params, max(1, torch.get_num_threads() // 2), cuda))
+    _worker.submit(_Job(compute, params, worker_threads(), cuda))
 
 
 def discard() -> None:
-    """Drop every pending update (after waiting for the worker to finish them)."""
+    """Drop every pending update (after waiting for the workers to finish them)."""
     if _worker.pending:
         _worker.wait()
         _worker.take()
+    if _native_pending():
+        try:
+            _native._overlap_collect()
+        except RuntimeError:
+            pass  # dropped anyway
 
 
 def wait_computed() -> None:
-    """Block until the worker has computed every submitted update (statistics rows included)."""
+    """Block until the workers have computed every submitted update (statistics rows included)."""
     if _worker.pending:
         _worker.wait()
+    if _native_pending():
+        _native_wait()
+
+
+_native_done: List[tuple] = []  # collected from the native worker, not yet delivered
+
+
+def _native_wait() -> None:
+    _native_done.extend(_native._overlap_collect())
 
 
 def synchronize() -> None:
@@ -218,7 +253,7 @@ def synchronize() -> None:
     gradients through autograd, in submission order. Raises the worker's first
     exception (with its traceback) instead, delivering none of the pending
     updates. A no-op when nothing is pending."""
-    if not _worker.pending:
+    if not (_worker.pending or _native_done or _native_pending()):
         return
     from dni_fast._manager import is_deferring
 
@@ -228,15 +263,36 @@ def synchronize() -> None:
                            "synchronise (or step the optimizer) after the defer_backward scope")
     _worker.wait()
     jobs = _worker.take()
+    try:
+        native = list(_native_done)
+        if _native_pending():
+            native += _native._overlap_collect()  # raises the native worker's first failure
+    finally:
+        _native_done.clear()
     failed = next((j for j in jobs if j.error is not None), None)
     if failed is not None:
         raise failed.error
+    # (one process uses one kind of worker per interface; the two lists are
+    # delivered one after the other)
+    jobs = jobs + [_NativeJob(params, grads) for params, grads in native]
     from dni_fast.backends.fused import grad_carrier
 
+    # One engine run per group of jobs with disjoint parameters (one carrier
+    # node for all of them): an engine run costs ~30 us, and most steps update
+    # each synthesizer once. A parameter that comes back starts a new group, so
+    # that its gradients accumulate in submission order, as without overlap.
+    groups, current, seen = [], [], set()
     for job in jobs:
         if job.cuda is not None:
             torch.cuda.current_stream(job.cuda["device"]).wait_event(job.cuda["done"])
         live = [(g, p) for g, p in zip(job.grads, job.params) if g is not None and p.requires_grad]
+        if any(id(p) in seen for _, p in live):
+            groups.append(current)
+            current, seen = [], set()
+        current += live
+        seen.update(id(p) for _, p in live)
+    groups.append(current)
+    for live in groups:
         if not live:
             continue
         with torch.enable_grad():
@@ -244,8 +300,15 @@ def synchronize() -> None:
         carrier.backward()
 
 
+class _NativeJob:
+    __slots__ = ("params", "grads", "cuda")
+
+    def __init__(self, params, grads) -> None:
+        self.params, self.grads, self.cuda = params, grads, None
+
+
 def _synchronize_quietly(*_args, **_kwargs) -> None:
-    if _worker.pending:
+    if _worker.pending or _native_done or _native_pending():
         synchronize()
 
 

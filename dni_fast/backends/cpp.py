@@ -12,7 +12,7 @@ from typing import Tuple
 
 import torch
 
-from dni_fast import _ext
+from dni_fast import _ext, _overlap
 from dni_fast.backends.base import Primitives
 from dni_fast.backends.fused import FusedBackend, flatten_inputs
 
@@ -34,10 +34,14 @@ class CppBackend(FusedBackend):
         return Primitives(C.synth_forward, C.synth_update, C.synth_pipelined)
 
     def trigger(self, synth, trigger, context, stats, scale, inject_into, overlap=False):
-        if overlap:  # the native step runs its update inside C++'s backward: defer it through the Python glue
-            return super().trigger(synth, trigger, context, stats, scale, inject_into, overlap=True)
         x, c = flatten_inputs(synth, trigger, context)
         slot = None if stats is None else stats.reserve(scale, trigger.device)
         step = self.__dict__.get("_step") or (self.primitives and self._step)
         # One native call: forward, autograd node, and the injection (GIL released).
-        return step(trigger, x, c, synth.flat_params(), scale, slot, inject_into)
+        # With overlap the node's backward queues the update on the C++ worker
+        # (csrc/overlap.cpp), which never needs the GIL; dni_fast/_overlap.py
+        # collects it.
+        threads = _overlap.worker_threads() if overlap else 0
+        if overlap:
+            _overlap.uses_native_worker()
+        return step(trigger, x, c, synth.flat_params(), scale, slot, inject_into, threads)
