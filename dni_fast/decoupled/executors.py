@@ -137,12 +137,10 @@ class Executor:
         return loss
 
     def _take_losses(self) -> List[Tensor]:
-        keys = sorted(b for b in self.losses if b > self.returned)
+        keys = sorted(self.losses)
         if keys:
-            self.returned = keys[-1]
-        out = [self.losses.pop(b) for b in keys]
-        self.losses.clear()
-        return out
+            self.returned = max(self.returned, keys[-1])
+        return [self.losses.pop(b) for b in keys]
 
 
 # ---------------------------------------------------------------------------
