@@ -84,6 +84,7 @@ class DecoupledSequential(nn.Module):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"stage {k} must be an nn.Module, got {type(m).__name__}")
             module_device(m)
+        self._requested = (executor, delay)
         if executor == "auto":
             probe = [_DeviceOnly(module_device(m), k) for k, m in enumerate(stages)]
             executor = pick_executor(probe)
@@ -105,6 +106,39 @@ class DecoupledSequential(nn.Module):
         self._executor = ex
         # Stop the workers when the module is collected (the workers do not reference it).
         self._finalizer = weakref.finalize(self, ex.close)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.double()``...: the stages' devices are read
+        again, the predictions waiting for their targets move too, and
+        ``executor='auto'`` picks again (before the first step only, since
+        that may change the delay). Move the model before training: the
+        optimizers' state, if any, stays where it is, as in plain PyTorch."""
+        if "_stages" not in self.__dict__:  # during __init__
+            return super()._apply(fn, recurse)
+        if self._broken is None:
+            self._executor.quiesce()
+        super()._apply(fn, recurse)
+        for st in self._stages:
+            st.moved(fn)
+        executor, delay = self._requested
+        if executor == "auto":
+            picked = pick_executor(self._stages)
+            if picked != self.executor:
+                if self._batches:
+                    raise RuntimeError(f"DecoupledSequential(executor='auto') chose {self.executor!r} and the move "
+                                       f"calls for {picked!r}: move the model before the first step")
+                self.executor, self._cls = picked, executor_class(picked)
+                self.delay = check_delay(delay, picked)
+                for st in self._stages:
+                    st.delay = self.delay
+        self._cls.check(self._stages, self.delay, self._threads)
+        ex = self._executor
+        state = (self._batches, ex.returned, ex.undelivered())
+        ex.close()
+        self._finalizer.detach()
+        self._make_executor()
+        self._executor.restore(*state)
+        return self
 
     def extra_repr(self) -> str:
         return (f"executor={self.executor!r}, delay={self.delay}, update_prob={self.update_prob}, seed={self.seed}, "

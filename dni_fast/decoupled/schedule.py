@@ -518,6 +518,17 @@ class Stage:
             self._emit(StageEvent("regress", self.index, batch, self.steps - 1 if step is None else step,
                                   synthetic_grad=r.s, target=r.target))
 
+    def moved(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """After the modules moved (``nn.Module._apply``): read the device again
+        and apply ``fn`` to the stored predictions and targets."""
+        self.device = module_device(self.module)
+        for recs in self._pending.values():
+            for r in recs.values():
+                r.x, r.s = fn(r.x), fn(r.s)
+                r.c = None if not isinstance(r.c, Tensor) else fn(r.c)
+                r.zs = tuple(fn(z) for z in r.zs)
+                r.target = None if r.target is None else fn(r.target)
+
     # -- state ------------------------------------------------------------------------
     def zero_grad(self) -> None:
         """Clear every gradient this stage's optimizers see (after a failure)."""
