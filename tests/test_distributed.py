@@ -161,7 +161,8 @@ def scenario_shape_mismatch(rank, world, q):
         st.step(x=x if rank == 0 else None, target=y if last else None, loss_fn=F.cross_entropy if last else None)
 
 
-def _faulty(rank, world, q, fault, culprit, at=3, timeout=3.0):
+def _faulty(rank, world, q, fault, culprit, at=3, timeout=None):
+    timeout = TIMEOUT if timeout is None else timeout
     from dni_fast.distributed import DecoupledStage
 
     stages, synths = make_net(world)
@@ -228,53 +229,66 @@ def _tensors(obj):
     return obj
 
 
-def _worker(rank, world, port, scenario, q):
+def _worker(rank, world, ports, scenarios, q):
+    """Run ``scenarios`` in turn, each on a process group of its own (a new
+    port): after a stage raised, every stage's transport has ended cleanly (the
+    reports go round), so the process can go on; a killed or hung stage ends
+    the list."""
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        out = SCENARIOS[scenario](rank, world, q)
-        q.put((rank, "ok", _plain(out)))
-    except BaseException as e:
-        q.put((rank, "error", {"type": type(e).__name__, "msg": str(e), "stage": getattr(e, "stage", None),
-                               "kind": getattr(e, "kind", None), "time": time.time()}))
+        for scenario, port in zip(scenarios, ports):
+            try:
+                dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                        timeout=datetime.timedelta(seconds=60))
+                out = SCENARIOS[scenario](rank, world, q)
+                q.put((rank, scenario, "ok", _plain(out)))
+            except BaseException as e:
+                q.put((rank, scenario, "error", {"type": type(e).__name__, "msg": str(e),
+                                                 "stage": getattr(e, "stage", None), "kind": getattr(e, "kind", None),
+                                                 "time": time.time()}))
+            finally:
+                dist.destroy_process_group()
     finally:
         q.close()
         q.join_thread()
         os._exit(0)
 
 
-def spawn(scenario, world, deadline_s=60.0, expect=None):
-    """Run ``scenario`` on ``world`` ranks; returns ``{rank: (status, payload)}``
-    and the fault time (if a rank reported one). Ranks that report nothing by
-    the deadline (a killed or hung rank) are absent; every process is killed."""
+def spawn(scenarios, world, deadline_s=90.0, expect=None):
+    """Run ``scenarios`` (a name or a list) on ``world`` ranks; returns
+    ``{scenario: {rank: (status, payload)}}`` and the time of the last fault a
+    rank reported. Ranks that report nothing by the deadline (a killed or hung
+    rank) are absent; every process is killed at the end."""
+    scenarios = [scenarios] if isinstance(scenarios, str) else list(scenarios)
     ctx = torch.multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, scenario, q), daemon=True) for r in range(world)]
+    ports = [_free_port() for _ in scenarios]
+    procs = [ctx.Process(target=_worker, args=(r, world, ports, scenarios, q), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
-    results, fault_time = {}, None
-    expect = set(range(world)) if expect is None else set(expect)
+    results = {s: {} for s in scenarios}
+    fault_time = None
+    expect = {(s, r) for s in scenarios for r in range(world)} if expect is None else set(expect)
     deadline = time.monotonic() + deadline_s
     try:
-        while not expect <= set(results):
+        while not expect <= {(s, r) for s in results for r in results[s]}:
             try:
-                rank, status, payload = q.get(timeout=max(0.1, deadline - time.monotonic()))
+                item = q.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if status == "fault":
-                fault_time = payload
+            if item[1] == "fault":
+                fault_time = item[2]
             else:
-                results[rank] = (status, _tensors(payload))
+                rank, scenario, status, payload = item
+                results[scenario][rank] = (status, _tensors(payload))
     finally:
         for p in procs:
             p.join(timeout=2)
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-    missing = expect - set(results)
-    assert not missing, f"{scenario}: ranks {sorted(missing)} reported nothing within {deadline_s} s: {results}"
+    missing = expect - {(s, r) for s in results for r in results[s]}
+    assert not missing, f"{scenarios}: {sorted(missing)} reported nothing within {deadline_s} s: {results}"
     return results, fault_time
 
 
@@ -293,11 +307,28 @@ def _assert_weights_equal(got, expected, what):
 
 
 # ---------------------------------------------------------------------------
-# The tests
+# The tests. Spawning a process costs seconds here (importing torch), so the
+# scenarios that leave their processes usable share one spawn per world size.
 # ---------------------------------------------------------------------------
+TIMEOUT, MARGIN = 3.0, 2.5  # the fault time is taken 0.3 s before the fault itself
+TWO = ["bad_config", "equal", "missing_target", "shape_mismatch"]
+THREE = ["equal", "raise"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return spawn(TWO, 2)[0]
+
+
+@pytest.fixture(scope="module")
+def three_ranks():
+    return spawn(THREE, 3)
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_same_parameters_as_the_sequential_executor(world):
-    results, _ = spawn("equal", world)
+def test_same_parameters_as_the_sequential_executor(world, request):
+    results = (request.getfixturevalue("two_ranks") if world == 2 else request.getfixturevalue("three_ranks")[0])
+    results = results["equal"]
     for r in range(world):
         assert results[r][0] == "ok", results[r]
     data = batches(8)
@@ -316,41 +347,41 @@ def test_same_parameters_as_the_sequential_executor(world):
     assert any(not torch.equal(plain[0][k], weights[0][k]) for k in plain[0])
 
 
-def test_world_size_mismatch_raises_on_every_rank():
-    results, _ = spawn("bad_config", 2)
+def test_world_size_mismatch_raises_on_every_rank(two_ranks):
     for r in range(2):
-        status, out = results[r]
-        assert status == "ok" and out["error"] is not None, results[r]
+        status, out = two_ranks["bad_config"][r]
+        assert status == "ok" and out["error"] is not None, two_ranks["bad_config"][r]
         assert "num_stages=3 but the process group has 2 ranks" in out["error"]
 
 
-def test_missing_target_raises_on_every_rank():
-    results, _ = spawn("missing_target", 2)
-    status, e = results[1]
+def test_missing_target_raises_on_every_rank(two_ranks):
+    res = two_ranks["missing_target"]
+    status, e = res[1]
     assert status == "error" and e["type"] == "ValueError" and "needs target=" in e["msg"]
-    status, e = results[0]
-    assert status == "error" and e["type"] == "PeerFailure" and e["stage"] == 1 and e["kind"] == "raised"
+    status, e = res[0]
+    assert status == "error" and e["type"] == "PeerFailure" and e["stage"] == 1 and e["kind"] == "raised", e
     assert "stage 1 raised ValueError" in e["msg"] and "needs target=" in e["msg"]
 
 
-def test_shape_mismatch_between_stages_raises_on_every_rank():
-    results, _ = spawn("shape_mismatch", 2)
-    status, e = results[1]
+def test_shape_mismatch_between_stages_raises_on_every_rank(two_ranks):
+    res = two_ranks["shape_mismatch"]
+    status, e = res[1]
     assert status == "error" and e["type"] == "RuntimeError" and "8x24 and 25x5" in e["msg"], e
-    status, e = results[0]
+    status, e = res[0]
     assert status == "error" and e["type"] == "PeerFailure" and e["stage"] == 1
     assert "8x24 and 25x5" in e["msg"] and "stage 1 raised RuntimeError" in e["msg"]
 
 
-TIMEOUT, MARGIN = 3.0, 2.5  # the fault time is taken 0.3 s before the fault itself
-
-
 @pytest.mark.parametrize("fault", ["kill", "hang", "raise"])
-def test_a_faulty_rank_makes_every_other_rank_raise_naming_it(fault):
+def test_a_faulty_rank_makes_every_other_rank_raise_naming_it(fault, request):
     world, culprit = 3, 2
     others = [r for r in range(world) if r != culprit]
-    expect = others + ([culprit] if fault == "raise" else [])
-    results, fault_time = spawn(fault, world, deadline_s=60, expect=expect)
+    if fault == "raise":
+        all_results, fault_time = request.getfixturevalue("three_ranks")
+        results = all_results["raise"]
+    else:  # the culprit never reports: it is dead or hung (and killed at the end)
+        all_results, fault_time = spawn(fault, world, expect=[(fault, r) for r in others])
+        results = all_results[fault]
     assert fault_time is not None
     for r in others:
         status, e = results[r]

@@ -279,7 +279,9 @@ class DecoupledStage:
         except PeerFailure as e:
             self._failed = e
             # pass the report on to the stages on the other side
-            self.transport.abort(e.stage, e.kind, str(e), wait=2.0)
+            if self.transport.is_open:
+                self.transport.abort(e.stage, e.kind, str(e), wait=2.0)
+                self.transport.stop()
             self.stage.zero_grad()
             raise
         except BaseException as e:
@@ -289,6 +291,7 @@ class DecoupledStage:
             if self.transport.is_open:
                 self.transport.abort(self.index, "raised",
                                      f"stage {self.index} raised {type(e).__name__}: {e}", wait=5.0)
+                self.transport.stop()
             self.stage.zero_grad()
             raise
 
