@@ -582,3 +582,41 @@ def test_stage_used_directly_for_a_custom_loop():
     assert_state_equal(net_state(stages, synths), expected)
     with pytest.raises(RuntimeError, match="expected batch 5"):
         s0.forward(7, data[0][0])
+
+
+def test_move_with_pending_predictions_keeps_the_schedule():
+    """``.double()`` mid-training moves the stored predictions too; both
+    executors still agree (the threads executor's workers are restarted)."""
+    data = batches(6)
+    out = {}
+    for ex in CPU_EXECUTORS:
+        stages, synths = make_net()
+        m = DecoupledSequential(stages, synths, sgd, executor=ex, delay=2, threads_per_stage=1)
+        for x, y in data[:3]:
+            m.step(x, y, F.cross_entropy)
+        m.double()
+        pend = [r for st in m.schedule_stages for recs in st._pending.values() for r in recs.values()]
+        assert pend and all(r.x.dtype == torch.float64 and r.s.dtype == torch.float64 for r in pend)
+        for x, y in data[3:]:
+            m.step(x.double(), y, F.cross_entropy)
+        m.flush()
+        out[ex] = m.state_dict()
+        m.close()
+    assert_state_equal(out["sequential"], out["threads"])
+    assert out["threads"]["stages.0.0.weight"].dtype == torch.float64
+
+
+def test_example_quick(tmp_path):
+    import json
+
+    from dni_fast.examples import decoupled as example
+
+    log = tmp_path / "decoupled.json"
+    out = example.main(["--quick", "--no-progress", "--data", "digits", "--log", str(log)])
+    saved = json.loads(log.read_text())
+    assert out["summary"] == saved["summary"]
+    names = [r["variant"] for r in saved["runs"]]
+    assert names == ["backprop", "sequential", "sequential d=1", "threads"]
+    for r in saved["runs"]:
+        assert 0.0 <= r["test_acc"] <= 100.0 and r["samples_per_s"] > 0 and r["steps"] > 0
+        assert r["final_train_loss"] is not None and r["final_train_loss"] > 0

@@ -395,3 +395,32 @@ def test_a_faulty_rank_makes_every_other_rank_raise_naming_it(fault, request):
         status, e = results[culprit]
         assert status == "error" and e["type"] == "ArithmeticError"
         assert "the loss of the last stage raised" in results[0][1]["msg"]
+
+
+def test_example_without_torchrun(tmp_path):
+    """``python -m dni_fast.examples.mnist_distributed --spawn 2``: the example
+    starts its own processes (no torchrun), trains decoupled and GPipe, and
+    reports both."""
+    import json
+
+    from dni_fast.examples import mnist_distributed as example
+
+    log = tmp_path / "mnist_distributed.json"
+    out = example.main(["--spawn", "2", "--quick", "--data", "digits", "--no-progress", "--schedules", "decoupled",
+                        "gpipe", "--log", str(log)])
+    saved = json.loads(log.read_text())
+    assert out["summary"] == saved["summary"]
+    methods = [r["method"] for r in saved["runs"]]
+    assert methods == ["decoupled", "gpipe m=4"]
+    for r in saved["runs"]:
+        assert r["samples_per_s"] > 0 and 0 <= r["test_acc"] <= 100 and r["train_loss"] > 0
+        assert len(r["peak_rss_mib"]) == 2
+
+
+def test_requires_an_initialised_group():
+    from dni_fast.distributed import DecoupledStage
+
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="never initialises one"):
+        DecoupledStage(nn.Linear(2, 2), 0, 1)

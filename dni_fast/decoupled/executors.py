@@ -453,9 +453,22 @@ class StreamsExecutor(Executor):
             self.devices.append(d)
             prev = d
         self.streams = [None if d is None else torch.cuda.Stream(d) for d in self.devices]
+        self._wait_for_callers()
         self.inbox: List[Deque[Batch]] = [collections.deque() for _ in stages]
         self.target_events: List[Dict[int, Any]] = [{} for _ in stages]  # stage k: batch -> event of its target
         self.next_due = [0] * self.n  # per stage: the next step whose due regression is not yet issued
+
+    def _wait_for_callers(self) -> None:
+        """Order every stage stream after its device's current stream once: the
+        weights (and any state loaded since) were written there. Not per step:
+        the caller's stream waits for the last stage's loss each step, so a
+        per-step wait would chain stage 0 to the last stage."""
+        for d, s in zip(self.devices, self.streams):
+            s.wait_stream(torch.cuda.current_stream(d))
+
+    def restore(self, submitted: int, returned: int, losses: Dict[int, Tensor]) -> None:
+        super().restore(submitted, returned, losses)
+        self._wait_for_callers()  # load_checkpoint wrote the weights on the caller's streams
 
     @staticmethod
     def check(stages, delay, threads_per_stage) -> None:
@@ -496,9 +509,10 @@ class StreamsExecutor(Executor):
                 self._hand_on(k, b, out.out)
             if k > 0:
                 below = self.stages[k - 1]
+                # A copy across devices runs on the source device's current stream (this
+                # stage's) and is ordered with the destination's current stream both ways,
+                # so the copy needs no record_stream; the consumer's stream does.
                 g = _to(out.grad_in, self.devices[k - 1], True)
-                if self.devices[k - 1] != dev:
-                    g.record_stream(stream)
                 g.record_stream(self.streams[k - 1])
                 below.deliver(b.index, g)
                 self.target_events[k - 1][b.index] = self._event(stream)
@@ -512,10 +526,8 @@ class StreamsExecutor(Executor):
 
     def _hand_on(self, k: int, b: Batch, h: Tensor) -> None:
         d_next, s_next = self.devices[k + 1], self.streams[k + 1]
-        h = _to(h, d_next, True)
+        h = _to(h, d_next, True)  # across devices: on this stage's stream (see _run_stage)
         h.record_stream(s_next)
-        if d_next != self.devices[k]:
-            h.record_stream(self.streams[k])  # the copy was issued on this stage's stream
         self.inbox[k + 1].append(Batch(b.index, h, b.x, b.y, b.loss_fn, b.context, b.backend,
                                        {"ready": self._event(self.streams[k])}))
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -75,8 +75,8 @@ def check_delay(delay: Optional[int], runner: str) -> int:
         return lo
     if isinstance(delay, bool) or not isinstance(delay, int) or delay < lo:
         why = ("" if lo == 0 else
-               f"; with delay=0 every stage would wait each step for the stages above it to finish the same "
-               f"batch, so nothing would overlap: use executor='sequential' for delay=0")
+               "; with delay=0 every stage would wait each step for the stages above it to finish the same "
+               "batch, so nothing would overlap: use executor='sequential' for delay=0")
         raise ValueError(f"delay must be an int >= {lo} for {runner!r}, got {delay!r}{why}")
     return delay
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from dni_fast.backends import get_backend
-from dni_fast.decoupled.schedule import Stage, check_delay, split_synthesizer
+from dni_fast.decoupled.schedule import Stage, check_delay
 from dni_fast.distributed.transport import TAG_ACT, TAG_GRAD, TAG_X, PeerFailure, Transport
 
 __all__ = ["DecoupledStage", "PeerFailure"]
