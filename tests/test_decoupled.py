@@ -620,3 +620,53 @@ def test_example_quick(tmp_path):
     for r in saved["runs"]:
         assert 0.0 <= r["test_acc"] <= 100.0 and r["samples_per_s"] > 0 and r["steps"] > 0
         assert r["final_train_loss"] is not None and r["final_train_loss"] > 0
+
+
+# ---------------------------------------------------------------------------
+# CUDA graphs: the plumbing, emulated on the CPU; the refusal where CUDA is absent
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("executor", CPU_EXECUTORS)
+@pytest.mark.parametrize("case", ["plain", "update_prob", "context", "custom", "unlock"])
+def test_graph_plumbing_keeps_the_schedule(executor, case):
+    """With the graph runner in emulation (a replay re-runs the captured
+    function on the static buffers and copies its results into the static
+    outputs), the numbers are the eager run's, bit for bit: the inputs are
+    copied in, the outputs copied out before the next replay, and the
+    bookkeeping stays the eager schedule's."""
+    kw = dict(CASES[case])
+    context = kw.pop("context", False)
+    data = batches(9)
+    eager = train(executor, 2, data, context=context, **kw)
+    net_kw = {k: kw.pop(k) for k in list(kw) if k in ("synth", "n", "context_dim", "unlock_at")}
+    stages, synths = make_net(**net_kw)
+    m = DecoupledSequential(stages, synths, adam, executor=executor, delay=2, threads_per_stage=1, **kw)
+    m._enable_graphs("emulate", warmup_steps=3)
+    losses = [m.step(x, y, F.cross_entropy, context=F.one_hot(y, 5).float() if context else None) for x, y in data]
+    rest = m.flush()
+    assert_state_equal(m.state_dict(), eager[0], f"graphs ({case})")
+    assert [None if l is None else float(l) for l in losses + rest] == \
+           [None if l is None else float(l) for l in eager[1] + eager[2]]
+    runners = m._executor.runners
+    assert all(r.graphs for r in runners)  # every stage went through its graphs
+    m.close()
+
+
+def test_graphs_need_static_shapes_and_are_refused_without_cuda():
+    stages, synths = make_net()
+    m = DecoupledSequential(stages, synths, adam, executor="sequential", threads_per_stage=1)
+    m._enable_graphs("emulate", warmup_steps=1)
+    data = batches(3)
+    m.step(*data[0], F.cross_entropy)
+    m.step(*data[1], F.cross_entropy)  # captured here
+    with pytest.raises(ValueError, match=r"captured for stage 0's input\['h'\] of shape \(8, 12\)"):
+        m.step(data[2][0][:4], data[2][1][:4], F.cross_entropy)
+    with pytest.raises(Exception, match="CUDA graphs need executor='streams'"):
+        DecoupledSequential(*make_net(), adam, executor="threads").enable_cuda_graphs()
+    from dni_fast.decoupled.graphs import check_capturable
+
+    capt = DecoupledSequential(*make_net(), lambda p: torch.optim.Adam(p, capturable=False), executor="sequential")
+    with pytest.raises(ValueError, match="capturable=True"):
+        check_capturable(capt.schedule_stages[0])
+    ok = DecoupledSequential(*make_net(), lambda p: torch.optim.Adam(p, capturable=True), executor="sequential")
+    for st in ok.schedule_stages:
+        check_capturable(st)

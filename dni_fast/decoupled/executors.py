@@ -93,11 +93,35 @@ class Executor:
 
     name = ""
 
-    def __init__(self, stages: List[Stage]) -> None:
+    def __init__(self, stages: List[Stage], graphs: Optional[tuple] = None) -> None:
         self.stages = stages
         self.n = len(stages)
         self.losses: Dict[int, Tensor] = {}
         self.returned = -1  # the last batch whose loss was returned
+        self.graphs = graphs
+        self.runners: List[Any] = [None] * self.n  # per stage: a StageGraphs (graphs.py), or None: eager
+        if graphs is not None:
+            from dni_fast.decoupled.graphs import StageGraphs
+
+            mode, warmup = graphs
+            self.runners = [StageGraphs(st, mode, warmup, self._stream(k)) for k, st in enumerate(stages)]
+
+    def _stream(self, k: int):
+        return None
+
+    def _forward(self, k: int, batch: int, h, context, y, loss_fn, backend):
+        """Stage ``k``'s steps 1-4, eager or through its graphs."""
+        r = self.runners[k]
+        if r is None:
+            return self.stages[k].forward(batch, h, context, y, loss_fn, backend)
+        return r.forward(batch, h, context, y, loss_fn, backend)
+
+    def _regress(self, k: int, batch: int, step: Optional[int] = None) -> None:
+        r = self.runners[k]
+        if r is None:
+            self.stages[k].regress(batch, step)
+        else:
+            r.regress(batch, step)
 
     @staticmethod
     def check(stages: List[Stage], delay: int, threads_per_stage) -> None:
@@ -169,8 +193,9 @@ class SequentialExecutor(Executor):
 
     name = "sequential"
 
-    def __init__(self, stages: List[Stage], threads_per_stage: Optional[List[int]] = None) -> None:
-        super().__init__(stages)
+    def __init__(self, stages: List[Stage], threads_per_stage: Optional[List[int]] = None,
+                 graphs: Optional[tuple] = None) -> None:
+        super().__init__(stages, graphs)
         # One thread runs every stage: one count (the first) applies to all.
         self.threads = None if threads_per_stage is None else threads_per_stage[0]
 
@@ -190,14 +215,14 @@ class SequentialExecutor(Executor):
                     ctx = _to(b.context, st.device)
                     if st.unlocked:
                         hhat = st.synthetic_input(b.index, _to(b.x, st.device), ctx, b.backend)
-                    out = st.forward(b.index, _to(h, st.device), ctx, b.y, b.loss_fn, b.backend)
+                    out = self._forward(k, b.index, _to(h, st.device), ctx, b.y, b.loss_fn, b.backend)
                     if k > 0:
                         stages[k - 1].deliver(b.index, _to(out.grad_in, stages[k - 1].device))
                     h = hhat if st.unlocked else out.out
                     loss = out.loss
                 for k, st in enumerate(stages):
                     for due in st.due(b.index):
-                        st.regress(due, b.index)
+                        self._regress(k, due, b.index)
         except BaseException as e:
             e.add_note(f"dni_fast.DecoupledSequential: raised in stage {k} (executor 'sequential') while processing "
                        f"batch {b.index}")
@@ -207,9 +232,9 @@ class SequentialExecutor(Executor):
 
     def drain(self) -> List[Tensor]:
         with _ThreadCount(self.threads):
-            for st in self.stages:
+            for k, st in enumerate(self.stages):
                 for due in st.pending():
-                    st.regress(due)
+                    self._regress(k, due)
         return self._take_losses()
 
 
@@ -264,8 +289,9 @@ class ThreadsExecutor(Executor):
 
     name = "threads"
 
-    def __init__(self, stages: List[Stage], threads_per_stage: Optional[List[int]] = None) -> None:
-        super().__init__(stages)
+    def __init__(self, stages: List[Stage], threads_per_stage: Optional[List[int]] = None,
+                 graphs: Optional[tuple] = None) -> None:
+        super().__init__(stages, graphs)
         n = self.n
         self.threads = threads_per_stage or [max(1, torch.get_num_threads() // n)] * n
         self.sh = _Shared(n)
@@ -285,7 +311,7 @@ class ThreadsExecutor(Executor):
         if self.workers:
             return
         sh, stages = self.sh, self.stages
-        self.workers = [threading.Thread(target=_worker, args=(sh, stages, k, self.threads[k]),
+        self.workers = [threading.Thread(target=_worker, args=(sh, stages, k, self.threads[k], self),
                                          name=f"dni_fast-stage-{k}", daemon=True) for k in range(self.n)]
         for t in self.workers:
             t.start()
@@ -368,7 +394,7 @@ def _wait_worker(sh: _Shared, k: int, pred: Callable[[], bool]) -> None:
         raise _Stop
 
 
-def _worker(sh: _Shared, stages: List[Stage], k: int, threads: int) -> None:
+def _worker(sh: _Shared, stages: List[Stage], k: int, threads: int, ex: "ThreadsExecutor") -> None:
     st = stages[k]
     n = len(stages)
     last = k == n - 1
@@ -387,7 +413,7 @@ def _worker(sh: _Shared, stages: List[Stage], k: int, threads: int) -> None:
                 for due in st.pending():
                     with sh.lock:
                         _wait_worker(sh, k, lambda: st.has_target(due))
-                    st.regress(due)
+                    ex._regress(k, due)
                 with sh.lock:
                     sh.drained[k] = True
                     sh.cv_caller.notify()
@@ -398,7 +424,7 @@ def _worker(sh: _Shared, stages: List[Stage], k: int, threads: int) -> None:
                 with sh.lock:  # the next stage starts now: it does not wait for this stage's forward
                     sh.inputs[k + 1].append(Batch(batch, hhat, b.x, b.y, b.loss_fn, b.context, b.backend))
                     sh.cv[k + 1].notify()
-            out = st.forward(batch, b.h, b.context, b.y, b.loss_fn, b.backend)
+            out = ex._forward(k, batch, b.h, b.context, b.y, b.loss_fn, b.backend)
             with sh.lock:
                 if out.out is not None:
                     sh.inputs[k + 1].append(Batch(batch, out.out, b.x, b.y, b.loss_fn, b.context, b.backend))
@@ -412,7 +438,7 @@ def _worker(sh: _Shared, stages: List[Stage], k: int, threads: int) -> None:
             for due in st.due(batch):
                 with sh.lock:
                     _wait_worker(sh, k, lambda: st.has_target(due))
-                st.regress(due, batch)
+                ex._regress(k, due, batch)
             with sh.lock:
                 sh.completed[k] = batch + 1
                 sh.cv_caller.notify()
@@ -444,8 +470,7 @@ class StreamsExecutor(Executor):
 
     name = "streams"
 
-    def __init__(self, stages: List[Stage], threads_per_stage=None) -> None:
-        super().__init__(stages)
+    def __init__(self, stages: List[Stage], threads_per_stage=None, graphs: Optional[tuple] = None) -> None:
         self.devices = []
         prev = None
         for s in stages:
@@ -453,10 +478,14 @@ class StreamsExecutor(Executor):
             self.devices.append(d)
             prev = d
         self.streams = [None if d is None else torch.cuda.Stream(d) for d in self.devices]
+        super().__init__(stages, graphs)  # after the streams: the graphs capture on them
         self._wait_for_callers()
         self.inbox: List[Deque[Batch]] = [collections.deque() for _ in stages]
         self.target_events: List[Dict[int, Any]] = [{} for _ in stages]  # stage k: batch -> event of its target
         self.next_due = [0] * self.n  # per stage: the next step whose due regression is not yet issued
+
+    def _stream(self, k: int):
+        return self.streams[k]
 
     def _wait_for_callers(self) -> None:
         """Order every stage stream after its device's current stream once: the
@@ -504,7 +533,7 @@ class StreamsExecutor(Executor):
             if st.unlocked:
                 hhat = st.synthetic_input(b.index, _to(b.x, dev, True), ctx, b.backend)
                 self._hand_on(k, b, hhat)
-            out = st.forward(b.index, _to(b.h, dev, True), ctx, b.y, b.loss_fn, b.backend)
+            out = self._forward(k, b.index, _to(b.h, dev, True), ctx, b.y, b.loss_fn, b.backend)
             if out.out is not None:
                 self._hand_on(k, b, out.out)
             if k > 0:
@@ -538,7 +567,7 @@ class StreamsExecutor(Executor):
             if ev is None:  # cannot happen with delay >= 1 and the last-stage-first issue order
                 raise RuntimeError(f"streams executor: the target of batch {due} for stage {k} was not issued yet")
             stream.wait_event(ev)
-            st.regress(due, step)
+            self._regress(k, due, step)
 
     def _tick(self) -> None:
         # Last stage first: stage k+1's forward on the batch stage k handed on at the
@@ -571,7 +600,7 @@ class StreamsExecutor(Executor):
                     ev = self.target_events[k].pop(due, None)
                     if ev is not None:
                         self.streams[k].wait_event(ev)
-                    st.regress(due)
+                    self._regress(k, due)
             torch.cuda.current_stream(self.devices[k]).wait_event(self._event(self.streams[k]))
         return self._take_losses()
 

@@ -96,13 +96,14 @@ class DecoupledSequential(nn.Module):
                               delay=self.delay, update_prob=update_prob, seed=seed) for k in range(n)]
         self._cls = executor_class(executor)
         self._cls.check(self._stages, self.delay, self._threads)
+        self._graphs: Optional[tuple] = None  # (mode, warmup_steps) once enable_cuda_graphs is called
         self._make_executor()
         self._batches = 0  # batches handed to step
         self._broken: Optional[BaseException] = None
         self._checked = False  # whether a batch went through every stage since construction
 
     def _make_executor(self) -> None:
-        ex = self._cls(self._stages, self._threads)
+        ex = self._cls(self._stages, self._threads, graphs=self._graphs)
         self._executor = ex
         # Stop the workers when the module is collected (the workers do not reference it).
         self._finalizer = weakref.finalize(self, ex.close)
@@ -277,10 +278,7 @@ class DecoupledSequential(nn.Module):
         if checkpoint["delay"] != self.delay:
             raise ValueError(f"the checkpoint was taken with delay={checkpoint['delay']}, this model has "
                              f"delay={self.delay}")
-        if self._broken is not None:
-            self._make_executor()  # the old workers were stopped
-            self._broken = None
-        else:
+        if self._broken is None:
             self._executor.quiesce()
         super().load_state_dict(checkpoint["model"])
         for st, s in zip(self._stages, checkpoint["stages"]):
@@ -288,7 +286,44 @@ class DecoupledSequential(nn.Module):
         self._batches = int(checkpoint["batches"])
         dev = self._stages[-1].device
         losses = {int(b): (t if dev is None else t.to(dev)).clone() for b, t in checkpoint["losses"].items()}
+        # A fresh executor: the old one's workers may have stopped (a stage raised), and
+        # captured graphs hold the optimizers' old state tensors (load_state_dict replaces them).
+        self._executor.close()
+        self._finalizer.detach()
+        self._make_executor()
+        self._broken = None
         self._executor.restore(self._batches, int(checkpoint["returned"]), losses)
+
+    # -- CUDA graphs --------------------------------------------------------------------------
+    def enable_cuda_graphs(self, warmup_steps: int = 3) -> "DecoupledSequential":
+        """Capture each stage's step in CUDA graphs after ``warmup_steps`` eager
+        steps, and replay them (``executor='streams'``; static shapes, the same
+        ``loss_fn`` every step, optimizers built with ``capturable=True``; see
+        ``dni_fast/decoupled/graphs.py``). The schedule and its numbers are the
+        eager ones. Refused with a clear error where CUDA graphs cannot run."""
+        if self.executor != "streams" or not torch.cuda.is_available():
+            from dni_fast.decoupled.executors import ExecutorUnavailableError
+
+            where = "torch.cuda.is_available() is False here" if not torch.cuda.is_available() else \
+                f"this model runs executor={self.executor!r}"
+            raise ExecutorUnavailableError(f"CUDA graphs need executor='streams' with CUDA stages; {where}")
+        return self._enable_graphs("cuda", warmup_steps)
+
+    def _enable_graphs(self, mode: str, warmup_steps: int) -> "DecoupledSequential":
+        """``mode='emulate'`` runs the graph plumbing without CUDA (tests)."""
+        from dni_fast.decoupled.graphs import StageGraphs, check_capturable
+
+        if self._batches:
+            raise RuntimeError("enable CUDA graphs before the first step")
+        if mode == "cuda":
+            for st in self._stages:
+                check_capturable(st)
+        StageGraphs(self._stages[0], mode, warmup_steps)  # validates the arguments
+        self._graphs = (mode, warmup_steps)
+        self._executor.close()
+        self._finalizer.detach()
+        self._make_executor()
+        return self
 
     # -- hooks and statistics ------------------------------------------------------------
     def register_hook(self, fn: Callable[[StageEvent], None]):

@@ -195,10 +195,11 @@ class _Synth:
             raise TypeError(f"{self.label}: the synthesizer returned {type(s).__name__}, expected a tensor")
         return s, _Record(None, x, c, (), s, 0.0, s.shape)
 
-    def regress(self, rec: _Record) -> None:
-        """One regression step: the loss between the stored prediction and its
-        target, backpropagated through the *current* weights, then one
-        optimizer step. The gradients reach ``.grad`` through autograd."""
+    def regress_compute(self, rec: _Record) -> Tensor:
+        """The device work of one regression step: the loss between the stored
+        prediction and its target, backpropagated through the *current*
+        weights, then one optimizer step. The gradients reach ``.grad`` through
+        autograd. Returns the partial sums for the statistics (fp32 (4,))."""
         g = rec.target
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -211,19 +212,23 @@ class _Synth:
             with torch.no_grad(), no_autocast(rec.x):
                 grads, partials = rec.backend.primitives.update(rec.x, rec.c, [p.detach() for p in params], rec.zs,
                                                                 rec.s, g2, rec.scale, None)
-            self.stats.record(partials, rec.scale)
             with torch.enable_grad():
                 carrier = grad_carrier(grads, params)
             if carrier.requires_grad:  # else the synthesizer is frozen
                 carrier.backward()
         else:
-            self.stats.record(partials_of(rec.s, g), rec.scale)
+            partials = partials_of(rec.s, g)
             with torch.enable_grad():
                 out = self.module(rec.x, rec.c)
                 if out.requires_grad:
                     out.backward(rec.scale * (rec.s - g.to(rec.s.dtype)))
         if self.optimizer is not None:
             self.optimizer.step()
+        return partials
+
+    def regress(self, rec: _Record) -> None:
+        """One regression step, its statistics recorded."""
+        self.stats.record(self.regress_compute(rec), rec.scale)
 
 
 def _make_optimizer(factory: Callable, params: List[Tensor], label: str):
@@ -252,6 +257,19 @@ class StageOutput:
     grad_in: Optional[Tensor]
     loss: Optional[Tensor]
     updated: bool
+
+
+@dataclass
+class _Computed:
+    """The device results of steps 1-3 (``Stage.compute_forward``): ``a``
+    detached, the synthetic gradient ``s`` and its record (``None`` on the last
+    stage), the gradient on the input (``None`` on stage 0), the loss (last)."""
+
+    a: Tensor
+    s: Optional[Tensor]
+    rec: Optional[_Record]
+    grad_in: Optional[Tensor]
+    loss: Optional[Tensor]
 
 
 @dataclass
@@ -387,11 +405,6 @@ class Stage:
         self._pending[batch] = {"bwd": brec, "fwd": frec}
         return hhat
 
-    def _draw_update(self) -> bool:
-        if self.update_prob >= 1.0:
-            return True
-        return bool(torch.rand((), generator=self.generator).item() < self.update_prob)
-
     def forward(self, batch: int, h: Tensor, context: Any = None, target: Any = None,
                 loss_fn: Optional[Callable[[Tensor, Any], Tensor]] = None,
                 backend: Optional[str] = None) -> StageOutput:
@@ -400,6 +413,14 @@ class Stage:
         backward through the stage alone and its optimizer step. ``backend``
         is the dni_fast backend name for the synthesizer (``None``: this
         thread's global choice)."""
+        self.check_forward(batch, h)
+        updated = self.draw_update()
+        return self.record_forward(batch, self.compute_forward(h, context, target, loss_fn, backend, updated),
+                                   updated)
+
+    # The three parts of ``forward``, apart so that a CUDA graph can replay the
+    # device work alone (``graphs.py``): the checks and the bookkeeping stay in Python.
+    def check_forward(self, batch: int, h: Any) -> None:
         k = self.index
         if batch != self.steps:
             raise RuntimeError(f"stage {k}: forward for batch {batch}, expected batch {self.steps} (batches go "
@@ -408,6 +429,18 @@ class Stage:
             raise RuntimeError(f"stage {k} is unlocked: call synthetic_input before forward for batch {batch}")
         if not isinstance(h, Tensor):
             raise TypeError(f"stage {k}: the input must be a tensor, got {type(h).__name__}")
+
+    def draw_update(self) -> bool:
+        """Whether this step takes step 3 (one draw per step when ``update_prob < 1``)."""
+        if self.update_prob >= 1.0:
+            return True
+        return bool(torch.rand((), generator=self.generator).item() < self.update_prob)
+
+    def compute_forward(self, h: Tensor, context: Any, target: Any, loss_fn: Optional[Callable],
+                        backend: Optional[str], updated: bool) -> "_Computed":
+        """The device work of steps 1-3; changes no Python state of the stage
+        (but the modules' and optimizers' tensors)."""
+        k = self.index
         if k > 0:
             h = h.detach().requires_grad_()  # its .grad is the target of the synthesizer below
         try:
@@ -419,7 +452,7 @@ class Stage:
             raise
         if not isinstance(a, Tensor):
             raise TypeError(f"stage {k} returned {type(a).__name__}; a stage must return one tensor")
-        s = None
+        s = rec = None
         if self.last:
             if loss_fn is None:
                 raise ValueError(f"stage {k} is the last stage: step needs loss_fn")
@@ -434,19 +467,8 @@ class Stage:
             _check_width(k, self.synth.module, a, f"stage {k}'s output")
             s, rec = self.synth.predict(a, context, backend)
             _check_synthetic(k, s, a, f"stage {k}'s output")
-            if self.unlocked:
-                # M_k's regression pair is the synthetic input's (stored by synthetic_input);
-                # F_k regresses its prediction on the real output.
-                frec = self._pending[batch]["fwd"]
-                if tuple(frec.shape) != tuple(a.shape):
-                    raise ValueError(f"forward synthesizer {k} predicts stage {k + 1}'s input with shape "
-                                     f"{tuple(frec.shape)}, but stage {k}'s output has shape {tuple(a.shape)}")
-                frec.target = a.detach()
-            else:
-                rec.scale = BACKWARD_LOSS.scale(a.shape)
-                self._pending[batch] = {"bwd": rec}
+            rec.scale = BACKWARD_LOSS.scale(a.shape)
             root, seed_grad = a, s
-        updated = self._draw_update()
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         grad_in = None
@@ -461,13 +483,29 @@ class Stage:
                 (grad_in,) = torch.autograd.grad(root, h, seed_grad, allow_unused=True)
         if k > 0 and grad_in is None:  # the output does not depend on the input
             grad_in = torch.zeros_like(h)
+        return _Computed(a.detach(), s, rec, None if grad_in is None else grad_in.detach(),
+                         None if loss is None else loss.detach().reshape(()))
+
+    def record_forward(self, batch: int, comp: "_Computed", updated: bool) -> StageOutput:
+        """The bookkeeping of steps 2 and 4: store the prediction for its
+        regression, count the step, call the hooks."""
+        k, a = self.index, comp.a
+        if not self.last:
+            if self.unlocked:
+                # M_k's regression pair is the synthetic input's (stored by synthetic_input);
+                # F_k regresses its prediction on the real output.
+                frec = self._pending[batch]["fwd"]
+                if tuple(frec.shape) != tuple(a.shape):
+                    raise ValueError(f"forward synthesizer {k} predicts stage {k + 1}'s input with shape "
+                                     f"{tuple(frec.shape)}, but stage {k}'s output has shape {tuple(a.shape)}")
+                frec.target = a
+            else:
+                self._pending[batch] = {"bwd": comp.rec}
         self.steps += 1
-        out = None if (self.last or self.unlocked) else a.detach()
-        loss_d = None if loss is None else loss.detach().reshape(())
         if self._hooks:
-            self._emit(StageEvent("forward", k, batch, batch, output=a.detach(), synthetic_grad=s, loss=loss_d,
+            self._emit(StageEvent("forward", k, batch, batch, output=a, synthetic_grad=comp.s, loss=comp.loss,
                                   updated=updated))
-        return StageOutput(out, None if grad_in is None else grad_in.detach(), loss_d, updated)
+        return StageOutput(None if (self.last or self.unlocked) else a, comp.grad_in, comp.loss, updated)
 
     # -- step 5 -------------------------------------------------------------------
     def deliver(self, batch: int, target: Tensor) -> None:
@@ -500,9 +538,12 @@ class Stage:
         """Batches whose prediction waits for its regression, oldest first."""
         return sorted(self._pending)
 
-    def regress(self, batch: int, step: Optional[int] = None) -> None:
+    def regress(self, batch: int, step: Optional[int] = None,
+                runner: Optional[Callable[[str, "_Synth", _Record], Tensor]] = None) -> None:
         """Step 5 for ``batch``: the backward synthesizer's regression, then the
-        forward synthesizer's (complete unlock); its target must be there."""
+        forward synthesizer's (complete unlock); its target must be there.
+        ``runner(kind, synth, record) -> partials`` replaces
+        ``synth.regress_compute`` (a CUDA graph's replay)."""
         recs = self._pending.get(batch)
         if recs is None:
             raise RuntimeError(f"stage {self.index}: no pending prediction for batch {batch}")
@@ -510,9 +551,11 @@ class Stage:
             raise RuntimeError(f"stage {self.index}: the target of batch {batch} has not arrived; the schedule "
                                "applies a target when it is there, never before")
         del self._pending[batch]
-        self.synth.regress(recs["bwd"])
-        if "fwd" in recs:
-            self.fsynth.regress(recs["fwd"])
+        for kind, synth in (("bwd", self.synth), ("fwd", self.fsynth)):
+            if kind in recs:
+                rec = recs[kind]
+                partials = synth.regress_compute(rec) if runner is None else runner(kind, synth, rec)
+                synth.stats.record(partials, rec.scale)
         if self._hooks:
             r = recs["bwd"]
             self._emit(StageEvent("regress", self.index, batch, self.steps - 1 if step is None else step,
