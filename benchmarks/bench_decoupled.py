@@ -140,6 +140,14 @@ def stage_alone(k: int, W: int, B: int, K: int, n=4) -> Callable[[], None]:
     return run
 
 
+def _loadavg():
+    """The machine's 1-minute load average (other users' work shows here: this VM is shared)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def environment(device: torch.device) -> Dict[str, str]:
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": dev,
@@ -177,7 +185,8 @@ def bench_cpu(W: int, B: int, K: int, min_run_time: float, env: dict) -> List[di
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ideal = total / max(max(stage_ms), total / cores)
     extra = {"stage_ms": [round(s, 4) for s in stage_ms], "ideal_threads_speedup": round(ideal, 3),
-             "cores": cores, "K": K, "synth": "BasicSynthesizer(W, n_hidden=1)", "optimizer": "Adam"}
+             "cores": cores, "K": K, "synth": "BasicSynthesizer(W, n_hidden=1)", "optimizer": "Adam",
+             "loadavg_1min_after": _loadavg()}
     rows = []
     for name, r in res.items():
         threads = {"sequential/1t": 1, "threads/1t": 1, "backprop/1t": 1, "threads": max(1, N // 4)}.get(name, N)

@@ -242,7 +242,8 @@ def main(argv=None) -> int:
         cfg = {"args": args, "steps": a.steps, "rounds": a.rounds, "budget_steps": max(a.samples // B, 1)}
         res = spawn(world, cfg)
         extra = {"compute_alone_ms": {k: round(v, 4) for k, v in alone.items()}, "messages_ms": res["messages"],
-                 "rounds": a.rounds, "timed_steps": a.steps, "layers_per_stage": E.split(world)}
+                 "rounds": a.rounds, "timed_steps": a.steps, "layers_per_stage": E.split(world),
+                 "loadavg_1min_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
         speeds: Dict[str, List[float]] = {}
         mems: Dict[str, dict] = {}
         for r in res["timed"]:

@@ -92,6 +92,9 @@ class DecoupledSequential(nn.Module):
         self.delay = check_delay(delay, executor)
         self.update_prob, self.seed = update_prob, seed
         self._threads = _threads_list(threads_per_stage, n)
+        if self._threads is None and executor == "threads":
+            # fixed now: the executor is rebuilt later (load_checkpoint, .to()), at other counts maybe
+            self._threads = [max(1, torch.get_num_threads() // n)] * n
         self._stages = [Stage(k, n, stages[k], synthesizers[k] if k < n - 1 else None, optimizer,
                               delay=self.delay, update_prob=update_prob, seed=seed) for k in range(n)]
         self._cls = executor_class(executor)
