@@ -670,3 +670,76 @@ def test_graphs_need_static_shapes_and_are_refused_without_cuda():
     ok = DecoupledSequential(*make_net(), lambda p: torch.optim.Adam(p, capturable=True), executor="sequential")
     for st in ok.schedule_stages:
         check_capturable(st)
+
+
+# ---------------------------------------------------------------------------
+# The streams executor's schedule, on the CPU with a stand-in for the CUDA API
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Streams, events and stream contexts that do nothing, so that the streams
+    executor's issue order (last stage first, targets waited for by event, losses
+    returned n-1 ticks late) runs on CPU tensors. Only the ordering logic is
+    tested this way: the GPU path itself is not run here."""
+    import contextlib
+
+    from dni_fast.decoupled.executors import StreamsExecutor
+
+    class FakeStream:
+        def __init__(self, device=None):
+            self.device = device
+
+        def wait_event(self, ev):
+            assert isinstance(ev, FakeEvent) and ev.recorded, "waited for an event that was never recorded"
+
+        def wait_stream(self, s):
+            pass
+
+    class FakeEvent:
+        recorded = False
+
+        def record(self, stream=None):
+            self.recorded = True
+
+    @contextlib.contextmanager
+    def nothing(*a, **k):
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", nothing)
+    monkeypatch.setattr(torch.cuda, "device", nothing)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(device))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None, raising=False)
+    monkeypatch.setattr(StreamsExecutor, "check", staticmethod(lambda stages, delay, tps: None))
+
+
+@pytest.mark.parametrize("case", ["plain", "update_prob", "context", "unlock", "4 stages"])
+@pytest.mark.parametrize("delay", [1, 2])
+def test_streams_schedule_equals_sequential(fake_cuda, case, delay):
+    kw = dict(CASES[case])
+    data = batches(9)
+    seq, seq_losses, _, _ = train("sequential", delay, data, **kw)
+    stm, stm_losses, stm_rest, _ = train("streams", delay, data, **kw)
+    assert_state_equal(seq, stm, f"streams ({case}, delay={delay})")
+    n = kw.get("n", 3)
+    assert stm_losses[: n - 1] == [None] * (n - 1)
+    assert [float(l) for l in stm_losses[n - 1:] + stm_rest] == [float(l) for l in seq_losses]
+
+
+def test_streams_with_graph_plumbing_and_checkpoint(fake_cuda):
+    data = batches(8)
+    seq = train("sequential", 1, data, update_prob=0.5, seed=2)[0]
+    stages, synths = make_net()
+    m = DecoupledSequential(stages, synths, adam, executor="streams", update_prob=0.5, seed=2)
+    m._enable_graphs("emulate", warmup_steps=2)
+    for x, y in data[:5]:
+        m.step(x, y, F.cross_entropy)
+    ck = m.checkpoint()
+    stages, synths = make_net()
+    r = DecoupledSequential(stages, synths, adam, executor="streams", update_prob=0.5, seed=2)
+    r.load_checkpoint(ck)
+    for x, y in data[5:]:
+        r.step(x, y, F.cross_entropy)
+    r.flush()
+    assert_state_equal(r.state_dict(), seq)

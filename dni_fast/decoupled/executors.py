@@ -482,7 +482,7 @@ class StreamsExecutor(Executor):
         self._wait_for_callers()
         self.inbox: List[Deque[Batch]] = [collections.deque() for _ in stages]
         self.target_events: List[Dict[int, Any]] = [{} for _ in stages]  # stage k: batch -> event of its target
-        self.next_due = [0] * self.n  # per stage: the next step whose due regression is not yet issued
+        self._copy_streams: Dict[tuple, tuple] = {}  # (src, dst) device -> (source stream, destination stream)
 
     def _stream(self, k: int):
         return self.streams[k]
@@ -514,37 +514,57 @@ class StreamsExecutor(Executor):
         if stages[0].device is None:
             raise ValueError("executor='streams': stage 0 has no parameters or buffers to tell its device")
 
-    def _event(self, stream) -> "torch.cuda.Event":
+    @staticmethod
+    def _event(stream) -> "torch.cuda.Event":
         ev = torch.cuda.Event()
         ev.record(stream)
         return ev
+
+    def _transfer(self, t: Any, dst: torch.device, after) -> tuple:
+        """``t`` on ``dst`` once event ``after`` has happened: ``(tensor, event)``
+        with the event to wait for before reading it (``after`` itself when no
+        copy is needed). A copy between devices runs on a pair of copy streams:
+        torch orders a cross-device copy with the current streams of both
+        devices, and on the stages' own streams that would chain the stages."""
+        if not isinstance(t, Tensor) or not t.is_cuda or t.device == dst:
+            return t, after
+        key = (t.device, dst)
+        pair = self._copy_streams.get(key)
+        if pair is None:
+            pair = self._copy_streams[key] = (torch.cuda.Stream(t.device), torch.cuda.Stream(dst))
+        cs, cd = pair
+        with torch.cuda.stream(cs):
+            cs.wait_event(after)
+            t.record_stream(cs)
+            with torch.cuda.stream(cd):
+                out = t.to(dst, non_blocking=True)
+            return out, self._event(cd)
 
     def _run_stage(self, k: int) -> None:
         """Issue stage ``k``'s next batch (forward, hand-offs) and the regression
         due at that step, on stage ``k``'s stream."""
         st, b = self.stages[k], self.inbox[k].popleft()
         dev, stream = self.devices[k], self.streams[k]
+        ready = b.events["ready"]
+        x, ev_x = self._transfer(b.x, dev, ready) if st.unlocked else (b.x, ready)
+        ctx, ev_c = self._transfer(b.context, dev, ready)
         with torch.cuda.device(dev), torch.cuda.stream(stream):
-            stream.wait_event(b.events["ready"])
-            for t in (b.h, b.x, b.y, b.context):
+            for ev in {id(e): e for e in (ready, ev_x, ev_c)}.values():
+                stream.wait_event(ev)
+            for t in (b.h, x, b.y, ctx):  # read on this stream; allocated on another one
                 if isinstance(t, Tensor) and t.is_cuda and t.device == dev:
                     t.record_stream(stream)
-            ctx = _to(b.context, dev, True)
             if st.unlocked:
-                hhat = st.synthetic_input(b.index, _to(b.x, dev, True), ctx, b.backend)
+                hhat = st.synthetic_input(b.index, x, ctx, b.backend)
                 self._hand_on(k, b, hhat)
-            out = self._forward(k, b.index, _to(b.h, dev, True), ctx, b.y, b.loss_fn, b.backend)
+            out = self._forward(k, b.index, b.h, ctx, b.y, b.loss_fn, b.backend)
             if out.out is not None:
                 self._hand_on(k, b, out.out)
             if k > 0:
-                below = self.stages[k - 1]
-                # A copy across devices runs on the source device's current stream (this
-                # stage's) and is ordered with the destination's current stream both ways,
-                # so the copy needs no record_stream; the consumer's stream does.
-                g = _to(out.grad_in, self.devices[k - 1], True)
+                g, ev_g = self._transfer(out.grad_in, self.devices[k - 1], self._event(stream))
                 g.record_stream(self.streams[k - 1])
-                below.deliver(b.index, g)
-                self.target_events[k - 1][b.index] = self._event(stream)
+                self.stages[k - 1].deliver(b.index, g)
+                self.target_events[k - 1][b.index] = ev_g
             self._regress_due(k, b.index)
         if out.loss is not None:
             # The caller reads the loss on its own stream: order it after this stage's.
@@ -554,19 +574,20 @@ class StreamsExecutor(Executor):
             self.losses[b.index] = out.loss
 
     def _hand_on(self, k: int, b: Batch, h: Tensor) -> None:
-        d_next, s_next = self.devices[k + 1], self.streams[k + 1]
-        h = _to(h, d_next, True)  # across devices: on this stage's stream (see _run_stage)
-        h.record_stream(s_next)
-        self.inbox[k + 1].append(Batch(b.index, h, b.x, b.y, b.loss_fn, b.context, b.backend,
-                                       {"ready": self._event(self.streams[k])}))
+        """Batch ``b``'s input for stage ``k+1`` (on its device), ready after an event."""
+        h, ready = self._transfer(h, self.devices[k + 1], self._event(self.streams[k]))
+        h.record_stream(self.streams[k + 1])
+        self.inbox[k + 1].append(Batch(b.index, h, b.x, b.y, b.loss_fn, b.context, b.backend, {"ready": ready}))
 
     def _regress_due(self, k: int, step: int) -> None:
         st, stream = self.stages[k], self.streams[k]
         for due in st.due(step):
             ev = self.target_events[k].pop(due, None)
-            if ev is None:  # cannot happen with delay >= 1 and the last-stage-first issue order
+            if ev is not None:
+                stream.wait_event(ev)
+            elif not st.has_target(due):  # cannot happen with delay >= 1 and the last-stage-first issue order
                 raise RuntimeError(f"streams executor: the target of batch {due} for stage {k} was not issued yet")
-            stream.wait_event(ev)
+            # (no event and a target: it came with a checkpoint, written before restore's wait)
             self._regress(k, due, step)
 
     def _tick(self) -> None:
