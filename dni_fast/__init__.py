@@ -28,6 +28,7 @@ from dni_fast.interfaces import (
 )
 from dni_fast._overlap import get_overlap, overlap, set_overlap, synchronize
 from dni_fast.synthesizer import BasicSynthesizer
+from dni_fast.decoupled import DecoupledSequential
 
 __version__ = "0.2.0"
 
@@ -36,5 +37,5 @@ __all__ = [
     "synthesizer_context", "defer_backward", "backward", "current_context",
     "BACKENDS", "BackendUnavailableError", "available_backends", "backend_status", "get_backend", "set_backend",
     "use_backend", "set_check_finite", "get_check_finite", "name_interfaces",
-    "overlap", "set_overlap", "get_overlap", "synchronize", "__version__",
+    "overlap", "set_overlap", "get_overlap", "synchronize", "DecoupledSequential", "__version__",
 ]

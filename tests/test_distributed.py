@@ -1,0 +1,426 @@
+"""DecoupledStage on gloo (docs/design.md §8, dni_fast/distributed/): 2 and 3
+processes on 127.0.0.1, spawned per scenario.
+
+* the same parameters as ``DecoupledSequential(executor="sequential")`` with
+  the same schedule, bit for bit at one intra-op thread (2 and 3 ranks,
+  delays 1 and 2, update_prob, complete unlock across ranks);
+* per-stage checkpoints resume exactly;
+* faults: a rank killed, a rank that hangs, a rank that raises: every other
+  rank raises ``PeerFailure`` naming the culprit as ``stage <index>`` within
+  the timeout (plus a margin for the report to travel);
+* bad input: world size != num_stages, a missing target on the last rank,
+  mismatched shapes between stages: clear errors on every rank, no deadlock.
+
+Every scenario runs under a hard deadline and the processes are killed after
+it, so nothing here can hang the suite. Workers end with ``os._exit`` (a
+process group with a peer gone cannot be torn down cleanly).
+"""
+import datetime
+import os
+import queue
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import dni_fast as dni
+from dni_fast.decoupled import DecoupledSequential
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+D, DIN, DOUT, B = 24, 12, 5, 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_net(n, unlock_at=None, d=D, din=DIN):
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(din, d), nn.ReLU())]
+    stages += [nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(n - 2)]
+    stages.append(nn.Linear(d, DOUT))
+    synths = []
+    for k in range(n - 1):
+        s = dni.BasicSynthesizer(d, n_hidden=1)
+        with torch.no_grad():
+            s.layers[-1].weight.normal_(0, 0.1)
+        if k == unlock_at:
+            s = dni.BidirectionalInterface(dni.BasicSynthesizer(d, n_hidden=1, trigger_dim=din), s)
+        synths.append(s)
+    return stages, synths
+
+
+def batches(n_batches, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, DIN, generator=g), torch.randint(0, DOUT, (B,), generator=g)) for _ in range(n_batches)]
+
+
+def adam(p):
+    return torch.optim.Adam(p, lr=1e-2)
+
+
+def stage_weights(stage_module, synth):
+    out = {f"module.{k}": v.detach().clone() for k, v in stage_module.state_dict().items()}
+    if synth is not None:
+        out.update({f"synth.{k}": v.detach().clone() for k, v in synth.state_dict().items()})
+    return out
+
+
+# ---------------------------------------------------------------------------
+# What each rank runs (module level: the spawned processes import this file)
+# ---------------------------------------------------------------------------
+def _train(rank, world, data, timeout=10.0, unlock_at=None, state=None, **kw):
+    from dni_fast.distributed import DecoupledStage
+
+    stages, synths = make_net(world, unlock_at)
+    synth = synths[rank] if rank < world - 1 else None
+    st = DecoupledStage(stages[rank], rank, world, synth, adam, timeout=timeout, **kw)
+    if state is not None:
+        st.load_state_dict(state)
+    losses = []
+    for x, y in data:
+        last = rank == world - 1
+        loss = st.step(x=x if rank == 0 else None, target=y if last else None,
+                       loss_fn=F.cross_entropy if last else None)
+        losses.append(None if loss is None else float(loss))
+    return st, stages[rank], synth, losses
+
+
+def scenario_equal(rank, world, q):
+    """Plain, and with update_prob, delay 2 and complete unlock; then a checkpoint
+    taken mid-run resumes exactly (in the same process group)."""
+    out = {}
+    data = batches(8)
+    st, mod, syn, losses = _train(rank, world, data)
+    st.finish()
+    out["plain"] = (stage_weights(mod, syn), losses)
+
+    kw = dict(delay=2, update_prob=0.6, seed=4, unlock_at=0 if world > 2 else None)
+    st, mod, syn, losses = _train(rank, world, data, **kw)
+    st.finish()
+    out["variants"] = (stage_weights(mod, syn), losses)
+
+    st, mod, syn, _ = _train(rank, world, data[:5], **kw)
+    saved = st.state_dict()  # waits for the targets in flight
+    for x, y in data[5:]:  # training on after the snapshot must not change it
+        last = rank == world - 1
+        st.step(x=x if rank == 0 else None, target=y if last else None, loss_fn=F.cross_entropy if last else None)
+    st.finish()
+    st, mod, syn, _ = _train(rank, world, data[5:], state=saved, **kw)
+    st.finish()
+    out["resumed"] = (stage_weights(mod, syn), None)
+    return out
+
+
+def scenario_bad_config(rank, world, q):
+    """Every rank raises the same error for a world size that does not match."""
+    from dni_fast.distributed import DecoupledStage
+
+    stages, synths = make_net(world + 1)
+    try:
+        DecoupledStage(stages[rank], rank, world + 1, synths[rank], adam, timeout=10)
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def scenario_missing_target(rank, world, q):
+    from dni_fast.distributed import DecoupledStage
+
+    stages, synths = make_net(world)
+    st = DecoupledStage(stages[rank], rank, world, synths[rank] if rank < world - 1 else None, adam, timeout=10)
+    for x, y in batches(3):
+        st.step(x=x if rank == 0 else None)  # the last rank forgets its target and loss_fn
+
+
+def scenario_shape_mismatch(rank, world, q):
+    from dni_fast.distributed import DecoupledStage
+
+    stages, synths = make_net(world)
+    if rank == 1:
+        stages[1] = nn.Linear(D + 1, DOUT)  # expects D + 1, gets D
+    st = DecoupledStage(stages[rank], rank, world, synths[rank] if rank < world - 1 else None, adam, timeout=10)
+    for x, y in batches(3):
+        last = rank == world - 1
+        st.step(x=x if rank == 0 else None, target=y if last else None, loss_fn=F.cross_entropy if last else None)
+
+
+def _faulty(rank, world, q, fault, culprit, at=3, timeout=None):
+    timeout = TIMEOUT if timeout is None else timeout
+    from dni_fast.distributed import DecoupledStage
+
+    stages, synths = make_net(world)
+    st = DecoupledStage(stages[rank], rank, world, synths[rank] if rank < world - 1 else None, adam,
+                        timeout=timeout)
+    last = rank == world - 1
+
+    def loss_fn(out, y):
+        if rank == culprit and fault == "raise" and st.steps == at:
+            q.put((rank, "fault", time.time()))
+            time.sleep(0.3)
+            raise ArithmeticError("the loss of the last stage raised")
+        return F.cross_entropy(out, y)
+
+    for j, (x, y) in enumerate(batches(50)):
+        if rank == culprit and j == at and fault in ("kill", "hang"):
+            q.put((rank, "fault", time.time()))
+            time.sleep(0.3)  # let the queue's feeder thread send it
+            if fault == "kill":
+                os.kill(os.getpid(), 9)
+            time.sleep(1000)  # hang: the test kills the process afterwards
+        st.step(x=x if rank == 0 else None, target=y if last else None, loss_fn=loss_fn if last else None)
+    st.finish()
+
+
+def scenario_kill(rank, world, q):
+    _faulty(rank, world, q, "kill", culprit=world - 1)
+
+
+def scenario_hang(rank, world, q):
+    _faulty(rank, world, q, "hang", culprit=world - 1)
+
+
+def scenario_raise(rank, world, q):
+    _faulty(rank, world, q, "raise", culprit=world - 1)
+
+
+SCENARIOS = {f.__name__[len("scenario_"):]: f for f in (scenario_equal, scenario_bad_config, scenario_missing_target,
+                                                         scenario_shape_mismatch, scenario_kill, scenario_hang,
+                                                         scenario_raise)}
+
+
+def _plain(obj):
+    """Tensors as numpy arrays: a queue would share tensors through file
+    descriptors, which die with the process that ends right after ``put``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def _tensors(obj):
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: _tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tensors(v) for v in obj)
+    return obj
+
+
+def _worker(rank, world, ports, scenarios, q):
+    """Run ``scenarios`` in turn, each on a process group of its own (a new
+    port): after a stage raised, every stage's transport has ended cleanly (the
+    reports go round), so the process can go on; a killed or hung stage ends
+    the list."""
+    torch.set_num_threads(1)
+    try:
+        for scenario, port in zip(scenarios, ports):
+            try:
+                dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                        timeout=datetime.timedelta(seconds=60))
+                out = SCENARIOS[scenario](rank, world, q)
+                q.put((rank, scenario, "ok", _plain(out)))
+            except BaseException as e:
+                q.put((rank, scenario, "error", {"type": type(e).__name__, "msg": str(e),
+                                                 "stage": getattr(e, "stage", None), "kind": getattr(e, "kind", None),
+                                                 "time": time.time()}))
+            finally:
+                dist.destroy_process_group()
+    finally:
+        q.close()
+        q.join_thread()
+        os._exit(0)
+
+
+def spawn(scenarios, world, deadline_s=90.0, expect=None):
+    """Run ``scenarios`` (a name or a list) on ``world`` ranks; returns
+    ``{scenario: {rank: (status, payload)}}`` and the time of the last fault a
+    rank reported. Ranks that report nothing by the deadline (a killed or hung
+    rank) are absent; every process is killed at the end."""
+    scenarios = [scenarios] if isinstance(scenarios, str) else list(scenarios)
+    ctx = torch.multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    ports = [_free_port() for _ in scenarios]
+    procs = [ctx.Process(target=_worker, args=(r, world, ports, scenarios, q), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {s: {} for s in scenarios}
+    fault_time = None
+    expect = {(s, r) for s in scenarios for r in range(world)} if expect is None else set(expect)
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not expect <= {(s, r) for s in results for r in results[s]}:
+            try:
+                item = q.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item[1] == "fault":
+                fault_time = item[2]
+            else:
+                rank, scenario, status, payload = item
+                results[scenario][rank] = (status, _tensors(payload))
+    finally:
+        for p in procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    missing = expect - {(s, r) for s in results for r in results[s]}
+    assert not missing, f"{scenarios}: {sorted(missing)} reported nothing within {deadline_s} s: {results}"
+    return results, fault_time
+
+
+def oracle(world, data, unlock_at=None, **kw):
+    stages, synths = make_net(world, unlock_at)
+    m = DecoupledSequential(stages, synths, adam, executor="sequential", **kw)
+    losses = [float(m.step(x, y, F.cross_entropy)) for x, y in data]
+    m.flush()
+    return [stage_weights(stages[k], synths[k] if k < world - 1 else None) for k in range(world)], losses
+
+
+def _assert_weights_equal(got, expected, what):
+    assert got.keys() == expected.keys(), what
+    for k in got:
+        assert torch.equal(got[k], expected[k]), f"{what}: {k} differs by {(got[k] - expected[k]).abs().max():.3e}"
+
+
+# ---------------------------------------------------------------------------
+# The tests. Spawning a process costs seconds here (importing torch), so the
+# scenarios that leave their processes usable share one spawn per world size.
+# ---------------------------------------------------------------------------
+TIMEOUT, MARGIN = 3.0, 2.5  # the fault time is taken 0.3 s before the fault itself
+TWO = ["bad_config", "equal", "missing_target", "shape_mismatch"]
+THREE = ["equal", "raise"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return spawn(TWO, 2)[0]
+
+
+@pytest.fixture(scope="module")
+def three_ranks():
+    return spawn(THREE, 3)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_same_parameters_as_the_sequential_executor(world, request):
+    results = (request.getfixturevalue("two_ranks") if world == 2 else request.getfixturevalue("three_ranks")[0])
+    results = results["equal"]
+    for r in range(world):
+        assert results[r][0] == "ok", results[r]
+    data = batches(8)
+    kw = dict(delay=2, update_prob=0.6, seed=4, unlock_at=0 if world > 2 else None)
+    for name, (weights, losses) in (("plain", oracle(world, data, delay=1)), ("variants", oracle(world, data, **kw))):
+        for r in range(world):
+            _assert_weights_equal(results[r][1][name][0], weights[r], f"{name}, stage {r}")
+        assert results[world - 1][1][name][1] == losses  # the last rank's loss of batch j at its step j
+        assert all(l is None for l in results[0][1][name][1])
+    # the checkpoint taken after 5 steps, loaded into fresh stages, ends where the uninterrupted run ended
+    weights, _ = oracle(world, data, **kw)
+    for r in range(world):
+        _assert_weights_equal(results[r][1]["resumed"][0], weights[r], f"resumed, stage {r}")
+    # and the variants are a different run (the options had an effect)
+    plain = oracle(world, data, delay=1)[0]
+    assert any(not torch.equal(plain[0][k], weights[0][k]) for k in plain[0])
+
+
+def test_world_size_mismatch_raises_on_every_rank(two_ranks):
+    for r in range(2):
+        status, out = two_ranks["bad_config"][r]
+        assert status == "ok" and out["error"] is not None, two_ranks["bad_config"][r]
+        assert "num_stages=3 but the process group has 2 ranks" in out["error"]
+
+
+def test_missing_target_raises_on_every_rank(two_ranks):
+    res = two_ranks["missing_target"]
+    status, e = res[1]
+    assert status == "error" and e["type"] == "ValueError" and "needs target=" in e["msg"]
+    status, e = res[0]
+    assert status == "error" and e["type"] == "PeerFailure" and e["stage"] == 1 and e["kind"] == "raised", e
+    assert "stage 1 raised ValueError" in e["msg"] and "needs target=" in e["msg"]
+
+
+def test_shape_mismatch_between_stages_raises_on_every_rank(two_ranks):
+    res = two_ranks["shape_mismatch"]
+    status, e = res[1]
+    assert status == "error" and e["type"] == "RuntimeError" and "8x24 and 25x5" in e["msg"], e
+    status, e = res[0]
+    assert status == "error" and e["type"] == "PeerFailure" and e["stage"] == 1
+    assert "8x24 and 25x5" in e["msg"] and "stage 1 raised RuntimeError" in e["msg"]
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang", "raise"])
+def test_a_faulty_rank_makes_every_other_rank_raise_naming_it(fault, request):
+    world, culprit = 3, 2
+    others = [r for r in range(world) if r != culprit]
+    if fault == "raise":
+        all_results, fault_time = request.getfixturevalue("three_ranks")
+        results = all_results["raise"]
+    else:  # the culprit never reports: it is dead or hung (and killed at the end)
+        all_results, fault_time = spawn(fault, world, expect=[(fault, r) for r in others])
+        results = all_results[fault]
+    assert fault_time is not None
+    for r in others:
+        status, e = results[r]
+        assert status == "error" and e["type"] == "PeerFailure", (r, results[r])
+        assert e["stage"] == culprit and f"stage {culprit}" in e["msg"], (r, e)
+        expected_kind = {"kill": "died", "hang": "timeout", "raise": "raised"}[fault]
+        assert e["kind"] == expected_kind, (r, e)
+        limit = (TIMEOUT if fault == "hang" else 0.0) + MARGIN
+        assert e["time"] - fault_time < limit, f"rank {r} raised {e['time'] - fault_time:.1f} s after the fault"
+    if fault == "raise":
+        status, e = results[culprit]
+        assert status == "error" and e["type"] == "ArithmeticError"
+        assert "the loss of the last stage raised" in results[0][1]["msg"]
+
+
+def test_example_without_torchrun(tmp_path):
+    """``python -m dni_fast.examples.mnist_distributed --spawn 2``: the example
+    starts its own processes (no torchrun), trains decoupled and GPipe, and
+    reports both."""
+    import json
+
+    from dni_fast.examples import mnist_distributed as example
+
+    log = tmp_path / "mnist_distributed.json"
+    out = example.main(["--spawn", "2", "--quick", "--data", "digits", "--no-progress", "--schedules", "decoupled",
+                        "gpipe", "--log", str(log)])
+    saved = json.loads(log.read_text())
+    assert out["summary"] == saved["summary"]
+    methods = [r["method"] for r in saved["runs"]]
+    assert methods == ["decoupled", "gpipe m=4"]
+    for r in saved["runs"]:
+        assert r["samples_per_s"] > 0 and 0 <= r["test_acc"] <= 100 and r["train_loss"] > 0
+        assert len(r["peak_rss_mib"]) == 2
+
+
+def test_requires_an_initialised_group():
+    from dni_fast.distributed import DecoupledStage
+
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="never initialises one"):
+        DecoupledStage(nn.Linear(2, 2), 0, 1)
