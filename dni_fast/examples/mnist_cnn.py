@@ -61,7 +61,8 @@ class ConvSynthesizer(nn.Module):
 
 
 class CNN(nn.Module):
-    def __init__(self, mode: str = "dni", synth_hidden: int = 1, n_classes: int = 10) -> None:
+    def __init__(self, mode: str = "dni", synth_hidden: int = 1, n_classes: int = 10,
+                 interface_kwargs: Optional[dict] = None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -74,8 +75,9 @@ class CNN(nn.Module):
             self.dni1 = self.dni2 = None
         else:
             ctx = n_classes if mode == "cdni" else None
-            self.dni1 = dni.BackwardInterface(ConvSynthesizer(10, synth_hidden, context_dim=ctx))
-            self.dni2 = dni.BackwardInterface(ConvSynthesizer(20, synth_hidden, context_dim=ctx))
+            kw = interface_kwargs or {}
+            self.dni1 = dni.BackwardInterface(ConvSynthesizer(10, synth_hidden, context_dim=ctx), **kw)
+            self.dni2 = dni.BackwardInterface(ConvSynthesizer(20, synth_hidden, context_dim=ctx), **kw)
 
     def forward(self, x, y=None):
         context = C.one_hot(y, self.n_classes) if self.mode == "cdni" and self.training else None
@@ -106,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit("mnist_cnn needs 28x28 images")
     args.epochs = C.default_epochs(args, data, mnist=2, digits=30)
     modes = MODES if "all" in args.mode else tuple(m for m in MODES if m in args.mode)
-    variants = {m: (lambda m=m: CNN(m, args.synth_hidden)) for m in modes}
+    variants = {m: (lambda m=m: CNN(m, args.synth_hidden, interface_kwargs=C.interface_kwargs(args))) for m in modes}
     return C.run_classifier_variants("mnist_cnn", args, data, variants, {"synth_hidden": args.synth_hidden})
 
 

@@ -24,11 +24,12 @@ from dni_fast.examples.mnist_mlp import MLP
 MODES = ("backprop", "dni", "cdni")
 
 
-def fcn(input_dim: int, layers: int, mode: str, synth_hidden: int, synth_width: int) -> MLP:
+def fcn(input_dim: int, layers: int, mode: str, synth_hidden: int, synth_width: int,
+        interface_kwargs: Optional[dict] = None) -> MLP:
     if layers < 2:
         raise ValueError(f"an FCN needs at least 2 layers (one hidden), got {layers}")
     return MLP(input_dim, hidden=(256,) * (layers - 1), mode=mode, synth_hidden=synth_hidden,
-               synth_width=synth_width if synth_hidden > 0 else None)
+               synth_width=synth_width if synth_hidden > 0 else None, interface_kwargs=interface_kwargs)
 
 
 def build_parser():
@@ -51,7 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     data = C.load_image_data(args)
     args.epochs = C.default_epochs(args, data, mnist=3, digits=60)
     modes = MODES if "all" in args.mode else tuple(m for m in MODES if m in args.mode)
-    variants = {f"{m} {n}-layer": (lambda m=m, n=n: fcn(data.input_dim, n, m, args.synth_hidden, args.synth_width))
+    variants = {f"{m} {n}-layer": (lambda m=m, n=n: fcn(data.input_dim, n, m, args.synth_hidden, args.synth_width,
+                                                                    C.interface_kwargs(args)))
                 for n in args.layers for m in modes}
     return C.run_classifier_variants("mnist_fcn", args, data, variants,
                                      {"synth_hidden": args.synth_hidden, "synth_width": args.synth_width})

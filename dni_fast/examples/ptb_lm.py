@@ -174,6 +174,7 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
 def build_parser():
     p = C.base_parser(__doc__.split("\n")[0], epochs=1, batch_size=32, lr=1e-3,
                       data_choices=("auto", "ptb", "synthetic"))
+    p.set_defaults(n_evals=10)
     p.add_argument("--level", choices=("char", "word"), default="char", help="character or word level")
     p.add_argument("--bptt", type=int, nargs="+", default=[2, 4, 8], help="truncation lengths T")
     p.add_argument("--mode", choices=("all", "bptt", "dni"), default="all", help="which variants to train")
@@ -188,7 +189,6 @@ def build_parser():
     p.add_argument("--train-tokens", type=int, default=None, help="train on the first N tokens only")
     p.add_argument("--eval-tokens", type=int, default=None, help="validate and test on the first N tokens only")
     p.add_argument("--eval-batch-size", type=int, default=16, help="parallel streams when evaluating")
-    p.add_argument("--n-evals", type=int, default=10, help="validation points per run (learning curve)")
     return p
 
 
