@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = ["synthesizer_parameters", "param_groups", "grad_rms", "adam_summary", "interface_records",
-           "load_run", "plot_run", "CURVES"]
+           "load_run", "plot_run", "summarize", "CURVES"]
 
 
 def _interfaces(model: nn.Module):
@@ -207,3 +207,41 @@ def plot_run(log: Union[str, os.PathLike, dict], out: Optional[Union[str, os.Pat
     if out is not None:
         fig.savefig(out, dpi=90)
     return fig
+
+
+def summarize(log: Union[str, os.PathLike, dict], points: Sequence[float] = (0.1, 0.3, 1.0)) -> str:
+    """A text table of a run log's curves: for each run and interface, cos,
+    rel_err, |S|, |g|, the synthesizer's gradient RMS and Adam's smallest
+    sqrt(v) at the given fractions of training (the nearest evaluation)."""
+    data = load_run(log)
+    lines = []
+    for r in data.get("runs", []):
+        hist = r.get("history", {})
+        acc = {k: r[k] for k in r if k.endswith("_acc") and not k.startswith("best")}
+        metric = {k: r[k] for k in ("test_metric", "valid_metric", "max_length") if k in r}
+        lines.append(f"{r['variant']}: " + ", ".join(f"{k} {v:.3f}" for k, v in {**acc, **metric}.items())
+                     + (f", final_cos {r['final_cos']:.3f}" if r.get("final_cos") is not None else ""))
+        for name, c in hist.get("interfaces", {}).items():
+            n = len(c["cos"])
+            for f in points:
+                i = min(max(int(round(f * n)) - 1, 0), n - 1)
+                vals = " ".join(f"{k} {c[k][i]:.3g}" if c[k][i] is not None else f"{k} -"
+                                for k in ("cos", "rel_err", "s_norm", "g_norm", "synth_grad_rms", "sqrt_v_min"))
+                lines.append(f"  {name} @{f:.0%}: {vals}")
+        for name, v in hist.get("adam_step_ratio", {}).items():
+            v = [x for x in v if x is not None]
+            if v:
+                lines.append(f"  adam step ratio {name}: start {v[0]:.3f} mid {v[len(v) // 2]:.3f} end {v[-1]:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m dni_fast.diagnostics LOG [--out PNG]
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Summarise (and plot) the curves of an example's run log")
+    ap.add_argument("log")
+    ap.add_argument("--out", default=None, help="write the plot here")
+    a = ap.parse_args()
+    print(summarize(a.log))
+    if a.out:
+        plot_run(a.log, a.out)
