@@ -138,6 +138,8 @@ def load_run(log: Union[str, os.PathLike, dict]) -> dict:
 
 
 def _x_of(hist: dict):
+    if hist.get("curves", {}).get("timesteps"):  # copy_task: its evaluation points
+        return hist["curves"]["timesteps"], "time steps"
     for key, label in (("step", "training step"), ("timesteps", "time steps"), ("tokens", "tokens")):
         if hist.get(key):
             return hist[key], label

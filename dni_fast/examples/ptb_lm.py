@@ -46,7 +46,7 @@ class LSTMLM(nn.Module):
 
     def __init__(self, n_tokens: int, emb: int, hidden: int, layers: int = 1, dropout: float = 0.0,
                  use_dni: bool = False, synth_hidden: int = 2, sg_factor: float = 0.1,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, interface_kwargs: Optional[dict] = None) -> None:
         super().__init__()
         self.layers, self.hidden, self.sg_factor = layers, hidden, sg_factor
         self.drop = nn.Dropout(dropout)
@@ -54,7 +54,7 @@ class LSTMLM(nn.Module):
         self.rnn = nn.LSTM(emb, hidden, layers, dropout=dropout if layers > 1 else 0.0)
         self.decoder = nn.Linear(hidden, n_tokens)
         self.dni = (dni.BackwardInterface(dni.BasicSynthesizer(2 * layers * hidden, n_hidden=synth_hidden),
-                                          backend=backend) if use_dni else None)
+                                          backend=backend, **(interface_kwargs or {})) if use_dni else None)
 
     def init_state(self, batch: int):
         z = self.decoder.weight.new_zeros(self.layers, batch, self.hidden)
@@ -110,10 +110,11 @@ def metric(loss: float, level: str) -> float:
 def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
     torch.manual_seed(args.seed)
     model = LSTMLM(len(corpus), args.emb, args.hidden, args.layers, args.dropout, use_dni, args.synth_hidden,
-                   args.sg_factor)
+                   args.sg_factor, interface_kwargs=C.interface_kwargs(args))
     if args.synth_init == "zero":
         C.zero_synthesizer_output(model)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = C.make_optimizer(model, args)
+    rec = C.CurveRecorder(model, opt)
     own = C.own_parameters(model)
     train = corpus.train[:args.train_tokens] if args.train_tokens else corpus.train
     valid = corpus.valid[:args.eval_tokens] if args.eval_tokens else corpus.valid
@@ -141,25 +142,33 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
                 dni.backward(loss * scale)
             if args.clip:  # the same threshold for the mean loss's gradient either way
                 nn.utils.clip_grad_norm_(own, args.clip * scale)
+            evaluating = (step + 1) % eval_every == 0 or step + 1 == total
+            if evaluating:
+                t1 = time.perf_counter()
+                rec.before_step()
+                t0 += time.perf_counter() - t1
             opt.step()
             train_time += time.perf_counter() - t0
             step += 1
             run_loss += loss.item()
             run_n += 1
             bar.update(1)
-            if step % eval_every == 0 or step == total:
+            if evaluating:
                 vl = evaluate(model, valid_b)
-                stats = C.read_stats(model)
+                cos = rec.record()
                 hist["step"].append(step)
                 hist["tokens"].append(step * T * args.batch_size)
                 hist["train_loss"].append(run_loss / run_n)
                 hist["valid_loss"].append(vl)
                 hist["valid_metric"].append(metric(vl, args.level))
-                hist["cos"].append(C.mean_cos(stats))
+                hist["cos"].append(cos)
                 hist["time"].append(train_time)
                 run_loss, run_n = 0.0, 0
                 bar.set_postfix(valid=f"{metric(vl, args.level):.3f}")
     bar.close()
+    if rec.curves:
+        hist["interfaces"] = rec.curves
+    hist["adam_step_ratio"] = rec.ratio
     test_loss = evaluate(model, test_b)
     best = min(range(len(hist["valid_loss"])), key=hist["valid_loss"].__getitem__)
     return {
