@@ -59,6 +59,9 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
     p.add_argument("--valid", type=int, default=0,
                    help="hold out this many training images as a validation split and evaluate on it instead of the "
                         "test split (for choosing settings)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="the learning rate of every parameter group over training: constant, or cosine decay to 0")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's eps for every parameter group")
     p.add_argument("--n-evals", type=int, default=20, help="evaluation points per run (learning curve)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--log", default=None, help="write a JSON log of the run here (e.g. runs/name.json)")
@@ -89,7 +92,19 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
     """Adam over ``model`` at ``--lr``, its synthesizers at ``--lr * --synth-lr-mult``."""
     from dni_fast.diagnostics import param_groups
 
-    return torch.optim.Adam(param_groups(model, args.lr, args.lr * getattr(args, "synth_lr_mult", 1.0)), lr=args.lr)
+    return torch.optim.Adam(param_groups(model, args.lr, args.lr * getattr(args, "synth_lr_mult", 1.0)), lr=args.lr,
+                            eps=getattr(args, "adam_eps", 1e-8))
+
+
+def make_schedule(opt: torch.optim.Optimizer, args: argparse.Namespace, total_steps: int):
+    """``--lr-schedule``: ``None`` (constant), or a LambdaLR decaying every group's rate to 0 over ``total_steps``
+    along a half cosine (call ``step()`` after each optimizer step)."""
+    if getattr(args, "lr_schedule", "constant") == "constant":
+        return None
+    import math
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps)
+                                                                                   / total_steps)))
 
 
 def setup(args: argparse.Namespace) -> None:
@@ -307,6 +322,7 @@ class CurveRecorder:
         self.weights = {n: p for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in skip}
         self.curves = {n: {k: [] for k in self.KEYS} for n in self.ifaces}
         self.ratio = {n: [] for n in self.weights}
+        self.weight_sqrt_v = {n: [] for n in self.weights}
         self._grad: Dict[str, Optional[float]] = {}
 
     def before_step(self) -> None:
@@ -333,6 +349,7 @@ class CurveRecorder:
         for n, p in self.weights.items():
             a = adam_summary(self.opt, [p])
             self.ratio[n].append(a and a["step_ratio"])
+            self.weight_sqrt_v[n].append(a and a["sqrt_v_median"])
         self._grad = {}
         vals = [recs[n]["cos"] for n in recs if recs[n].get("cos") is not None]
         return sum(vals) / len(vals) if vals else None
@@ -341,7 +358,8 @@ class CurveRecorder:
 def fit_classifier(model: nn.Module, data, *, epochs: int, batch_size: int, lr: float, seed: int,
                    desc: str = "", n_evals: int = 20, show_progress: bool = True,
                    max_steps: Optional[int] = None, loss_sum: bool = True,
-                   opt: Optional[torch.optim.Optimizer] = None, split: str = "test") -> dict:
+                   opt: Optional[torch.optim.Optimizer] = None, split: str = "test",
+                   schedule: Optional[Callable[[torch.optim.Optimizer, int], object]] = None) -> dict:
     """Train ``model`` (``forward(x, y)``: ``y`` is the label, used as DNI
     context by cDNI models) with Adam (``opt``, default Adam at ``lr``) and
     cross-entropy, summed over the batch (``loss_sum``) or averaged. Evaluates
@@ -359,6 +377,7 @@ def fit_classifier(model: nn.Module, data, *, epochs: int, batch_size: int, lr: 
     steps_per_epoch = max(len(data.x_train) // batch_size, 1)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     eval_every = max(total // max(n_evals, 1), 1)
+    sched = schedule(opt, total) if schedule is not None else None
     acc_k, loss_k = f"{split}_acc", f"{split}_loss"
     hist = {"step": [], "epoch": [], "train_loss": [], acc_k: [], loss_k: [], "cos": [], "time": []}
     rec = CurveRecorder(model, opt)
@@ -380,6 +399,8 @@ def fit_classifier(model: nn.Module, data, *, epochs: int, batch_size: int, lr: 
                 rec.before_step()
                 t0 += time.perf_counter() - t1  # not training time
             opt.step()
+            if sched is not None:
+                sched.step()
             train_time += time.perf_counter() - t0
             step += 1
             run_loss += loss.item()
@@ -406,6 +427,7 @@ def fit_classifier(model: nn.Module, data, *, epochs: int, batch_size: int, lr: 
     if rec.curves:
         hist["interfaces"] = rec.curves
     hist["adam_step_ratio"] = rec.ratio
+    hist["adam_sqrt_v"] = rec.weight_sqrt_v
     return {
         acc_k: hist[acc_k][-1],
         f"{split}_error": 100.0 - hist[acc_k][-1],
@@ -498,7 +520,8 @@ def run_classifier_variants(example: str, args: argparse.Namespace, data, varian
             rec = fit_classifier(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                  seed=args.seed, desc=name, show_progress=not args.no_progress,
                                  loss_sum=args.loss == "sum", opt=make_optimizer(model, args),
-                                 n_evals=getattr(args, "n_evals", 20), split=split)
+                                 n_evals=getattr(args, "n_evals", 20), split=split,
+                                 schedule=lambda o, n: make_schedule(o, args, n))
             rec["variant"] = name
             rec["n_interfaces"] = len(interfaces(model))
             rec["final_cos"] = next((c for c in reversed(rec["history"]["cos"]) if c is not None), None)
