@@ -61,6 +61,8 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                         "test split (for choosing settings)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="the learning rate of every parameter group over training: constant, or cosine decay to 0")
+    p.add_argument("--synth-lr-schedule", choices=("same", "constant"), default="same",
+                   help="the synthesizers' learning rate follows --lr-schedule ('same') or stays constant")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's eps for every parameter group")
     p.add_argument("--n-evals", type=int, default=20, help="evaluation points per run (learning curve)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -103,8 +105,12 @@ def make_schedule(opt: torch.optim.Optimizer, args: argparse.Namespace, total_st
         return None
     import math
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps)
-                                                                                   / total_steps)))
+    def cosine(t: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
+
+    keep = getattr(args, "synth_lr_schedule", "same") == "constant"
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, [(lambda t: 1.0) if keep and g.get("name") == "synthesizers" else cosine for g in opt.param_groups])
 
 
 def setup(args: argparse.Namespace) -> None:
