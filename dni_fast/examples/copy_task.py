@@ -104,6 +104,7 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
     steps, timesteps, train_time = 0, 0, 0.0
     total = args.timesteps // T
     eval_every = max(total // max(args.n_evals, 1), 1)
+    sched = C.make_schedule(opt, args, total)
     bar = C.progress(total=total, desc=name, disable=args.no_progress)
     model.train()
     while steps < total and L <= args.max_length:
@@ -125,6 +126,8 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
             rec.before_step()
             t0 += time.perf_counter() - t1
         opt.step()
+        if sched is not None:
+            sched.step()
         train_time += time.perf_counter() - t0
         steps += 1
         timesteps += T

@@ -124,6 +124,7 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
     steps_per_epoch = (train_b.shape[0] - 1) // T
     total = steps_per_epoch * args.epochs
     eval_every = max(total // max(args.n_evals, 1), 1)
+    sched = C.make_schedule(opt, args, total)
     hist = {"step": [], "tokens": [], "train_loss": [], "valid_loss": [], "valid_metric": [], "cos": [], "time": []}
     bar = C.progress(total=total, desc=name, disable=args.no_progress)
     step, train_time, run_loss, run_n = 0, 0.0, 0.0, 0
@@ -148,6 +149,8 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
                 rec.before_step()
                 t0 += time.perf_counter() - t1
             opt.step()
+            if sched is not None:
+                sched.step()
             train_time += time.perf_counter() - t0
             step += 1
             run_loss += loss.item()
