@@ -169,3 +169,64 @@ def test_make_results_from_quick_logs(tmp_path):
     page = (out / "results.md").read_text()
     assert "backprop" in page and "cDNI" in page and "bits per character" in page.lower()
     assert list(out.glob("*.png"))
+
+
+def test_dni_pytorch_flag_restores_its_settings():
+    from dni_fast.examples import _common as C
+    from dni_fast.examples import mnist_mlp, ptb_lm
+
+    args = mnist_mlp.build_parser().parse_args(["--dni-pytorch", "--normalize-targets", "--synth-lr-mult", "3",
+                                                "--loss", "sum"])
+    C.apply_presets(args)
+    assert (args.normalize_targets, args.synth_lr_mult, args.synth_init, args.loss) == (False, 1.0, "default", "mean")
+    assert C.interface_kwargs(args) == {}
+    args = ptb_lm.build_parser().parse_args(["--dni-pytorch", "--sg-factor", "1"])
+    C.apply_presets(args)
+    assert args.sg_factor == 0.1
+
+
+def test_cosine_schedule_and_synth_lr_groups():
+    from dni_fast.examples import _common as C
+    from dni_fast.examples import mnist_mlp
+    from dni_fast.examples.mnist_mlp import MLP
+
+    args = mnist_mlp.build_parser().parse_args(["--lr", "0.01", "--synth-lr-mult", "0.5", "--lr-schedule", "cosine",
+                                                "--synth-lr-schedule", "constant", "--adam-eps", "1e-6"])
+    model = MLP(16, hidden=(8, 8), mode="dni")
+    opt = C.make_optimizer(model, args)
+    assert [(g["name"], g["lr"], g["eps"]) for g in opt.param_groups] == [("model", 0.01, 1e-6),
+                                                                          ("synthesizers", 0.005, 1e-6)]
+    sched = C.make_schedule(opt, args, 10)
+    lrs = []
+    for _ in range(10):
+        opt.step()
+        sched.step()
+        lrs.append([g["lr"] for g in opt.param_groups])
+    assert lrs[4][0] == pytest.approx(0.005) and lrs[-1][0] == pytest.approx(0.0, abs=1e-12)
+    assert all(l[1] == 0.005 for l in lrs)  # the synthesizers' rate stays constant
+    args.lr_schedule = "constant"
+    assert C.make_schedule(opt, args, 10) is None
+
+
+def test_normalize_targets_flag_reaches_every_interface(tmp_path, monkeypatch):
+    import dni_fast as dni
+    from dni_fast.examples import copy_task, mnist_cnn, mnist_mlp, ptb_lm
+
+    made = []
+    init = dni.BackwardInterface.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self.normalize_targets)
+
+    monkeypatch.setattr(dni.BackwardInterface, "__init__", spy)
+    for mod, extra in ((mnist_mlp, ["--data", "digits", "--mode", "cdni"]),
+                       (mnist_cnn, ["--data", "digits", "--mode", "dni"]),
+                       (ptb_lm, ["--data", "synthetic", "--mode", "dni"]), (copy_task, ["--mode", "dni"])):
+        for flag in ("--normalize-targets", "--no-normalize-targets"):
+            made.clear()
+            log = tmp_path / f"{mod.__name__}.json"
+            mod.main(["--quick", "--no-progress", "--log", str(log), flag, *extra])
+            assert made and all(m == (flag == "--normalize-targets") for m in made), (mod.__name__, flag)
+            r = json.loads(log.read_text())["runs"][-1]
+            assert r["final_cos"] is not None and r["history"]["interfaces"]
