@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = ["synthesizer_parameters", "param_groups", "grad_rms", "adam_summary", "interface_records",
-           "load_run", "plot_run", "summarize", "CURVES"]
+           "load_run", "plot_run", "plot_compare", "summarize", "CURVES"]
 
 
 def _interfaces(model: nn.Module):
@@ -247,3 +247,87 @@ if __name__ == "__main__":  # python -m dni_fast.diagnostics LOG [--out PNG]
     print(summarize(a.log))
     if a.out:
         plot_run(a.log, a.out)
+
+
+def plot_compare(runs: Sequence[tuple], keys: Sequence[str] = ("acc", "cos", "rel_err", "s_over_g"),
+                 out: Optional[Union[str, os.PathLike]] = None, title: Optional[str] = None, interface: str = "mean"):
+    """Compare runs from several logs on one figure, one panel per key:
+    ``acc`` (the evaluation accuracy or metric), ``cos``, ``rel_err``,
+    ``s_over_g`` (``|S| / |g|``), ``step_ratio`` (Adam's step ratio of the
+    model's weight matrices, mean over them; ``step_ratio:<name>`` for one)
+    or any per-interface curve name.
+
+    ``runs``: ``(label, log, variant)`` tuples (``log`` a path or dict).
+    ``interface``: ``"mean"`` averages the per-interface curves, or a module
+    name picks one. Returns the figure; saves it to ``out`` when given."""
+    from dni_fast.examples._extras import require
+
+    matplotlib = require("matplotlib", "dni_fast.diagnostics.plot_compare")
+    if out is not None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"acc": "accuracy / metric", "cos": "cos(S, g)", "rel_err": "|S - g| / |g|", "s_over_g": "|S| / |g|",
+              "step_ratio": "Adam step ratio |m|/sqrt(v)"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
+    for k, (label, log, variant) in enumerate(runs):
+        data = load_run(log)
+        r = next((r for r in data["runs"] if r["variant"] == variant), None)
+        if r is None:
+            raise ValueError(f"plot_compare: no run {variant!r} in {label!r}")
+        hist = r["history"]
+        x, xlabel = _x_of(hist)
+        for ax, key in zip(axes[0], keys):
+            ys = _curve(hist, key, interface)
+            if ys is None:
+                continue
+            xs = (x or list(range(len(ys))))[-len(ys):]
+            ax.plot(xs, [math.nan if v is None else v for v in ys], label=label, color=f"C{k}")
+            ax.set_xlabel(xlabel or "evaluation")
+    for ax, key in zip(axes[0], keys):
+        ax.set_title(labels.get(key, labels["step_ratio"] + " " + key.partition(":")[2]
+                                if key.startswith("step_ratio:") else key), fontsize=9)
+        ax.grid(alpha=0.3)
+        if key in ("rel_err", "s_over_g"):
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="k", lw=0.5)
+        if key == "cos":
+            ax.axhline(0.0, color="k", lw=0.5)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=90)
+    return fig
+
+
+def _curve(hist: dict, key: str, interface: str = "mean"):
+    if key == "acc":
+        for k in ("valid_acc", "test_acc", "valid_metric"):
+            if hist.get(k):
+                return hist[k]
+        return hist.get("curves", {}).get("length")
+    if key.startswith("step_ratio"):  # "step_ratio" (mean over the weights) or "step_ratio:<parameter name>"
+        ratios = hist.get("adam_step_ratio", {})
+        name = key.partition(":")[2]
+        cols = [v for n, v in ratios.items() if v and (not name or n == name)]
+        return _mean_cols(cols) if cols else None
+    ifaces = hist.get("interfaces") or {}
+    if not ifaces:
+        return None
+    chosen = list(ifaces.values()) if interface == "mean" else [ifaces[interface]] if interface in ifaces else []
+    if key == "s_over_g":
+        cols = [[(s / g if s is not None and g else None) for s, g in zip(c["s_norm"], c["g_norm"])] for c in chosen]
+    else:
+        cols = [c[key] for c in chosen if key in c]
+    return _mean_cols(cols) if cols else None
+
+
+def _mean_cols(cols):
+    n = min(len(c) for c in cols)
+    out = []
+    for i in range(n):
+        v = [c[i] for c in cols if c[i] is not None]
+        out.append(sum(v) / len(v) if v else None)
+    return out

@@ -129,3 +129,17 @@ def test_valid_flag_reports_the_validation_split(tmp_path):
     res = log["summary"]["results"]["dni"]
     assert log["summary"]["eval_split"] == "valid" and "valid_acc" in res and "test_acc" not in res
     assert log["config"]["n_valid"] == 50
+
+
+def test_plot_compare_and_summarize(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = _quick_log(tmp_path, "--mode", "dni", "cdni")
+    out = tmp_path / "cmp.png"
+    fig = dd.plot_compare([("DNI", str(path), "dni"), ("cDNI", str(path), "cdni")],
+                          keys=("acc", "cos", "s_over_g", "step_ratio:linears.0.weight"), out=out)
+    assert out.stat().st_size > 5_000 and len(fig.axes) == 4
+    assert [len(line.get_xdata()) for line in fig.axes[1].lines if line.get_label() in ("DNI", "cDNI")] == [3, 3]
+    with pytest.raises(ValueError, match="no run 'backprop'"):
+        dd.plot_compare([("x", str(path), "backprop")])
+    text = dd.summarize(str(path))
+    assert "dnis.0 @100%: cos" in text and "adam step ratio linears.0.weight" in text
