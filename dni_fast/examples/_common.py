@@ -55,7 +55,8 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                    help="the synthesizers' Adam learning rate is --lr times this (dni_fast.diagnostics.param_groups)")
     p.add_argument("--dni-pytorch", action="store_true",
                    help="dni-pytorch's behaviour: no target normalisation, the synthesizers at the model's learning "
-                        "rate, BasicSynthesizer's own init (--synth-init default), mean loss; overrides those flags")
+                        "rate, a constant learning rate, Adam's default eps, BasicSynthesizer's own init "
+                        "(--synth-init default), mean loss, and (RNNs) --sg-factor 0.1; overrides those flags")
     p.add_argument("--valid", type=int, default=0,
                    help="hold out this many training images as a validation split and evaluate on it instead of the "
                         "test split (for choosing settings)")
@@ -72,7 +73,8 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
     return p
 
 
-DNI_PYTORCH = {"normalize_targets": False, "synth_lr_mult": 1.0, "synth_init": "default", "loss": "mean"}
+DNI_PYTORCH = {"normalize_targets": False, "synth_lr_mult": 1.0, "synth_init": "default", "loss": "mean",
+               "lr_schedule": "constant", "synth_lr_schedule": "same", "adam_eps": 1e-8}
 
 
 def apply_presets(args: argparse.Namespace) -> None:
