@@ -27,7 +27,8 @@ except ImportError:  # pragma: no cover
 # Command line and setup
 # ---------------------------------------------------------------------------
 def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
-                data_choices: Iterable[str] = ("auto", "digits", "mnist"), seed: int = 1) -> argparse.ArgumentParser:
+                data_choices: Iterable[str] = ("auto", "digits", "mnist"), seed: int = 1,
+                lr_schedule: str = "constant") -> argparse.ArgumentParser:
     """The options every example has."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     choices = list(data_choices)
@@ -60,7 +61,7 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
     p.add_argument("--valid", type=int, default=0,
                    help="hold out this many training images as a validation split and evaluate on it instead of the "
                         "test split (for choosing settings)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=lr_schedule,
                    help="the learning rate of every parameter group over training: constant, or cosine decay to 0")
     p.add_argument("--synth-lr-schedule", choices=("same", "constant"), default="same",
                    help="the synthesizers' learning rate follows --lr-schedule ('same') or stays constant")

@@ -67,7 +67,9 @@ class MLP(nn.Module):
 
 
 def build_parser():
-    p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=64, lr=1e-3)
+    # Recommended settings (docs/synthetic_gradients.md, chosen on a validation split): a cosine learning-rate
+    # decay for every parameter group; --dni-pytorch restores dni-pytorch's constant rate and init.
+    p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=64, lr=1e-3, lr_schedule="cosine")
     p.add_argument("--mode", choices=("all",) + MODES, nargs="+", default=["all"], help="which variants to train")
     p.add_argument("--synth-hidden", type=int, default=1, help="hidden layers of each synthesizer")
     p.set_defaults(epochs=None)
