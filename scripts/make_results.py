@@ -530,12 +530,155 @@ def build(logs: List[dict], out: str) -> str:
     return page
 
 
+# ---------------------------------------------------------------------------
+# The diagnosis page's tables and figures (docs/synthetic_gradients.md)
+# ---------------------------------------------------------------------------
+#: (table, label, log in docs/logs/diag, variant): the runs the diagnosis compares. Labels say what changed
+#: against the row "dni-pytorch-like" (mean loss, zero-initialised synthesizer output, constant lr 1e-3).
+DIAG_RUNS = {
+    "mlp": [
+        ("mean loss, constant lr (before)", "mlp_base", "{v}"),
+        ("--loss sum", "mlp_sum", "{v}"),
+        ("--normalize-targets", "mlp_norm", "{v}"),
+        ("--normalize-targets --synth-lr-mult 0.1", "mlp_norm_lr01", "{v}"),
+        ("--normalize-targets --synth-lr-mult 3", "mlp_norm_lr3", "{v}"),
+        ("--normalize-targets --synth-hidden 2", "mlp_norm_sh2", "{v}"),
+        ("--lr-schedule cosine", "mlp_base_cos", "{v}"),
+        ("--lr-schedule cosine --synth-lr-schedule constant", "mlp_cos_synthconst", "{v}"),
+        ("--lr-schedule cosine --synth-lr-mult 0.1", "mlp_cos_lr01", "{v}"),
+        ("--normalize-targets --lr-schedule cosine", "mlp_norm_cos", "{v}"),
+    ],
+    "ptb": [
+        ("BPTT", "ptb_base", "bptt T=4"),
+        ("DNI, dni-pytorch settings (sg factor 0.1, mean loss)", "ptb_base", "dni T=4"),
+        ("DNI --loss sum", "ptb_sum", "dni T=4"),
+        ("DNI --normalize-targets", "ptb_norm", "dni T=4"),
+        ("DNI --normalize-targets --sg-factor 1", "ptb_norm_f1", "dni T=4"),
+        ("BPTT --lr-schedule cosine", "ptb_cos", "bptt T=4"),
+        ("DNI --lr-schedule cosine", "ptb_cos", "dni T=4"),
+    ],
+    "copy": [
+        ("BPTT", "copy_base", "bptt T=4"),
+        ("DNI, dni-pytorch settings (sg factor 0.1)", "copy_base", "dni T=4"),
+        ("DNI --normalize-targets", "copy_norm", "dni T=4"),
+        ("DNI --normalize-targets --sg-factor 1", "copy_norm_f1", "dni T=4"),
+    ],
+}
+
+
+def _diag_run(diag: str, name: str, variant: str) -> Optional[dict]:
+    path = os.path.join(diag, name + ".json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        d = json.load(f)
+    return next((r for r in d["runs"] if r["variant"] == variant), None)
+
+
+def _last(xs, k: int = 1):
+    v = [x for x in (xs or []) if x is not None]
+    return statistics.fmean(v[-k:]) if v else None
+
+
+def diag_table(diag: str, which: str, variant: str = "") -> str:
+    rows = []
+    for label, name, v in DIAG_RUNS[which]:
+        r = _diag_run(diag, name, v.format(v=variant))
+        if r is None:
+            continue
+        h = r["history"]
+        ifs = h.get("interfaces", {})
+        cos = " / ".join(fmt(c["cos"][-1], "{:.3f}") for c in ifs.values()) or "-"
+        mean_cos = " / ".join(fmt(statistics.fmean([x for x in c["cos"] if x is not None]), "{:.3f}")
+                              for c in ifs.values()) or "-"
+        sg = " / ".join(fmt(c["s_norm"][-1] / c["g_norm"][-1] if c["g_norm"][-1] else None, "{:.3g}")
+                        for c in ifs.values()) or "-"
+        rel = " / ".join(fmt(statistics.median([x for x in c["rel_err"] if x is not None]), "{:.2f}")
+                         for c in ifs.values()) or "-"
+        eps = " / ".join(fmt(min(x for x in c["sqrt_v_median"] if x) / c["adam_eps"], "{:.2g}")
+                         if c.get("adam_eps") and any(c["sqrt_v_median"]) else "-" for c in ifs.values()) or "-"
+        ratio = h.get("adam_step_ratio", {})
+        if which == "mlp":
+            acc = [fmt(r.get("valid_acc"), "{:.2f}"), fmt(r.get("best_valid_acc"), "{:.2f}")]
+            step = fmt(_last(ratio.get("linears.1.weight"), 5), "{:.3f}")
+        elif which == "ptb":
+            acc = [fmt(r.get("valid_metric"), "{:.3f}"), "-"]
+            step = fmt(_last(ratio.get("rnn.weight_hh_l0"), 5), "{:.3f}")
+        else:
+            acc = [str(r.get("max_length")), "-"]
+            step = fmt(_last(ratio.get("rnn.weight_hh_l0"), 5), "{:.3f}")
+        rows.append([label] + acc + [cos, mean_cos, sg, rel, step, eps])
+    metric = {"mlp": ["valid acc % (end)", "best valid acc %"], "ptb": ["valid bpc (end)", "-"],
+              "copy": ["longest L solved", "-"]}[which]
+    what = {"mlp": "Adam step ratio, layer 2 (last 5 evals)", "ptb": "Adam step ratio, LSTM W_hh (last 5 evals)",
+            "copy": "Adam step ratio, LSTM W_hh (last 5 evals)"}[which]
+    return table(["run"] + metric + ["cos(S, g) at end", "cos(S, g), mean over training", "|S|/|g| at end",
+                                     "median rel. error |S-g|/|g|", what,
+                                     "synth. Adam sqrt(v) median, smallest over training / eps"], rows)
+
+
+def diagnosis(diag: str, doc: str, out: str) -> None:
+    """Rewrite the generated blocks of ``doc`` (between ``<!-- diag:NAME -->`` and
+    ``<!-- /diag -->``) from the logs in ``diag``, and its figures in ``out``."""
+    from dni_fast import diagnostics as dd
+
+    os.makedirs(out, exist_ok=True)
+    blocks = {"mlp_dni": lambda: diag_table(diag, "mlp", "dni"), "mlp_cdni": lambda: diag_table(diag, "mlp", "cdni"),
+              "ptb": lambda: diag_table(diag, "ptb"), "copy": lambda: diag_table(diag, "copy")}
+
+    def runs(which, variant="", names=None):
+        out_runs = []
+        for label, name, v in DIAG_RUNS[which]:
+            if names is not None and name not in names:
+                continue
+            if _diag_run(diag, name, v.format(v=variant)) is not None:
+                out_runs.append((label, os.path.join(diag, name + ".json"), v.format(v=variant)))
+        return out_runs
+
+    pick = ["mlp_base", "mlp_sum", "mlp_norm", "mlp_base_cos", "mlp_cos_synthconst"]
+    figs = [
+        ("diag_mlp_dni.png", runs("mlp", "dni", pick), ("acc", "cos", "s_over_g", "step_ratio:linears.1.weight"),
+         "MNIST MLP, plain DNI (validation split; cos and |S|/|g| averaged over the two interfaces)"),
+        ("diag_mlp_cdni.png", runs("mlp", "cdni", pick), ("acc", "cos", "s_over_g", "step_ratio:linears.1.weight"),
+         "MNIST MLP, cDNI (validation split)"),
+        ("diag_ptb.png", runs("ptb"), ("acc", "cos", "s_over_g", "step_ratio:rnn.weight_hh_l0"),
+         "PTB char, T=4, 200k training characters (validation bpc)"),
+        ("diag_copy.png", runs("copy"), ("acc", "cos", "s_over_g", "step_ratio:rnn.weight_hh_l0"),
+         "copy task, T=4 (length solved)"),
+    ]
+    for png, rs, keys, title in figs:
+        if rs:
+            fig = dd.plot_compare(rs, keys=keys, out=os.path.join(out, png), title=title)
+            plt.close(fig)
+    base = os.path.join(diag, "mlp_base.json")
+    if os.path.exists(base):
+        fig = dd.plot_run(base, os.path.join(out, "diag_mlp_base_interfaces.png"), variants=["dni", "cdni"],
+                          title="MNIST MLP before (mean loss, constant lr): per-interface curves")
+        plt.close(fig)
+    if not os.path.exists(doc):
+        return
+    text = open(doc).read()
+    for name, make in blocks.items():
+        start, end = f"<!-- diag:{name} -->", "<!-- /diag -->"
+        i = text.find(start)
+        if i < 0:
+            continue
+        j = text.find(end, i)
+        text = text[:i + len(start)] + "\n" + make() + text[j:]
+    with open(doc, "w") as f:
+        f.write(text)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default=os.path.join("docs", "logs", "results"),
                    help="folder with the examples' JSON logs, named <group>_s<seed>.json")
     p.add_argument("--out", default="docs", help="where results.md and the PNGs go")
+    p.add_argument("--diag", default=os.path.join("docs", "logs", "diag"),
+                   help="the diagnosis runs' logs (docs/synthetic_gradients.md's tables and figures)")
     args = p.parse_args(argv)
+    if args.diag and os.path.isdir(args.diag):
+        diagnosis(args.diag, os.path.join(args.out, "synthetic_gradients.md"), args.out)
     logs = load_logs(args.runs)
     if not logs:
         raise SystemExit(f"no example logs in {args.runs}/ (run the examples with --log {args.runs}/NAME_s1.json)")

@@ -49,6 +49,7 @@ class LSTMLM(nn.Module):
                  backend: Optional[str] = None, interface_kwargs: Optional[dict] = None) -> None:
         super().__init__()
         self.layers, self.hidden, self.sg_factor = layers, hidden, sg_factor
+        self.sg_control = "none"
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(n_tokens, emb)
         self.rnn = nn.LSTM(emb, hidden, layers, dropout=dropout if layers > 1 else 0.0)
@@ -76,7 +77,12 @@ class LSTMLM(nn.Module):
             state = self.unpack(self.dni.make_trigger(self.pack(state)))
         out, state = self.rnn(self.drop(self.encoder(tokens)), state)
         if use_dni:
-            self.dni.backward(self.pack(state), factor=self.sg_factor)
+            flat = self.pack(state)
+            if self.sg_control == "shuffle":  # a control: S of another row's state (same distribution, no match)
+                perm = torch.roll(torch.arange(flat.shape[0], device=flat.device), 1)
+                dni.backward(flat, self.dni.receive(flat.detach()[perm]) * self.sg_factor)
+            else:
+                self.dni.backward(flat, factor=self.sg_factor)
         return self.decoder(self.drop(out)), state
 
 
@@ -111,6 +117,7 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
     torch.manual_seed(args.seed)
     model = LSTMLM(len(corpus), args.emb, args.hidden, args.layers, args.dropout, use_dni, args.synth_hidden,
                    args.sg_factor, interface_kwargs=C.interface_kwargs(args))
+    model.sg_control = args.sg_control
     if args.synth_init == "zero":
         C.zero_synthesizer_output(model)
     opt = C.make_optimizer(model, args)
@@ -196,6 +203,9 @@ def build_parser():
     p.add_argument("--dropout", type=float, default=0.0, help="dropout")
     p.add_argument("--synth-hidden", type=int, default=2, help="synthesizer hidden layers")
     p.add_argument("--sg-factor", type=float, default=0.1, help="scale of the injected synthetic gradient")
+    p.add_argument("--sg-control", choices=("none", "shuffle"), default="none",
+                   help="diagnosis control: 'shuffle' injects the synthetic gradient predicted from another stream's "
+                        "state (the same magnitudes and distribution, no information about this state)")
     p.add_argument("--clip", type=float, default=1.0,
                    help="clip the LSTM's gradient norm (of the mean loss) to this (0: none)")
     p.add_argument("--train-tokens", type=int, default=None, help="train on the first N tokens only")
