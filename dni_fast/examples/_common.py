@@ -332,6 +332,9 @@ class CurveRecorder:
         self.curves = {n: {k: [] for k in self.KEYS} for n in self.ifaces}
         self.ratio = {n: [] for n in self.weights}
         self.weight_sqrt_v = {n: [] for n in self.weights}
+        # the model's own vectors (BatchNorm's scale and shift, biases): their RMS, to see them drift
+        self.vectors = {n: p for n, p in model.named_parameters() if p.dim() == 1 and id(p) not in skip}
+        self.vector_rms = {n: [] for n in self.vectors}
         self._grad: Dict[str, Optional[float]] = {}
 
     def before_step(self) -> None:
@@ -359,6 +362,8 @@ class CurveRecorder:
             a = adam_summary(self.opt, [p])
             self.ratio[n].append(a and a["step_ratio"])
             self.weight_sqrt_v[n].append(a and a["sqrt_v_median"])
+        for n, p in self.vectors.items():
+            self.vector_rms[n].append(float(p.detach().float().pow(2).mean().sqrt()))
         self._grad = {}
         vals = [recs[n]["cos"] for n in recs if recs[n].get("cos") is not None]
         return sum(vals) / len(vals) if vals else None
@@ -437,6 +442,7 @@ def fit_classifier(model: nn.Module, data, *, epochs: int, batch_size: int, lr: 
         hist["interfaces"] = rec.curves
     hist["adam_step_ratio"] = rec.ratio
     hist["adam_sqrt_v"] = rec.weight_sqrt_v
+    hist["param_rms"] = rec.vector_rms
     return {
         acc_k: hist[acc_k][-1],
         f"{split}_error": 100.0 - hist[acc_k][-1],
