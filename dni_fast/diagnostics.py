@@ -194,7 +194,7 @@ def plot_run(log: Union[str, os.PathLike, dict], out: Optional[Union[str, os.Pat
         axes[0, j].set_title(r["variant"])
         axes[0, j].axhline(0.0, color="k", lw=0.5)
         axes[1, j].axhline(1.0, color="k", lw=0.5)  # predicting 0
-        for i in (2, 3):
+        for i in (1, 2, 3):
             axes[i, j].set_yscale("log")
         eps = next((rec.get("adam_eps") for rec in hist["interfaces"].values() if rec.get("adam_eps")), None)
         if eps:
