@@ -93,7 +93,9 @@ class CNN(nn.Module):
 
 
 def build_parser():
-    p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=64, lr=1e-3)
+    # Recommended settings (docs/synthetic_gradients.md): a cosine learning-rate decay, as for mnist_mlp;
+    # --dni-pytorch restores a constant rate and dni-pytorch's synthesizer init.
+    p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=64, lr=1e-3, lr_schedule="cosine")
     p.add_argument("--mode", choices=("all",) + MODES, nargs="+", default=["all"], help="which variants to train")
     p.add_argument("--synth-hidden", type=int, default=1, help="hidden convolutions of each synthesizer")
     p.epilog = "Default epochs: 2 on MNIST, 30 on digits, 1 with --quick."

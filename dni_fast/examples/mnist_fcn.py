@@ -33,7 +33,9 @@ def fcn(input_dim: int, layers: int, mode: str, synth_hidden: int, synth_width: 
 
 
 def build_parser():
-    p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=256, lr=1e-4)
+    # Recommended settings (docs/synthetic_gradients.md): a cosine learning-rate decay, as for mnist_mlp;
+    # --dni-pytorch restores a constant rate and dni-pytorch's synthesizer init.
+    p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=256, lr=1e-4, lr_schedule="cosine")
     p.add_argument("--layers", type=int, nargs="+", default=[3, 4, 5, 6], help="network depths (linear layers)")
     p.add_argument("--mode", choices=("all",) + MODES, nargs="+", default=["all"], help="which variants to train")
     p.add_argument("--synth-hidden", type=int, default=1, choices=(0, 1, 2), help="synthesizer hidden layers")
