@@ -156,19 +156,59 @@ def test_python_dash_m_entry_point(tmp_path):
     assert json.loads(log.read_text())["example"] == "quickstart"
 
 
-def test_make_results_from_quick_logs(tmp_path):
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    for name in ("quickstart", "mnist_mlp", "ptb_lm", "copy_task"):
-        _run(name, runs)
+def _make_results():
     spec = importlib.util.spec_from_file_location("make_results", REPO / "scripts" / "make_results.py")
     mr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mr)
+    return mr
+
+
+def test_make_results_from_quick_logs(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name, group in (("quickstart", "quickstart"), ("mnist_mlp", "mnist_mlp"), ("ptb_lm", "ptb_char"),
+                        ("copy_task", "copy_task")):
+        mod = importlib.import_module(f"dni_fast.examples.{name}")
+        for seed in (1, 2):
+            mod.main(["--quick", "--no-progress", "--seed", str(seed), "--log", str(runs / f"{group}_s{seed}.json"),
+                      *QUICK[name]])
+    (runs / "stray.json").write_text("{}")  # not <group>_s<seed>.json: skipped
+    mr = _make_results()
     out = tmp_path / "docs"
-    mr.main(["--runs", str(runs), "--out", str(out)])
+    mr.main(["--runs", str(runs), "--out", str(out), "--diag", ""])
     page = (out / "results.md").read_text()
     assert "backprop" in page and "cDNI" in page and "bits per character" in page.lower()
-    assert list(out.glob("*.png"))
+    assert "2 seeds (1, 2)" in page and " ± " in page and "--seed S" in page
+    assert "mnist_mlp_s1.json" in page and "stray" not in page
+    assert {p.name for p in out.glob("*.png")} >= {"mnist_mlp_curves.png", "ptb_char_bpc.png", "copy_task.png"}
+
+
+def test_make_results_compare_needs_both_stds():
+    mr = _make_results()
+    assert mr.compare([2.0, 2.1, 2.2], [1.0, 1.1, 1.2], True, "BPTT", "DNI").startswith("DNI better (beyond 2 std")
+    assert mr.compare([2.0, 2.1, 2.2], [1.0, 1.1, 1.2], False, "BPTT", "DNI").startswith("BPTT better")
+    assert mr.compare([2.0, 2.1, 2.2], [1.85, 1.95, 2.05], True, "BPTT", "DNI").startswith("DNI better (beyond 1 std")
+    assert mr.compare([2.0, 2.5, 3.0], [1.9, 2.0, 2.1], True, "BPTT", "DNI").startswith("within noise")
+    assert mr.compare([2.0], [1.0], True, "BPTT", "DNI") == "one seed: no claim"
+    assert mr.pm([1.0, 2.0, 3.0]) == "2.00 ± 1.00" and mr.pm([]) == "-"
+
+
+def test_make_results_fills_the_diagnosis_tables(tmp_path):
+    diag = tmp_path / "diag"
+    diag.mkdir()
+    from dni_fast.examples import mnist_mlp
+
+    mnist_mlp.main(["--quick", "--data", "digits", "--no-progress", "--mode", "dni", "cdni", "--valid", "50",
+                    "--log", str(diag / "mlp_base.json")])
+    out = tmp_path / "docs"
+    out.mkdir()
+    doc = out / "synthetic_gradients.md"
+    doc.write_text("intro\n<!-- diag:mlp_dni -->\nstale\n<!-- /diag -->\nmiddle\n<!-- diag:ptb -->\n<!-- /diag -->\n")
+    _make_results().diagnosis(str(diag), str(doc), str(out))
+    text = doc.read_text()
+    assert "stale" not in text and "intro" in text and "middle" in text
+    assert "| mean loss, constant lr (before) |" in text.split("middle")[0]
+    assert (out / "diag_mlp_dni.png").is_file() and (out / "diag_mlp_base_interfaces.png").is_file()
 
 
 def test_dni_pytorch_flag_restores_its_settings():

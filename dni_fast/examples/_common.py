@@ -116,6 +116,15 @@ def make_schedule(opt: torch.optim.Optimizer, args: argparse.Namespace, total_st
         opt, [(lambda t: 1.0) if keep and g.get("name") == "synthesizers" else cosine for g in opt.param_groups])
 
 
+def parse(parser: argparse.ArgumentParser, argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, remembering the arguments (``argv``, else
+    the command line's) for the run log."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return args
+
+
 def setup(args: argparse.Namespace) -> None:
     """Presets, seed, threads and backend from the command line."""
     apply_presets(args)
@@ -166,8 +175,8 @@ class RunLog:
     def __init__(self, example: str, args: argparse.Namespace) -> None:
         self.data = {
             "example": example,
-            "argv": sys.argv[1:],
-            "config": {k: v for k, v in vars(args).items() if k not in ("log", "no_progress")},
+            "argv": list(getattr(args, "argv", sys.argv[1:])),
+            "config": {k: v for k, v in vars(args).items() if k not in ("log", "no_progress", "argv")},
             "machine": machine_info(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "runs": [],

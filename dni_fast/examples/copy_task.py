@@ -191,7 +191,7 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = C.parse(build_parser(), argv)
     if args.quick:
         args.bptt = args.bptt if argv and "--bptt" in argv else [2]
         args.hidden, args.timesteps, args.window, args.synth_hidden = 16, 600, 4, min(args.synth_hidden, 1)

@@ -103,7 +103,7 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = C.parse(build_parser(), argv)
     C.setup(args)
     data = C.load_image_data(args)
     if data.x_train.shape[-1] != 28:

@@ -45,7 +45,7 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = C.parse(build_parser(), argv)
     if args.quick:
         args.layers = args.layers if argv and "--layers" in argv else [3]
         args.synth_width = min(args.synth_width, 64)

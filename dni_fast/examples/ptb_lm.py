@@ -215,7 +215,7 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = C.parse(build_parser(), argv)
     if args.quick:
         args.bptt = args.bptt if argv and "--bptt" in argv else [2]
         args.hidden, args.train_tokens, args.eval_tokens, args.n_evals = 32, 3000, 1000, 2
