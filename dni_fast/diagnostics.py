@@ -293,10 +293,14 @@ def plot_compare(runs: Sequence[tuple], keys: Sequence[str] = ("acc", "cos", "re
             ax.axhline(1.0, color="k", lw=0.5)
         if key == "cos":
             ax.axhline(0.0, color="k", lw=0.5)
-    axes[0][0].legend(fontsize=7)
+    handles, labels_ = axes[0][0].get_legend_handles_labels()
+    ncol = min(len(labels_), 3)
+    rows = (len(labels_) + ncol - 1) // max(ncol, 1)
+    fig.set_figheight(3.0 + 0.22 * rows)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * rows / (1 + 0.07 * rows) + 0.02, 1, 1))
+    fig.legend(handles, labels_, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     if out is not None:
         fig.savefig(out, dpi=90)
     return fig
