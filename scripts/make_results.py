@@ -129,7 +129,7 @@ def command(d: dict) -> str:
 
 
 def seeds_line(ds: List[dict]) -> str:
-    return f"{len(ds)} seeds ({', '.join(str(d['_seed']) for d in ds)})"
+    return f"{len(ds)} seed{'s' if len(ds) != 1 else ''} ({', '.join(str(d['_seed']) for d in ds)})"
 
 
 def schedule(ds: List[dict]) -> str:
@@ -152,7 +152,8 @@ def schedule(ds: List[dict]) -> str:
             bits.append(f"{name} `{c[key]}`")
     m = d.get("machine", {})
     bits.append(f"{m.get('torch_threads', '?')} torch thread(s)")
-    cmds = sorted({command(x).replace(f"--seed {x['_seed']}", "--seed S") for x in ds})
+    cmds = sorted({command(x).replace(f"--seed {x['_seed']}", "--seed S").replace(f"_s{x['_seed']}.json", "_sS.json")
+                   for x in ds})
     return ("Schedule: " + ", ".join(bits) + f"; {seeds_line(ds)}. Command"
             + ("" if len(cmds) == 1 else "s") + ": " + "; ".join(f"`{c}`" for c in cmds) + ".")
 
