@@ -117,6 +117,8 @@ def build_parser():
     p.add_argument("--synth-context", choices=("uniform", "spatial"), default="uniform",
                    help="cDNI: the label's projection is one value per channel over the whole map (uniform) or "
                         "one per position (spatial)")
+    # The feature maps' gradients are ~1e-6 to 1e-4 per element: normalised targets (docs/synthetic_gradients.md)
+    p.set_defaults(normalize_targets=True)
     p.epilog = "Default epochs: 2 on MNIST, 30 on digits, 1 with --quick."
     return p
 
