@@ -559,6 +559,26 @@ DIAG_RUNS = {
         ("BPTT --lr-schedule cosine", "ptb_cos", "bptt T=4"),
         ("DNI --lr-schedule cosine", "ptb_cos", "dni T=4"),
     ],
+    "cnn": [
+        ("backprop, --lr-schedule cosine", "cnn_cos", "backprop"),
+        ("DNI, --lr-schedule cosine", "cnn_cos", "dni"),
+        ("cDNI, --lr-schedule cosine", "cnn_cos", "cdni"),
+        ("DNI, --lr-schedule cosine --normalize-targets", "cnn_norm_cos", "dni"),
+        ("cDNI, --lr-schedule cosine --normalize-targets", "cnn_norm_cos", "cdni"),
+        ("cDNI, --lr-schedule cosine --normalize-targets --synth-context spatial", "cnn_spatial_norm_cos", "cdni"),
+    ],
+    "fcn": [
+        ("backprop, lr 1e-4", "fcn_norm", "backprop 3-layer"),
+        ("DNI, lr 1e-4", "fcn_cos", "dni 3-layer"),
+        ("cDNI, lr 1e-4", "fcn_cos", "cdni 3-layer"),
+        ("DNI, lr 1e-4 --normalize-targets", "fcn_norm", "dni 3-layer"),
+        ("cDNI, lr 1e-4 --normalize-targets", "fcn_norm", "cdni 3-layer"),
+        ("backprop, lr 1e-3", "fcn_lr1e3", "backprop 3-layer"),
+        ("DNI, lr 1e-3", "fcn_lr1e3", "dni 3-layer"),
+        ("cDNI, lr 1e-3", "fcn_lr1e3", "cdni 3-layer"),
+        ("DNI, lr 1e-3 --normalize-targets", "fcn_norm_lr1e3", "dni 3-layer"),
+        ("cDNI, lr 1e-3 --normalize-targets", "fcn_norm_lr1e3", "cdni 3-layer"),
+    ],
     "copy": [
         ("BPTT", "copy_base", "bptt T=4"),
         ("DNI, dni-pytorch settings (sg factor 0.1)", "copy_base", "dni T=4"),
@@ -600,9 +620,9 @@ def diag_table(diag: str, which: str, variant: str = "") -> str:
         eps = " / ".join(fmt(min(x for x in c["sqrt_v_median"] if x) / c["adam_eps"], "{:.2g}")
                          if c.get("adam_eps") and any(c["sqrt_v_median"]) else "-" for c in ifs.values()) or "-"
         ratio = h.get("adam_step_ratio", {})
-        if which == "mlp":
+        if which in ("mlp", "cnn", "fcn"):
             acc = [fmt(r.get("valid_acc"), "{:.2f}"), fmt(r.get("best_valid_acc"), "{:.2f}")]
-            step = fmt(_last(ratio.get("linears.1.weight"), 5), "{:.3f}")
+            step = fmt(_last(ratio.get("conv2.weight" if which == "cnn" else "linears.1.weight"), 5), "{:.3f}")
         elif which == "ptb":
             acc = [fmt(r.get("valid_metric"), "{:.3f}"), "-"]
             step = fmt(_last(ratio.get("rnn.weight_hh_l0"), 5), "{:.3f}")
@@ -610,9 +630,11 @@ def diag_table(diag: str, which: str, variant: str = "") -> str:
             acc = [str(r.get("max_length")), "-"]
             step = fmt(_last(ratio.get("rnn.weight_hh_l0"), 5), "{:.3f}")
         rows.append([label] + acc + [cos, mean_cos, sg, rel, step, eps])
-    metric = {"mlp": ["valid acc % (end)", "best valid acc %"], "ptb": ["valid bpc (end)", "-"],
+    acc_cols = ["valid acc % (end)", "best valid acc %"]
+    metric = {"mlp": acc_cols, "cnn": acc_cols, "fcn": acc_cols, "ptb": ["valid bpc (end)", "-"],
               "copy": ["longest L solved", "-"]}[which]
-    what = {"mlp": "Adam step ratio, layer 2 (last 5 evals)", "ptb": "Adam step ratio, LSTM W_hh (last 5 evals)",
+    what = {"mlp": "Adam step ratio, layer 2 (last 5 evals)", "fcn": "Adam step ratio, layer 2 (last 5 evals)",
+            "cnn": "Adam step ratio, conv2 (last 5 evals)", "ptb": "Adam step ratio, LSTM W_hh (last 5 evals)",
             "copy": "Adam step ratio, LSTM W_hh (last 5 evals)"}[which]
     return table(["run"] + metric + ["cos(S, g) at end", "cos(S, g), mean over training", "|S|/|g| at end",
                                      "median rel. error |S-g|/|g|", what,
@@ -626,7 +648,8 @@ def diagnosis(diag: str, doc: str, out: str) -> None:
 
     os.makedirs(out, exist_ok=True)
     blocks = {"mlp_dni": lambda: diag_table(diag, "mlp", "dni"), "mlp_cdni": lambda: diag_table(diag, "mlp", "cdni"),
-              "ptb": lambda: diag_table(diag, "ptb"), "copy": lambda: diag_table(diag, "copy")}
+              "ptb": lambda: diag_table(diag, "ptb"), "copy": lambda: diag_table(diag, "copy"),
+              "cnn": lambda: diag_table(diag, "cnn"), "fcn": lambda: diag_table(diag, "fcn")}
 
     def runs(which, variant="", names=None):
         out_runs = []
