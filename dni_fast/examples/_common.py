@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -205,8 +206,20 @@ def save_json(path: Optional[str], data: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=_json_default)
+        json.dump(compact(data), f, separators=(",", ":"), default=_json_default)
+        f.write("\n")
     os.replace(tmp, path)
+
+
+def compact(o, digits: int = 6):
+    """``o`` with every float rounded to ``digits`` significant digits (the logs are committed: they stay small)."""
+    if isinstance(o, float):
+        return o if not math.isfinite(o) else float(f"{o:.{digits}g}")
+    if isinstance(o, dict):
+        return {k: compact(v, digits) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [compact(v, digits) for v in o]
+    return o
 
 
 def _json_default(o):
