@@ -125,6 +125,8 @@ def compare(a: List[float], b: List[float], lower_is_better: bool, name_a: str, 
 
 def command(d: dict) -> str:
     argv = list(d.get("argv", []))
+    if d.get("_group", "").endswith("_dnipytorch") and "--dni-pytorch" not in argv:
+        argv.append("--dni-pytorch")  # run when dni-pytorch's settings were the example's defaults (see schedule())
     return f"python -m dni_fast.examples.{d['example']} " + " ".join(argv)
 
 
@@ -154,8 +156,11 @@ def schedule(ds: List[dict]) -> str:
     bits.append(f"{m.get('torch_threads', '?')} torch thread(s)")
     cmds = sorted({command(x).replace(f"--seed {x['_seed']}", "--seed S").replace(f"_s{x['_seed']}.json", "_sS.json")
                    for x in ds})
+    early = [x for x in ds if x["_group"].endswith("_dnipytorch") and "--dni-pytorch" not in x.get("argv", [])]
+    note = (f" (seed{'s' if len(early) > 1 else ''} {', '.join(str(x['_seed']) for x in early)} ran before the "
+            "example's defaults changed, without `--dni-pytorch`; their logged settings are the flag's)") if early else ""
     return ("Schedule: " + ", ".join(bits) + f"; {seeds_line(ds)}. Command"
-            + ("" if len(cmds) == 1 else "s") + ": " + "; ".join(f"`{c}`" for c in cmds) + ".")
+            + ("" if len(cmds) == 1 else "s") + ": " + "; ".join(f"`{c}`" for c in cmds) + note + ".")
 
 
 def by_variant(ds: List[dict]) -> Dict[str, List[dict]]:
