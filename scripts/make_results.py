@@ -125,6 +125,10 @@ def compare(a: List[float], b: List[float], lower_is_better: bool, name_a: str, 
 
 def command(d: dict) -> str:
     argv = list(d.get("argv", []))
+    if "--log" in argv and d.get("_path"):  # where the log is now (a file renamed after the run)
+        i = argv.index("--log") + 1
+        if i < len(argv):
+            argv[i] = os.path.join(os.path.dirname(argv[i]), os.path.basename(d["_path"]))
     if d.get("_group", "").endswith("_dnipytorch") and "--dni-pytorch" not in argv:
         argv.append("--dni-pytorch")  # run when dni-pytorch's settings were the example's defaults (see schedule())
     return f"python -m dni_fast.examples.{d['example']} " + " ".join(argv)
