@@ -470,6 +470,98 @@ def _t_color(Ts: List[int], T: int):
 
 
 # ---------------------------------------------------------------------------
+# Issue 11's targets, met or missed, from the same logs
+# ---------------------------------------------------------------------------
+def _verdict(ok: Optional[bool]) -> str:
+    return "-" if ok is None else ("**met**" if ok else "missed")
+
+
+def targets_section(g: Dict[str, List[dict]]) -> str:
+    rows = []
+
+    def cos_rows(group: str, label: str):
+        for v, runs in by_variant(g.get(group, [])).items():
+            m = method_of(v)
+            if m == "backprop":
+                continue
+            need = 0.3 if m == "cdni" else 0.2
+            mu = mean_std([r.get("final_cos") for r in runs])[0]
+            rows.append([f"{label}: cos(SG, g) at the end, {v.replace(m, LABEL[m], 1)}", f">= {need}", pm([r.get("final_cos") for r in runs],
+                                                                                  "{:.3f}"),
+                         _verdict(None if mu is None else mu >= need),
+                         "" if mu is None or mu >= need else f"short by {need - mu:.3f}"])
+
+    cos_rows("mnist_mlp", "MNIST MLP")
+    cos_rows("mnist_cnn", "MNIST CNN")
+    cos_rows("mnist_fcn", "MNIST FCN")
+    for group, label in (("ptb_char", "PTB char"), ("copy_task", "copy task")):
+        for T, v in sorted(by_method_T(g.get(group, [])).items()):
+            rs = v.get("dni", [])
+            if not rs:
+                continue
+            mu = mean_std([r.get("final_cos") for r in rs])[0]
+            rows.append([f"{label}: cos(SG, g) at the truncation boundary, T={T}", ">= 0.2",
+                         pm([r.get("final_cos") for r in rs], "{:.3f}"), _verdict(None if mu is None else mu >= 0.2),
+                         "" if mu is None or mu >= 0.2 else f"short by {0.2 - mu:.3f}"])
+    ds = g.get("mnist_mlp", [])
+    if ds:
+        bp = {d["_seed"]: r["test_acc"] for d in ds for r in d["runs"] if r["variant"] == "backprop"}
+        for v, need in (("cdni", 0.3), ("dni", 1.0)):
+            gaps = [bp[d["_seed"]] - r["test_acc"] for d in ds for r in d["runs"] if r["variant"] == v
+                    and d["_seed"] in bp]
+            mu = mean_std(gaps)[0]
+            if mu is not None:
+                rows.append([f"MNIST MLP, {ds[0]['config'].get('epochs')} epochs: {LABEL[v]} gap to backprop "
+                             f"(points)", f"<= {need}", pm(gaps), _verdict(mu <= need),
+                             "" if mu <= need else f"over by {mu - need:.2f}"])
+        for v in ("dni", "cdni"):
+            drops = [max(r["history"]["test_acc"]) - r["test_acc"] for d in ds for r in d["runs"] if r["variant"] == v]
+            mu = mean_std(drops)[0]
+            if mu is not None:
+                rows.append([f"MNIST MLP: no degradation, {LABEL[v]} (best test acc during training minus final)",
+                             "<= 0.2 (evaluation noise)", pm(drops), _verdict(mu <= 0.2),
+                             "" if mu <= 0.2 else f"over by {mu - 0.2:.2f}"])
+    for T, v in sorted(by_method_T(g.get("ptb_char", [])).items()):
+        a = [r["test_metric"] for r in v.get("bptt", [])]
+        b = [r["test_metric"] for r in v.get("dni", [])]
+        if a and b:
+            (ma, sa, _), (mb, sb, _) = mean_std(a), mean_std(b)
+            ok = ma - mb > 2 * max(sa, sb) and min(len(a), len(b)) >= 3
+            rows.append([f"PTB char, T={T}: DNI test bpc below BPTT's beyond 2 std", "BPTT - DNI > 2 std",
+                         f"{ma - mb:+.3f} (std {sa:.3f} / {sb:.3f})", _verdict(ok),
+                         "" if ok else f"difference {ma - mb:+.3f} against 2 std = {2 * max(sa, sb):.3f}"])
+    for T, v in sorted(by_method_T(g.get("copy_task", [])).items()):
+        a = [r["max_length"] for r in v.get("bptt", [])]
+        b = [r["max_length"] for r in v.get("dni", [])]
+        if a and b:
+            ok = mean_std(b)[0] > mean_std(a)[0] + max(mean_std(a)[1], mean_std(b)[1])
+            rows.append([f"copy task, T={T}: DNI solves a longer sequence than BPTT", "DNI L > BPTT L",
+                         f"{pm(b, '{:.1f}')} vs {pm(a, '{:.1f}')}", _verdict(ok), ""])
+    for group, label in (("mnist_fcn", "MNIST FCN"), ("mnist_cnn", "MNIST CNN")):
+        runs = by_variant(g.get(group, []))
+        for v in runs:
+            if not v.startswith("dni"):
+                continue
+            rest = v[3:]
+            bpv, cv = "backprop" + rest, "cdni" + rest
+            if bpv not in runs or cv not in runs:
+                continue
+            gd = [b["test_error"] - r["test_error"] for b, r in zip(runs[bpv], runs[v])]
+            gd = [-x for x in gd]
+            gc = [-(b["test_error"] - r["test_error"]) for b, r in zip(runs[bpv], runs[cv])]
+            md, mc = mean_std(gd)[0], mean_std(gc)[0]
+            ok = mc <= md / 2 if md > 0 else None
+            rows.append([f"{label}{rest}: cDNI's gap to backprop at most half of DNI's", "cDNI gap <= DNI gap / 2",
+                         f"cDNI {pm(gc)} vs DNI {pm(gd)}", _verdict(ok),
+                         "" if ok or ok is None else f"cDNI's gap is {mc / md:.2f} of DNI's"])
+    if not rows:
+        return ""
+    return ("## Issue 11's targets\n\nComputed from the same logs (means over seeds; a target on a difference is met "
+            "only beyond the stated noise).\n\n"
+            + table(["target", "needed", "measured", "", "by how much"], rows) + "\n")
+
+
+# ---------------------------------------------------------------------------
 def machine_line(logs: List[dict]) -> str:
     m = max(logs, key=lambda d: d.get("finished", "")).get("machine", {})
     threads = sorted({str(d.get("machine", {}).get("torch_threads")) for d in logs})
@@ -527,6 +619,7 @@ def build(logs: List[dict], out: str) -> str:
             parts.append(ptb_section(g[f"ptb_{level}"], out, g.get(f"ptb_{level}_dnipytorch")))
     if "copy_task" in g:
         parts.append(copy_section(g["copy_task"], out, g.get("copy_task_dnipytorch")))
+    parts.append(targets_section(g))
     shown = [k for k in g]
     parts.append("## Reproduce\n\nFrom the repository root, with the data in `../shared/data` or `$DNI_FAST_DATA`; "
                  "each command once per seed (the `--log` paths as used for this page):\n\n```sh\n"
