@@ -180,6 +180,8 @@ def test_make_results_from_quick_logs(tmp_path):
     assert "backprop" in page and "cDNI" in page and "bits per character" in page.lower()
     assert "2 seeds (1, 2)" in page and " ± " in page and "--seed S" in page
     assert "mnist_mlp_s1.json" in page and "stray" not in page
+    targets = page.split("## Issue 11's targets")[1]
+    assert "MNIST MLP, 1 epochs: DNI gap to backprop" in targets and "PTB char, T=2" in targets
     assert {p.name for p in out.glob("*.png")} >= {"mnist_mlp_curves.png", "ptb_char_bpc.png", "copy_task.png"}
 
 
