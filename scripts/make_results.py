@@ -671,8 +671,6 @@ DIAG_RUNS = {
     ],
     "fcn": [
         ("backprop, lr 1e-4", "fcn_norm", "backprop 3-layer"),
-        ("DNI, lr 1e-4", "fcn_cos", "dni 3-layer"),
-        ("cDNI, lr 1e-4", "fcn_cos", "cdni 3-layer"),
         ("DNI, lr 1e-4 --normalize-targets", "fcn_norm", "dni 3-layer"),
         ("cDNI, lr 1e-4 --normalize-targets", "fcn_norm", "cdni 3-layer"),
         ("backprop, lr 1e-3", "fcn_lr1e3", "backprop 3-layer"),
