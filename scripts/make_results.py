@@ -197,32 +197,27 @@ def classifier_section(ds: List[dict], out: str, title: str, png: Optional[str],
     s = [f"## {title}\n", what + "\n", schedule(ds) + "\n"]
     if baseline:
         s.append(f"Rows marked *{baseline_label}*: " + schedule(baseline) + "\n")
-    main = by_variant(ds)
-    base = by_variant(baseline) if baseline else {}
-    bp = {d["_seed"]: r["test_acc"] for d in ds for r in d["runs"] if method_of(r["variant"]) == "backprop"}
     rows = []
 
-    def row(variant, runs, label):
-        m = method_of(variant)
-        gaps = [bp[d["_seed"]] - r["test_acc"] for d in (ds + (baseline or [])) for r in d["runs"]
-                if r is not None and any(r is x for x in runs) and d["_seed"] in bp]
-        drop = [max(r["history"]["test_acc"]) - r["test_acc"] for r in runs]
-        rows.append([label, pm([r["test_acc"] for r in runs]),
-                     "-" if m == "backprop" else pm(gaps), pm(drop),
-                     "-" if m == "backprop" else pm([r.get("final_cos") for r in runs], "{:.3f}"),
-                     pm([r["ms_per_step"] for r in runs]), str(len(runs))])
+    def add_rows(group: List[dict], suffix: str):
+        bp = {d["_seed"]: r["test_acc"] for d in group for r in d["runs"] if method_of(r["variant"]) == "backprop"}
+        for v, runs in by_variant(group).items():
+            m = method_of(v)
+            seeds = [d["_seed"] for d in group for r in d["runs"] if r["variant"] == v]
+            gaps = [bp[sd] - r["test_acc"] for sd, r in zip(seeds, runs) if sd in bp]
+            drop = [max(r["history"]["test_acc"]) - r["test_acc"] for r in runs]
+            rows.append([v.replace(m, LABEL.get(m, m), 1) + suffix, pm([r["test_acc"] for r in runs]),
+                         "-" if m == "backprop" else pm(gaps), pm(drop),
+                         "-" if m == "backprop" else pm([r.get("final_cos") for r in runs], "{:.3f}"),
+                         pm([r["ms_per_step"] for r in runs]), str(len(runs))])
 
-    for v, runs in main.items():
-        m = method_of(v)
-        row(v, runs, v.replace(m, LABEL.get(m, m), 1))
-    for v, runs in base.items():
-        m = method_of(v)
-        if m == "backprop":
-            continue
-        row(v, runs, v.replace(m, LABEL.get(m, m), 1) + f" ({baseline_label})")
+    add_rows(ds, "")
+    if baseline:
+        add_rows(baseline, f" ({baseline_label})")
     s.append(table(["variant", "test acc %", "gap to backprop (points)", "drop from its best test acc",
-                    "cos(SG, g) at end", "ms/step", "seeds"], rows))
-    s.append("\nGap to backprop: per seed, backprop's test accuracy minus the variant's (same seed, same data order); "
+                    "cos(SG, g) at end", "ms/step (shared machine)", "seeds"], rows))
+    s.append("\nGap to backprop: per seed, backprop's test accuracy minus the variant's (same seed, same data order, "
+             "same settings); "
              "drop: the best test accuracy seen during training minus the final one (0 when the run ends at its best). "
              "cos(SG, g): the mean over the interfaces and over the last evaluation interval.\n")
     if png:
