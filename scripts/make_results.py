@@ -230,8 +230,6 @@ def curves_png(ds, baseline, out, name, title, baseline_label) -> str:
     for src, style, suffix in ((ds, "-", ""), (baseline or [], "--", f" ({baseline_label})")):
         for v, runs in by_variant(src).items():
             m = method_of(v)
-            if suffix and m == "backprop":
-                continue
             label = v.replace(m, LABEL.get(m, m), 1) + suffix
             x = runs[0]["history"]["epoch"]
             _band(axes[0], x, [[100.0 - a for a in r["history"]["test_acc"]] for r in runs], label=label,
@@ -243,6 +241,10 @@ def curves_png(ds, baseline, out, name, title, baseline_label) -> str:
     axes[0].set_ylabel("test error (%)")
     axes[0].set_title(title.split(" (")[0] + ": mean ± std over seeds", fontsize=9)
     axes[0].set_yscale("log")
+    lo, hi = axes[0].get_ylim()
+    axes[0].set_yticks([t for t in (0.5, 1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50) if lo <= t <= hi])
+    axes[0].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     axes[1].set_xlabel("epoch")
