@@ -363,10 +363,15 @@ def ptb_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None)
         row += [pm([r.get("final_cos") for r in v.get("dni", [])], "{:.3f}"),
                 compare(bpt, dn, True, "BPTT", "DNI")]
         if bb:
-            row.append(pm([r.get("final_cos") for r in bb.get(T, {}).get("dni", [])], "{:.3f}"))
+            bd = bb.get(T, {})
+            row += [pm([r.get("final_cos") for r in bd.get("dni", [])], "{:.3f}"),
+                    compare([r["test_metric"] for r in bd.get("bptt", [])], [r["test_metric"] for r in bd.get("dni", [])],
+                            True, "BPTT", "DNI (dni-pytorch settings)"),
+                    " ".join(f"{r['test_metric']:.3f}" for r in bd.get("dni", []))]
         rows.append(row)
     hdr = ["T", f"BPTT test {unit}", f"DNI test {unit}"] + ([f"DNI test {unit} (dni-pytorch settings)"] if bb else []) \
-        + ["DNI cos(SG, g) at the boundary", "DNI vs BPTT"] + (["cos, dni-pytorch settings"] if bb else [])
+        + ["DNI cos(SG, g) at the boundary", "DNI vs BPTT"] \
+        + (["cos, dni-pytorch settings", "dni-pytorch settings vs BPTT", "dni-pytorch settings, per seed"] if bb else [])
     s.append(table(hdr, rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     Ts = sorted(by)
@@ -518,15 +523,16 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
                 rows.append([f"MNIST MLP: no degradation, {LABEL[v]} (best test acc during training minus final)",
                              "<= 0.2 (evaluation noise)", pm(drops), _verdict(mu <= 0.2),
                              "" if mu <= 0.2 else f"over by {mu - 0.2:.2f}"])
-    for T, v in sorted(by_method_T(g.get("ptb_char", [])).items()):
-        a = [r["test_metric"] for r in v.get("bptt", [])]
-        b = [r["test_metric"] for r in v.get("dni", [])]
-        if a and b:
-            (ma, sa, _), (mb, sb, _) = mean_std(a), mean_std(b)
-            ok = ma - mb > 2 * max(sa, sb) and min(len(a), len(b)) >= 3
-            rows.append([f"PTB char, T={T}: DNI test bpc below BPTT's beyond 2 std", "BPTT - DNI > 2 std",
-                         f"{ma - mb:+.3f} (std {sa:.3f} / {sb:.3f})", _verdict(ok),
-                         "" if ok else f"difference {ma - mb:+.3f} against 2 std = {2 * max(sa, sb):.3f}"])
+    for group, suffix in (("ptb_char", ""), ("ptb_char_dnipytorch", " (dni-pytorch settings)")):
+        for T, v in sorted(by_method_T(g.get(group, [])).items()):
+            a = [r["test_metric"] for r in v.get("bptt", [])]
+            b = [r["test_metric"] for r in v.get("dni", [])]
+            if a and b:
+                (ma, sa, _), (mb, sb, _) = mean_std(a), mean_std(b)
+                ok = ma - mb > 2 * max(sa, sb) and min(len(a), len(b)) >= 3
+                rows.append([f"PTB char, T={T}: DNI{suffix} test bpc below BPTT's beyond 2 std", "BPTT - DNI > 2 std",
+                             f"{ma - mb:+.3f} (std {sa:.3f} / {sb:.3f})", _verdict(ok),
+                             "" if ok else f"difference {ma - mb:+.3f} against 2 std = {2 * max(sa, sb):.3f}"])
     for T, v in sorted(by_method_T(g.get("copy_task", [])).items()):
         a = [r["max_length"] for r in v.get("bptt", [])]
         b = [r["max_length"] for r in v.get("dni", [])]
