@@ -336,7 +336,8 @@ def by_method_T(ds: List[dict]) -> Dict[int, Dict[str, List[dict]]]:
     return out
 
 
-def ptb_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None) -> str:
+def ptb_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None,
+                control: Optional[List[dict]] = None) -> str:
     c = ds[0]["config"]
     level = c["level"]
     unit = "bpc" if level == "char" else "ppl"
@@ -373,6 +374,21 @@ def ptb_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None)
         + ["DNI cos(SG, g) at the boundary", "DNI vs BPTT"] \
         + (["cos, dni-pytorch settings", "dni-pytorch settings vs BPTT", "dni-pytorch settings, per seed"] if bb else [])
     s.append(table(hdr, rows))
+    if control:
+        cb = by_method_T(control)
+        crow = []
+        for T, v in sorted(cb.items()):
+            dn = [r["test_metric"] for r in v.get("dni", [])]
+            bpt = [r["test_metric"] for r in by.get(T, {}).get("bptt", [])]
+            real = [r["test_metric"] for r in bb.get(T, {}).get("dni", [])]
+            crow.append([str(T), pm(dn, "{:.3f}"), pm(real, "{:.3f}"), pm(bpt, "{:.3f}"),
+                         compare(bpt, dn, True, "BPTT", "shuffled SG"), compare(real, dn, True, "real SG", "shuffled SG")])
+        s.append("\n**Control: a shuffled synthetic gradient.** The same dni-pytorch settings, but the gradient injected "
+                 "at each chunk's end is the synthesizer's prediction for *another* stream's state (`--sg-control "
+                 "shuffle`): the same magnitudes and distribution, no information about this state. "
+                 + schedule(control) + "\n")
+        s.append(table(["T", f"shuffled SG test {unit}", f"real SG test {unit} (dni-pytorch settings)",
+                        f"BPTT test {unit}", "shuffled vs BPTT", "shuffled vs real"], crow))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     Ts = sorted(by)
     for m, src, style, label in (("bptt", by, "-", "BPTT"), ("dni", by, "-", "DNI"),
@@ -619,7 +635,8 @@ def build(logs: List[dict], out: str) -> str:
             "gradient."))
     for level in ("char", "word"):
         if f"ptb_{level}" in g:
-            parts.append(ptb_section(g[f"ptb_{level}"], out, g.get(f"ptb_{level}_dnipytorch")))
+            parts.append(ptb_section(g[f"ptb_{level}"], out, g.get(f"ptb_{level}_dnipytorch"),
+                                     g.get(f"ptb_{level}_shuffle")))
     if "copy_task" in g:
         parts.append(copy_section(g["copy_task"], out, g.get("copy_task_dnipytorch")))
     parts.append(targets_section(g))
