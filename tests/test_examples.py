@@ -220,8 +220,14 @@ def test_dni_pytorch_flag_restores_its_settings():
     args = mnist_mlp.build_parser().parse_args(["--dni-pytorch", "--normalize-targets", "--synth-lr-mult", "3",
                                                 "--loss", "sum"])
     C.apply_presets(args)
-    assert (args.normalize_targets, args.synth_lr_mult, args.synth_init, args.loss) == (False, 1.0, "default", "mean")
-    assert C.interface_kwargs(args) == {}
+    assert (args.normalize_targets, args.synth_lr_mult, args.synth_init, args.loss) == ("none", 1.0, "default", "mean")
+    assert C.interface_kwargs(args) == {} and C.interface_kwargs(args, "cdni") == {}
+    for flag, dni_kw, cdni_kw in ((["--normalize-targets"], True, True), (["--normalize-targets", "all"], True, True),
+                                  (["--normalize-targets", "cdni"], False, True), (["--no-normalize-targets"], False,
+                                                                                   False), ([], False, False)):
+        a = mnist_mlp.build_parser().parse_args(flag)
+        assert C.interface_kwargs(a, "dni").get("normalize_targets", False) == dni_kw, flag
+        assert C.interface_kwargs(a, "cdni").get("normalize_targets", False) == cdni_kw, flag
     args = ptb_lm.build_parser().parse_args(["--dni-pytorch", "--sg-factor", "1"])
     C.apply_presets(args)
     assert args.sg_factor == 0.1

@@ -50,9 +50,12 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                    help="backpropagate the loss averaged over the batch (and time), as dni-pytorch's examples, or "
                         "summed. Adam's steps hardly depend on the scale, but the synthesizers' regression targets "
                         "scale with it (see docs/results.md)")
-    p.add_argument("--normalize-targets", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--normalize-targets", nargs="?", const="all", default="none", choices=("none", "cdni", "all"),
                    help="BackwardInterface(normalize_targets=True): the synthesizers regress on the true gradient "
-                        "over its running RMS and inject sigma * S (docs/synthetic_gradients.md)")
+                        "over its running RMS and inject sigma * S; for every DNI variant ('all', the flag alone), "
+                        "for cDNI only ('cdni') or none (docs/synthetic_gradients.md)")
+    p.add_argument("--no-normalize-targets", dest="normalize_targets", action="store_const", const="none",
+                   help="same as --normalize-targets none")
     p.add_argument("--synth-lr-mult", type=float, default=1.0,
                    help="the synthesizers' Adam learning rate is --lr times this (dni_fast.diagnostics.param_groups)")
     p.add_argument("--dni-pytorch", action="store_true",
@@ -75,7 +78,7 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
     return p
 
 
-DNI_PYTORCH = {"normalize_targets": False, "synth_lr_mult": 1.0, "synth_init": "default", "loss": "mean",
+DNI_PYTORCH = {"normalize_targets": "none", "synth_lr_mult": 1.0, "synth_init": "default", "loss": "mean",
                "lr_schedule": "constant", "synth_lr_schedule": "same", "adam_eps": 1e-8}
 
 
@@ -89,9 +92,11 @@ def apply_presets(args: argparse.Namespace) -> None:
             args.sg_factor = 0.1
 
 
-def interface_kwargs(args: argparse.Namespace) -> dict:
-    """The BackwardInterface options the command line asks for."""
-    return {"normalize_targets": True} if getattr(args, "normalize_targets", False) else {}
+def interface_kwargs(args: argparse.Namespace, mode: Optional[str] = None) -> dict:
+    """The BackwardInterface options the command line asks for, for the variant ``mode`` (``dni``, ``cdni``)."""
+    norm = getattr(args, "normalize_targets", "none")
+    norm = {True: "all", False: "none", None: "none"}.get(norm, norm)
+    return {"normalize_targets": True} if norm == "all" or (norm == "cdni" and mode == "cdni") else {}
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:

@@ -118,7 +118,7 @@ def build_parser():
                    help="cDNI: the label's projection is one value per channel over the whole map (uniform) or "
                         "one per position (spatial)")
     # The feature maps' gradients are ~1e-6 to 1e-4 per element: normalised targets (docs/synthetic_gradients.md)
-    p.set_defaults(normalize_targets=True)
+    p.set_defaults(normalize_targets="all")
     p.epilog = "Default epochs: 2 on MNIST, 30 on digits, 1 with --quick."
     return p
 
@@ -131,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit("mnist_cnn needs 28x28 images")
     args.epochs = C.default_epochs(args, data, mnist=2, digits=30)
     modes = MODES if "all" in args.mode else tuple(m for m in MODES if m in args.mode)
-    variants = {m: (lambda m=m: CNN(m, args.synth_hidden, interface_kwargs=C.interface_kwargs(args),
+    variants = {m: (lambda m=m: CNN(m, args.synth_hidden, interface_kwargs=C.interface_kwargs(args, m),
                                      spatial_context=args.synth_context == "spatial")) for m in modes}
     return C.run_classifier_variants("mnist_cnn", args, data, variants, {"synth_hidden": args.synth_hidden})
 

@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args.epochs = C.default_epochs(args, data, mnist=3, digits=60)
     modes = MODES if "all" in args.mode else tuple(m for m in MODES if m in args.mode)
     variants = {f"{m} {n}-layer": (lambda m=m, n=n: fcn(data.input_dim, n, m, args.synth_hidden, args.synth_width,
-                                                                    C.interface_kwargs(args)))
+                                                                    C.interface_kwargs(args, m)))
                 for n in args.layers for m in modes}
     return C.run_classifier_variants("mnist_fcn", args, data, variants,
                                      {"synth_hidden": args.synth_hidden, "synth_width": args.synth_width})

@@ -83,9 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     data = C.load_image_data(args)
     args.epochs = C.default_epochs(args, data, mnist=10, digits=40)
     modes = MODES if "all" in args.mode else tuple(m for m in MODES if m in args.mode)
-    kw = C.interface_kwargs(args)
-    variants = {m: (lambda m=m: MLP(data.input_dim, mode=m, synth_hidden=args.synth_hidden, interface_kwargs=kw))
-                for m in modes}
+    variants = {m: (lambda m=m: MLP(data.input_dim, mode=m, synth_hidden=args.synth_hidden,
+                                    interface_kwargs=C.interface_kwargs(args, m))) for m in modes}
     return C.run_classifier_variants("mnist_mlp", args, data, variants, {"hidden": [256, 256]})
 
 

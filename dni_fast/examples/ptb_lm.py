@@ -195,7 +195,7 @@ def build_parser():
                       data_choices=("auto", "ptb", "synthetic"))
     # Recommended (docs/synthetic_gradients.md): normalised regression targets. With dni-pytorch's settings
     # (--dni-pytorch) the synthesizer's output is its own optimiser's noise and diverged in 2 of 6 runs.
-    p.set_defaults(n_evals=10, normalize_targets=True)
+    p.set_defaults(n_evals=10, normalize_targets="all")
     p.add_argument("--level", choices=("char", "word"), default="char", help="character or word level")
     p.add_argument("--bptt", type=int, nargs="+", default=[2, 4, 8], help="truncation lengths T")
     p.add_argument("--mode", choices=("all", "bptt", "dni"), default="all", help="which variants to train")
