@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -27,7 +28,8 @@ except ImportError:  # pragma: no cover
 # Command line and setup
 # ---------------------------------------------------------------------------
 def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
-                data_choices: Iterable[str] = ("auto", "digits", "mnist"), seed: int = 1) -> argparse.ArgumentParser:
+                data_choices: Iterable[str] = ("auto", "digits", "mnist"), seed: int = 1,
+                lr_schedule: str = "constant") -> argparse.ArgumentParser:
     """The options every example has."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     choices = list(data_choices)
@@ -48,6 +50,27 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                    help="backpropagate the loss averaged over the batch (and time), as dni-pytorch's examples, or "
                         "summed. Adam's steps hardly depend on the scale, but the synthesizers' regression targets "
                         "scale with it (see docs/results.md)")
+    p.add_argument("--normalize-targets", nargs="?", const="all", default="none", choices=("none", "cdni", "all"),
+                   help="BackwardInterface(normalize_targets=True): the synthesizers regress on the true gradient "
+                        "over its running RMS and inject sigma * S; for every DNI variant ('all', the flag alone), "
+                        "for cDNI only ('cdni') or none (docs/synthetic_gradients.md)")
+    p.add_argument("--no-normalize-targets", dest="normalize_targets", action="store_const", const="none",
+                   help="same as --normalize-targets none")
+    p.add_argument("--synth-lr-mult", type=float, default=1.0,
+                   help="the synthesizers' Adam learning rate is --lr times this (dni_fast.diagnostics.param_groups)")
+    p.add_argument("--dni-pytorch", action="store_true",
+                   help="dni-pytorch's behaviour: no target normalisation, the synthesizers at the model's learning "
+                        "rate, a constant learning rate, Adam's default eps, BasicSynthesizer's own init "
+                        "(--synth-init default), mean loss, and (RNNs) --sg-factor 0.1; overrides those flags")
+    p.add_argument("--valid", type=int, default=0,
+                   help="hold out this many training images as a validation split and evaluate on it instead of the "
+                        "test split (for choosing settings)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=lr_schedule,
+                   help="the learning rate of every parameter group over training: constant, or cosine decay to 0")
+    p.add_argument("--synth-lr-schedule", choices=("same", "constant"), default="same",
+                   help="the synthesizers' learning rate follows --lr-schedule ('same') or stays constant")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's eps for every parameter group")
+    p.add_argument("--n-evals", type=int, default=20, help="evaluation points per run (learning curve)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--log", default=None, help="write a JSON log of the run here (e.g. runs/name.json)")
     p.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (for CI)")
@@ -55,8 +78,62 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
     return p
 
 
+DNI_PYTORCH = {"normalize_targets": "none", "synth_lr_mult": 1.0, "synth_init": "default", "loss": "mean",
+               "lr_schedule": "constant", "synth_lr_schedule": "same", "adam_eps": 1e-8}
+
+
+def apply_presets(args: argparse.Namespace) -> None:
+    """``--dni-pytorch``: set the options it names to dni-pytorch's behaviour."""
+    if getattr(args, "dni_pytorch", False):
+        for k, v in DNI_PYTORCH.items():
+            if hasattr(args, k):
+                setattr(args, k, v)
+        if hasattr(args, "sg_factor"):
+            args.sg_factor = 0.1
+
+
+def interface_kwargs(args: argparse.Namespace, mode: Optional[str] = None) -> dict:
+    """The BackwardInterface options the command line asks for, for the variant ``mode`` (``dni``, ``cdni``)."""
+    norm = getattr(args, "normalize_targets", "none")
+    norm = {True: "all", False: "none", None: "none"}.get(norm, norm)
+    return {"normalize_targets": True} if norm == "all" or (norm == "cdni" and mode == "cdni") else {}
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """Adam over ``model`` at ``--lr``, its synthesizers at ``--lr * --synth-lr-mult``."""
+    from dni_fast.diagnostics import param_groups
+
+    return torch.optim.Adam(param_groups(model, args.lr, args.lr * getattr(args, "synth_lr_mult", 1.0)), lr=args.lr,
+                            eps=getattr(args, "adam_eps", 1e-8))
+
+
+def make_schedule(opt: torch.optim.Optimizer, args: argparse.Namespace, total_steps: int):
+    """``--lr-schedule``: ``None`` (constant), or a LambdaLR decaying every group's rate to 0 over ``total_steps``
+    along a half cosine (call ``step()`` after each optimizer step)."""
+    if getattr(args, "lr_schedule", "constant") == "constant":
+        return None
+    import math
+
+    def cosine(t: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
+
+    keep = getattr(args, "synth_lr_schedule", "same") == "constant"
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, [(lambda t: 1.0) if keep and g.get("name") == "synthesizers" else cosine for g in opt.param_groups])
+
+
+def parse(parser: argparse.ArgumentParser, argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, remembering the arguments (``argv``, else
+    the command line's) for the run log."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return args
+
+
 def setup(args: argparse.Namespace) -> None:
-    """Seed, threads and backend from the command line."""
+    """Presets, seed, threads and backend from the command line."""
+    apply_presets(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -104,8 +181,8 @@ class RunLog:
     def __init__(self, example: str, args: argparse.Namespace) -> None:
         self.data = {
             "example": example,
-            "argv": sys.argv[1:],
-            "config": {k: v for k, v in vars(args).items() if k not in ("log", "no_progress")},
+            "argv": list(getattr(args, "argv", sys.argv[1:])),
+            "config": {k: v for k, v in vars(args).items() if k not in ("log", "no_progress", "argv")},
             "machine": machine_info(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "runs": [],
@@ -134,8 +211,20 @@ def save_json(path: Optional[str], data: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=_json_default)
+        json.dump(compact(data), f, separators=(",", ":"), default=_json_default)
+        f.write("\n")
     os.replace(tmp, path)
+
+
+def compact(o, digits: int = 6):
+    """``o`` with every float rounded to ``digits`` significant digits (the logs are committed: they stay small)."""
+    if isinstance(o, float):
+        return o if not math.isfinite(o) else float(f"{o:.{digits}g}")
+    if isinstance(o, dict):
+        return {k: compact(v, digits) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [compact(v, digits) for v in o]
+    return o
 
 
 def _json_default(o):
@@ -250,24 +339,89 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * correct / len(x), loss / len(x)
 
 
+class CurveRecorder:
+    """Per-interface curves over training, for ``history["interfaces"]``: at
+    each evaluation point the means since the last one of cos(S, g),
+    ``|S-g|/|g|``, ``|S|`` and ``|g|`` (``interface.stats()``), and, at the
+    step before, the RMS of each synthesizer's gradient against Adam's
+    ``sqrt(v)`` and ``eps``; plus Adam's step ratio ``|m|/sqrt(v)`` of the
+    model's own weight matrices (``history["adam_step_ratio"]``).
+    See dni_fast.diagnostics and docs/synthetic_gradients.md."""
+
+    KEYS = ("cos", "rel_err", "s_norm", "g_norm", "synth_grad_rms", "sqrt_v_min", "sqrt_v_median")
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        self.model, self.opt = model, opt
+        self.ifaces = interfaces(model)
+        self.synth = {n: list(m.parameters()) for n, m in self.ifaces.items()}
+        skip = {id(p) for ps in self.synth.values() for p in ps}
+        self.weights = {n: p for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in skip}
+        self.curves = {n: {k: [] for k in self.KEYS} for n in self.ifaces}
+        self.ratio = {n: [] for n in self.weights}
+        self.weight_sqrt_v = {n: [] for n in self.weights}
+        # the model's own vectors (BatchNorm's scale and shift, biases): their RMS, to see them drift
+        self.vectors = {n: p for n, p in model.named_parameters() if p.dim() == 1 and id(p) not in skip}
+        self.vector_rms = {n: [] for n in self.vectors}
+        self._grad: Dict[str, Optional[float]] = {}
+
+    def before_step(self) -> None:
+        """Call between backward and ``opt.step()`` on the steps that end with an evaluation."""
+        from dni_fast.diagnostics import grad_rms
+
+        self._grad = {n: grad_rms(ps) for n, ps in self.synth.items()}
+
+    def record(self) -> Optional[float]:
+        """Read (and reset) the interfaces' statistics; returns their mean cos."""
+        from dni_fast.diagnostics import adam_summary, interface_records
+
+        recs = interface_records(self.model)
+        for n, c in self.curves.items():
+            r = recs.get(n, {})
+            for k in ("cos", "rel_err", "s_norm", "g_norm"):
+                c[k].append(r.get(k))
+            c["synth_grad_rms"].append(self._grad.get(n))
+            a = adam_summary(self.opt, self.synth[n])
+            c["sqrt_v_min"].append(a and a["sqrt_v_min"])
+            c["sqrt_v_median"].append(a and a["sqrt_v_median"])
+            if a:
+                c["adam_eps"] = a["eps"]
+        for n, p in self.weights.items():
+            a = adam_summary(self.opt, [p])
+            self.ratio[n].append(a and a["step_ratio"])
+            self.weight_sqrt_v[n].append(a and a["sqrt_v_median"])
+        for n, p in self.vectors.items():
+            self.vector_rms[n].append(float(p.detach().float().pow(2).mean().sqrt()))
+        self._grad = {}
+        vals = [recs[n]["cos"] for n in recs if recs[n].get("cos") is not None]
+        return sum(vals) / len(vals) if vals else None
+
+
 def fit_classifier(model: nn.Module, data, *, epochs: int, batch_size: int, lr: float, seed: int,
                    desc: str = "", n_evals: int = 20, show_progress: bool = True,
-                   max_steps: Optional[int] = None, loss_sum: bool = True) -> dict:
+                   max_steps: Optional[int] = None, loss_sum: bool = True,
+                   opt: Optional[torch.optim.Optimizer] = None, split: str = "test",
+                   schedule: Optional[Callable[[torch.optim.Optimizer, int], object]] = None) -> dict:
     """Train ``model`` (``forward(x, y)``: ``y`` is the label, used as DNI
-    context by cDNI models) with Adam and cross-entropy, summed over the batch
-    (``loss_sum``) or averaged. Evaluates on the test
-    set about ``n_evals`` times, reading the DNI statistics each time.
+    context by cDNI models) with Adam (``opt``, default Adam at ``lr``) and
+    cross-entropy, summed over the batch (``loss_sum``) or averaged. Evaluates
+    on ``data.x_test`` (the test split, or a validation split held out of the
+    training set: ``split`` names it in the record's keys) about ``n_evals``
+    times, reading the DNI statistics each time.
 
-    Returns a record: final test accuracy and loss, training time, ms per
-    step, and the history (step, epoch, train loss, test accuracy, mean
-    cosine between synthetic and true gradients).
+    Returns a record: final accuracy and loss on ``split``, training time, ms
+    per step, and the history (step, epoch, train loss, accuracy, mean cosine
+    between synthetic and true gradients, and the per-interface curves of
+    ``CurveRecorder``).
     """
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = opt or torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = max(len(data.x_train) // batch_size, 1)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     eval_every = max(total // max(n_evals, 1), 1)
-    hist = {"step": [], "epoch": [], "train_loss": [], "test_acc": [], "test_loss": [], "cos": [], "time": []}
+    sched = schedule(opt, total) if schedule is not None else None
+    acc_k, loss_k = f"{split}_acc", f"{split}_loss"
+    hist = {"step": [], "epoch": [], "train_loss": [], acc_k: [], loss_k: [], "cos": [], "time": []}
+    rec = CurveRecorder(model, opt)
     step, train_time, run_loss, run_n = 0, 0.0, 0.0, 0
     bar = progress(total=total, desc=desc, disable=not show_progress)
     model.train()
@@ -280,20 +434,27 @@ def fit_classifier(model: nn.Module, data, *, epochs: int, batch_size: int, lr: 
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x, y), y)
             (loss * len(y) if loss_sum else loss).backward()
+            evaluating = (step + 1) % eval_every == 0 or step + 1 == total
+            if evaluating:
+                t1 = time.perf_counter()
+                rec.before_step()
+                t0 += time.perf_counter() - t1  # not training time
             opt.step()
+            if sched is not None:
+                sched.step()
             train_time += time.perf_counter() - t0
             step += 1
             run_loss += loss.item()
             run_n += 1
             bar.update(1)
-            if step % eval_every == 0 or step == total:
+            if evaluating:
                 acc, tl = evaluate(model, data.x_test, data.y_test)
-                cos = mean_cos(read_stats(model))
+                cos = rec.record()
                 hist["step"].append(step)
                 hist["epoch"].append(step / steps_per_epoch)
                 hist["train_loss"].append(run_loss / run_n)
-                hist["test_acc"].append(acc)
-                hist["test_loss"].append(tl)
+                hist[acc_k].append(acc)
+                hist[loss_k].append(tl)
                 hist["cos"].append(cos)
                 hist["time"].append(train_time)
                 run_loss, run_n = 0.0, 0
@@ -304,11 +465,16 @@ def fit_classifier(model: nn.Module, data, *, epochs: int, batch_size: int, lr: 
         if done:
             break
     bar.close()
+    if rec.curves:
+        hist["interfaces"] = rec.curves
+    hist["adam_step_ratio"] = rec.ratio
+    hist["adam_sqrt_v"] = rec.weight_sqrt_v
+    hist["param_rms"] = rec.vector_rms
     return {
-        "test_acc": hist["test_acc"][-1],
-        "test_error": 100.0 - hist["test_acc"][-1],
-        "test_loss": hist["test_loss"][-1],
-        "best_test_acc": max(hist["test_acc"]),
+        acc_k: hist[acc_k][-1],
+        f"{split}_error": 100.0 - hist[acc_k][-1],
+        loss_k: hist[loss_k][-1],
+        f"best_{split}_acc": max(hist[acc_k]),
         "train_time_s": train_time,
         "ms_per_step": 1000.0 * train_time / max(step, 1),
         "steps": step,
@@ -335,8 +501,35 @@ def load_image_data(args: argparse.Namespace):
     from dni_fast.examples.data import load_images
 
     if args.quick:
-        return load_images(args.data, args.data_dir, limit_train=256, limit_test=200)
-    return load_images(args.data, args.data_dir)
+        data = load_images(args.data, args.data_dir, limit_train=256, limit_test=200)
+    else:
+        data = load_images(args.data, args.data_dir)
+    return holdout(data, getattr(args, "valid", 0))
+
+
+#: The seed of the fixed permutation that picks the validation split (the same for every run seed).
+VALID_SEED = 20160816
+
+
+def holdout(data, n_valid: int):
+    """``data`` with ``n_valid`` training images (a fixed random subset) moved
+    to ``x_test``/``y_test`` as a validation split, and ``eval_split`` set to
+    ``"valid"``; the test split is dropped. ``n_valid == 0``: ``data`` as it is
+    (``eval_split`` ``"test"``)."""
+    import dataclasses
+
+    if not n_valid:
+        data.eval_split = "test"
+        return data
+    n = len(data.x_train)
+    if not 0 < n_valid < n:
+        raise ValueError(f"--valid must be between 1 and {n - 1}, got {n_valid}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(VALID_SEED))
+    va, tr = perm[:n_valid], perm[n_valid:].sort().values
+    out = dataclasses.replace(data, x_train=data.x_train[tr], y_train=data.y_train[tr],
+                              x_test=data.x_train[va], y_test=data.y_train[va])
+    out.eval_split = "valid"
+    return out
 
 
 def default_epochs(args: argparse.Namespace, data, *, mnist: int, digits: int) -> int:
@@ -352,9 +545,10 @@ def run_classifier_variants(example: str, args: argparse.Namespace, data, varian
     """Train each ``variants[name]()`` from the same seed, print a summary table
     and write the log. Returns the log's content."""
     log = RunLog(example, args)
-    log.data["config"].update({"data_name": data.name, "n_train": len(data.x_train), "n_test": len(data.x_test),
-                               "epochs": args.epochs, **(extra or {})})
-    print(f"{example}: {data.name} ({len(data.x_train)} train / {len(data.x_test)} test), {args.epochs} epochs, "
+    split = getattr(data, "eval_split", "test")
+    log.data["config"].update({"data_name": data.name, "n_train": len(data.x_train), f"n_{split}": len(data.x_test),
+                               "eval_split": split, "epochs": args.epochs, **(extra or {})})
+    print(f"{example}: {data.name} ({len(data.x_train)} train / {len(data.x_test)} {split}), {args.epochs} epochs, "
           f"batch {args.batch_size}, Adam lr {args.lr}, {args.loss} loss, seed {args.seed}, "
           f"backend {dni.get_backend()}, "
           f"{torch.get_num_threads()} threads", flush=True)
@@ -367,23 +561,25 @@ def run_classifier_variants(example: str, args: argparse.Namespace, data, varian
                 zero_synthesizer_output(model)
             rec = fit_classifier(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                  seed=args.seed, desc=name, show_progress=not args.no_progress,
-                                 loss_sum=args.loss == "sum")
+                                 loss_sum=args.loss == "sum", opt=make_optimizer(model, args),
+                                 n_evals=getattr(args, "n_evals", 20), split=split,
+                                 schedule=lambda o, n: make_schedule(o, args, n))
             rec["variant"] = name
             rec["n_interfaces"] = len(interfaces(model))
             rec["final_cos"] = next((c for c in reversed(rec["history"]["cos"]) if c is not None), None)
             rows.append(rec)
             log.add(rec)
-            print(f"  {name:<24s} test acc {rec['test_acc']:6.2f}%  ({fmt_time(rec['train_time_s'])}, "
+            print(f"  {name:<24s} {split} acc {rec[split + '_acc']:6.2f}%  ({fmt_time(rec['train_time_s'])}, "
                   f"{rec['ms_per_step']:.2f} ms/step)", flush=True)
         total = elapsed()
     print()
-    print_table(rows, [("variant", "variant", "{}"), ("test_acc", "test acc %", "{:.2f}"),
-                       ("test_error", "test error %", "{:.2f}"), ("final_cos", "cos(SG, g)", "{:.3f}"),
+    print_table(rows, [("variant", "variant", "{}"), (f"{split}_acc", f"{split} acc %", "{:.2f}"),
+                       (f"{split}_error", f"{split} error %", "{:.2f}"), ("final_cos", "cos(SG, g)", "{:.3f}"),
                        ("ms_per_step", "ms/step", "{:.2f}"), ("train_time_s", "train time s", "{:.1f}")])
     print(f"\ntotal time {fmt_time(total)}")
-    return log.finish({"results": {r["variant"]: {k: r[k] for k in ("test_acc", "test_error", "ms_per_step",
-                                                                     "train_time_s", "final_cos")} for r in rows},
-                       "total_time_s": total})
+    keys = (f"{split}_acc", f"{split}_error", "ms_per_step", "train_time_s", "final_cos")
+    return log.finish({"results": {r["variant"]: {k: r[k] for k in keys} for r in rows},
+                       "eval_split": split, "total_time_s": total})
 
 
 def truncation_sweep(args: argparse.Namespace, log: "RunLog", train: Callable[[int, bool, str], dict],

@@ -36,13 +36,14 @@ class CopyRNN(nn.Module):
     the state between truncated chunks (trigger ``[h, c]``, ``(B, 2H)``)."""
 
     def __init__(self, n_symbols: int, hidden: int, use_dni: bool, synth_hidden: int = 2, sg_factor: float = 0.1,
-                 emb: int = 16) -> None:
+                 emb: int = 16, interface_kwargs: Optional[dict] = None) -> None:
         super().__init__()
         self.hidden, self.sg_factor = hidden, sg_factor
         self.embed = nn.Embedding(n_symbols + 2, emb)
         self.rnn = nn.LSTM(emb, hidden)
         self.readout = nn.Linear(hidden, n_symbols)
-        self.dni = dni.BackwardInterface(dni.BasicSynthesizer(2 * hidden, n_hidden=synth_hidden)) if use_dni else None
+        self.dni = (dni.BackwardInterface(dni.BasicSynthesizer(2 * hidden, n_hidden=synth_hidden),
+                                          **(interface_kwargs or {})) if use_dni else None)
 
     def init_state(self, batch: int):
         z = self.readout.weight.new_zeros(1, batch, self.hidden)
@@ -86,10 +87,12 @@ class EpisodeStream:
 def train_one(args, T: int, use_dni: bool, name: str) -> dict:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    model = CopyRNN(args.n_symbols, args.hidden, use_dni, args.synth_hidden, args.sg_factor)
+    model = CopyRNN(args.n_symbols, args.hidden, use_dni, args.synth_hidden, args.sg_factor,
+                    interface_kwargs=C.interface_kwargs(args))
     if args.synth_init == "zero":
         C.zero_synthesizer_output(model)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = C.make_optimizer(model, args)
+    rec = C.CurveRecorder(model, opt)
     own = C.own_parameters(model)
     stream = EpisodeStream(args.batch_size, args.n_symbols, g)
     state = model.init_state(args.batch_size)
@@ -97,8 +100,11 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
     wrong: dict = {}
     finished = set()
     hist = {"timesteps": [], "length": [], "time": []}
+    curve = {"timesteps": [], "cos": [], "length": []}  # the interface's curves, n_evals points
     steps, timesteps, train_time = 0, 0, 0.0
     total = args.timesteps // T
+    eval_every = max(total // max(args.n_evals, 1), 1)
+    sched = C.make_schedule(opt, args, total)
     bar = C.progress(total=total, desc=name, disable=args.no_progress)
     model.train()
     while steps < total and L <= args.max_length:
@@ -114,11 +120,22 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
             dni.backward(loss * scale)
         if args.clip:
             nn.utils.clip_grad_norm_(own, args.clip * scale)
+        evaluating = (steps + 1) % eval_every == 0
+        if evaluating:
+            t1 = time.perf_counter()
+            rec.before_step()
+            t0 += time.perf_counter() - t1
         opt.step()
+        if sched is not None:
+            sched.step()
         train_time += time.perf_counter() - t0
         steps += 1
         timesteps += T
         bar.update(1)
+        if evaluating:
+            curve["timesteps"].append(timesteps)
+            curve["cos"].append(rec.record())
+            curve["length"].append(solved)
         # curriculum bookkeeping: wrong symbols per episode
         with torch.no_grad():
             bad = ((logits.argmax(-1) != y) & (y >= 0)).sum(1).tolist()
@@ -141,9 +158,19 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
                 bar.set_postfix(solved=solved)
             window = []
     bar.close()
+    last = rec.record() if steps % eval_every else None  # the stretch since the last point
+    if last is not None or not curve["cos"]:
+        curve["timesteps"].append(timesteps)
+        curve["cos"].append(last)
+        curve["length"].append(solved)
+    hist["curves"] = curve
+    if rec.curves:
+        hist["interfaces"] = rec.curves
+    hist["adam_step_ratio"] = rec.ratio
+    final_cos = next((c for c in reversed(curve["cos"]) if c is not None), None)
     return {"variant": name, "bptt": T, "dni": use_dni, "max_length": solved, "timesteps": timesteps,
             "steps": steps, "train_time_s": train_time, "ms_per_step": 1000.0 * train_time / max(steps, 1),
-            "final_cos": C.mean_cos(C.read_stats(model)), "history": hist}
+            "final_cos": final_cos, "history": hist}
 
 
 def build_parser():
@@ -164,7 +191,7 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = C.parse(build_parser(), argv)
     if args.quick:
         args.bptt = args.bptt if argv and "--bptt" in argv else [2]
         args.hidden, args.timesteps, args.window, args.synth_hidden = 16, 600, 4, min(args.synth_hidden, 1)

@@ -66,7 +66,7 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = C.parse(build_parser(), argv)
     C.setup(args)
     data = C.load_image_data(args)
     args.epochs = C.default_epochs(args, data, mnist=5, digits=40)

@@ -67,7 +67,9 @@ class MLP(nn.Module):
 
 
 def build_parser():
-    p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=64, lr=1e-3)
+    # Recommended settings (docs/synthetic_gradients.md, chosen on a validation split): a cosine learning-rate
+    # decay for every parameter group; --dni-pytorch restores dni-pytorch's constant rate and init.
+    p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=64, lr=1e-3, lr_schedule="cosine")
     p.add_argument("--mode", choices=("all",) + MODES, nargs="+", default=["all"], help="which variants to train")
     p.add_argument("--synth-hidden", type=int, default=1, help="hidden layers of each synthesizer")
     p.set_defaults(epochs=None)
@@ -76,12 +78,13 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = C.parse(build_parser(), argv)
     C.setup(args)
     data = C.load_image_data(args)
     args.epochs = C.default_epochs(args, data, mnist=10, digits=40)
     modes = MODES if "all" in args.mode else tuple(m for m in MODES if m in args.mode)
-    variants = {m: (lambda m=m: MLP(data.input_dim, mode=m, synth_hidden=args.synth_hidden)) for m in modes}
+    variants = {m: (lambda m=m: MLP(data.input_dim, mode=m, synth_hidden=args.synth_hidden,
+                                    interface_kwargs=C.interface_kwargs(args, m))) for m in modes}
     return C.run_classifier_variants("mnist_mlp", args, data, variants, {"hidden": [256, 256]})
 
 

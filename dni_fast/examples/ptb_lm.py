@@ -46,15 +46,16 @@ class LSTMLM(nn.Module):
 
     def __init__(self, n_tokens: int, emb: int, hidden: int, layers: int = 1, dropout: float = 0.0,
                  use_dni: bool = False, synth_hidden: int = 2, sg_factor: float = 0.1,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, interface_kwargs: Optional[dict] = None) -> None:
         super().__init__()
         self.layers, self.hidden, self.sg_factor = layers, hidden, sg_factor
+        self.sg_control = "none"
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(n_tokens, emb)
         self.rnn = nn.LSTM(emb, hidden, layers, dropout=dropout if layers > 1 else 0.0)
         self.decoder = nn.Linear(hidden, n_tokens)
         self.dni = (dni.BackwardInterface(dni.BasicSynthesizer(2 * layers * hidden, n_hidden=synth_hidden),
-                                          backend=backend) if use_dni else None)
+                                          backend=backend, **(interface_kwargs or {})) if use_dni else None)
 
     def init_state(self, batch: int):
         z = self.decoder.weight.new_zeros(self.layers, batch, self.hidden)
@@ -76,7 +77,12 @@ class LSTMLM(nn.Module):
             state = self.unpack(self.dni.make_trigger(self.pack(state)))
         out, state = self.rnn(self.drop(self.encoder(tokens)), state)
         if use_dni:
-            self.dni.backward(self.pack(state), factor=self.sg_factor)
+            flat = self.pack(state)
+            if self.sg_control == "shuffle":  # a control: S of another row's state (same distribution, no match)
+                perm = torch.roll(torch.arange(flat.shape[0], device=flat.device), 1)
+                dni.backward(flat, self.dni.receive(flat.detach()[perm]) * self.sg_factor)
+            else:
+                self.dni.backward(flat, factor=self.sg_factor)
         return self.decoder(self.drop(out)), state
 
 
@@ -110,10 +116,12 @@ def metric(loss: float, level: str) -> float:
 def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
     torch.manual_seed(args.seed)
     model = LSTMLM(len(corpus), args.emb, args.hidden, args.layers, args.dropout, use_dni, args.synth_hidden,
-                   args.sg_factor)
+                   args.sg_factor, interface_kwargs=C.interface_kwargs(args))
+    model.sg_control = args.sg_control
     if args.synth_init == "zero":
         C.zero_synthesizer_output(model)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = C.make_optimizer(model, args)
+    rec = C.CurveRecorder(model, opt)
     own = C.own_parameters(model)
     train = corpus.train[:args.train_tokens] if args.train_tokens else corpus.train
     valid = corpus.valid[:args.eval_tokens] if args.eval_tokens else corpus.valid
@@ -123,6 +131,7 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
     steps_per_epoch = (train_b.shape[0] - 1) // T
     total = steps_per_epoch * args.epochs
     eval_every = max(total // max(args.n_evals, 1), 1)
+    sched = C.make_schedule(opt, args, total)
     hist = {"step": [], "tokens": [], "train_loss": [], "valid_loss": [], "valid_metric": [], "cos": [], "time": []}
     bar = C.progress(total=total, desc=name, disable=args.no_progress)
     step, train_time, run_loss, run_n = 0, 0.0, 0.0, 0
@@ -141,25 +150,35 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
                 dni.backward(loss * scale)
             if args.clip:  # the same threshold for the mean loss's gradient either way
                 nn.utils.clip_grad_norm_(own, args.clip * scale)
+            evaluating = (step + 1) % eval_every == 0 or step + 1 == total
+            if evaluating:
+                t1 = time.perf_counter()
+                rec.before_step()
+                t0 += time.perf_counter() - t1
             opt.step()
+            if sched is not None:
+                sched.step()
             train_time += time.perf_counter() - t0
             step += 1
             run_loss += loss.item()
             run_n += 1
             bar.update(1)
-            if step % eval_every == 0 or step == total:
+            if evaluating:
                 vl = evaluate(model, valid_b)
-                stats = C.read_stats(model)
+                cos = rec.record()
                 hist["step"].append(step)
                 hist["tokens"].append(step * T * args.batch_size)
                 hist["train_loss"].append(run_loss / run_n)
                 hist["valid_loss"].append(vl)
                 hist["valid_metric"].append(metric(vl, args.level))
-                hist["cos"].append(C.mean_cos(stats))
+                hist["cos"].append(cos)
                 hist["time"].append(train_time)
                 run_loss, run_n = 0.0, 0
                 bar.set_postfix(valid=f"{metric(vl, args.level):.3f}")
     bar.close()
+    if rec.curves:
+        hist["interfaces"] = rec.curves
+    hist["adam_step_ratio"] = rec.ratio
     test_loss = evaluate(model, test_b)
     best = min(range(len(hist["valid_loss"])), key=hist["valid_loss"].__getitem__)
     return {
@@ -174,6 +193,9 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
 def build_parser():
     p = C.base_parser(__doc__.split("\n")[0], epochs=1, batch_size=32, lr=1e-3,
                       data_choices=("auto", "ptb", "synthetic"))
+    # Recommended (docs/synthetic_gradients.md): normalised regression targets. With dni-pytorch's settings
+    # (--dni-pytorch) the synthesizer's output is its own optimiser's noise and diverged in 2 of 6 runs.
+    p.set_defaults(n_evals=10, normalize_targets="all")
     p.add_argument("--level", choices=("char", "word"), default="char", help="character or word level")
     p.add_argument("--bptt", type=int, nargs="+", default=[2, 4, 8], help="truncation lengths T")
     p.add_argument("--mode", choices=("all", "bptt", "dni"), default="all", help="which variants to train")
@@ -183,17 +205,19 @@ def build_parser():
     p.add_argument("--dropout", type=float, default=0.0, help="dropout")
     p.add_argument("--synth-hidden", type=int, default=2, help="synthesizer hidden layers")
     p.add_argument("--sg-factor", type=float, default=0.1, help="scale of the injected synthetic gradient")
+    p.add_argument("--sg-control", choices=("none", "shuffle"), default="none",
+                   help="diagnosis control: 'shuffle' injects the synthetic gradient predicted from another stream's "
+                        "state (the same magnitudes and distribution, no information about this state)")
     p.add_argument("--clip", type=float, default=1.0,
                    help="clip the LSTM's gradient norm (of the mean loss) to this (0: none)")
     p.add_argument("--train-tokens", type=int, default=None, help="train on the first N tokens only")
     p.add_argument("--eval-tokens", type=int, default=None, help="validate and test on the first N tokens only")
     p.add_argument("--eval-batch-size", type=int, default=16, help="parallel streams when evaluating")
-    p.add_argument("--n-evals", type=int, default=10, help="validation points per run (learning curve)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = C.parse(build_parser(), argv)
     if args.quick:
         args.bptt = args.bptt if argv and "--bptt" in argv else [2]
         args.hidden, args.train_tokens, args.eval_tokens, args.n_evals = 32, 3000, 1000, 2
