@@ -2,7 +2,7 @@
 
 The network: four stages of ``2 x (Linear(W, W) + ReLU)``, the last ending in
 ``Linear(W, 10)``; a ``BasicSynthesizer(W, n_hidden=1)`` after each of the
-first three; Adam (lr 1e-4); cross-entropy; random data, batch B. Defaults:
+first three; Adam (lr 1e-4; fused=True unless --adam says otherwise, see ADAM); cross-entropy; random data, batch B. Defaults:
 W=512, B=64 and W=256, B=32.
 
 Providers, all measured interleaved in one run (``dni_fast.timing.time_many``:
@@ -75,14 +75,25 @@ def make_synths(W: int, n: int = 4, device="cpu") -> List[nn.Module]:
     return out
 
 
+# Adam's implementation matters for the threads executor: CPU's default is the
+# for-loop ("single tensor") Adam, about eight Python-dispatched ops per
+# parameter, which hold the GIL for ~40% of a stage's step at W=256, B=32
+# (cProfile), so that two stages on two threads ran 1.01x faster than on one.
+# fused=True is one C++ call that releases the GIL (1.36x there, 1.70x at
+# W=512, B=64). --adam chooses; the rows record which.
+ADAM = {"fused": dict(fused=True), "foreach": dict(foreach=True), "loop": dict(foreach=False)}
+_adam_kw = ADAM["fused"]
+_regression = "current"  # --regression: DecoupledSequential(regression=...)
+
+
 def adam(p):
-    return torch.optim.Adam(p, lr=1e-4)
+    return torch.optim.Adam(p, lr=1e-4, **_adam_kw)
 
 
 def decoupled(executor: str, W: int, B: int, K: int, threads, device="cpu", n=4) -> Callable[[], None]:
     torch.manual_seed(0)
     m = DecoupledSequential(make_stages(W, n, device), make_synths(W, n, device), adam, executor=executor,
-                            threads_per_stage=threads)
+                            threads_per_stage=threads, regression=_regression)
     xs = [torch.randn(B, W, device=device) for _ in range(K)]
     ys = [torch.randint(0, 10, (B,), device=device) for _ in range(K)]
 
@@ -120,7 +131,7 @@ def stage_alone(k: int, W: int, B: int, K: int, n=4) -> Callable[[], None]:
     """Stage k's whole step (delay 0: its regression right after) at 1 thread."""
     torch.manual_seed(0)
     stages, synths = make_stages(W, n), make_synths(W, n)
-    st = Stage(k, n, stages[k], synths[k] if k < n - 1 else None, adam, delay=0)
+    st = Stage(k, n, stages[k], synths[k] if k < n - 1 else None, adam, delay=0, regression=_regression)
     h = torch.randn(B, W)
     y = torch.randint(0, 10, (B,))
     g = torch.randn(B, W) * 1e-3
@@ -138,6 +149,10 @@ def stage_alone(k: int, W: int, B: int, K: int, n=4) -> Callable[[], None]:
             torch.set_num_threads(old)
 
     return run
+
+
+def _adam_name() -> str:
+    return next(k for k, v in ADAM.items() if v == _adam_kw)
 
 
 def _loadavg():
@@ -185,7 +200,7 @@ def bench_cpu(W: int, B: int, K: int, min_run_time: float, env: dict) -> List[di
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ideal = total / max(max(stage_ms), total / cores)
     extra = {"stage_ms": [round(s, 4) for s in stage_ms], "ideal_threads_speedup": round(ideal, 3),
-             "cores": cores, "K": K, "synth": "BasicSynthesizer(W, n_hidden=1)", "optimizer": "Adam",
+             "cores": cores, "K": K, "synth": "BasicSynthesizer(W, n_hidden=1)", "optimizer": f"Adam({_adam_name()})", "regression": _regression,
              "loadavg_1min_after": _loadavg()}
     rows = []
     for name, r in res.items():
@@ -208,6 +223,7 @@ def bench_gpu(W: int, B: int, K: int, env: dict) -> List[dict]:
            "backprop": backprop(W, B, K, torch.get_num_threads(), device=dev)}
     res = time_many(fns, dev)
     seq = res["sequential"]["ms"] / K
+    extra = {"K": K, "optimizer": f"Adam({_adam_name()})", "regression": _regression, "target": "<= 0.7"}
     rows = []
     for name, r in res.items():
         ms = r["ms"] / K
@@ -215,7 +231,7 @@ def bench_gpu(W: int, B: int, K: int, env: dict) -> List[dict]:
                      "ms_per_step": round(ms, 4), "p20": round(r["p20"] / K, 4), "p80": round(r["p80"] / K, 4),
                      "samples_per_s": round(B / ms * 1e3, 1), "speedup_vs_sequential_1t": round(seq / ms, 3),
                      "speedup_vs_sequential_default": round(seq / ms, 3),
-                     "extra": json.dumps({"time_vs_sequential": round(ms / seq, 3), "target": "<= 0.7", "K": K})})
+                     "extra": json.dumps({**extra, "time_vs_sequential": round(ms / seq, 3)})})
     return rows
 
 
@@ -239,8 +255,15 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default=None, help="W:B pairs, e.g. 512:64,256:32 (GPU default 1024:64)")
     p.add_argument("--steps", type=int, default=16, help="steps per timed call (then synchronize)")
     p.add_argument("--min-run-time", type=float, default=6.0, help="seconds per provider (CPU)")
+    p.add_argument("--adam", default="fused", choices=sorted(ADAM),
+                   help="Adam's implementation for every stage and synthesizer (default fused)")
+    p.add_argument("--regression", default="current", choices=("current", "stored"),
+                   help="DecoupledSequential(regression=...) (default current: one more synthesizer forward per step)")
     p.add_argument("--out", default=None, help="CSV to append to (default benchmarks/results/bench_decoupled_<dev>.csv)")
     args = p.parse_args(argv)
+    global _adam_kw, _regression
+    _adam_kw = ADAM[args.adam]
+    _regression = args.regression
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("bench_decoupled: --device cuda needs a GPU; none here", file=sys.stderr)
@@ -249,7 +272,7 @@ def main(argv=None) -> int:
     env = environment(dev)
     out = args.out or os.path.join(RESULTS, f"bench_decoupled_{dev.type}.csv")
     print(f"bench_decoupled: {env['device']}, torch {env['torch']}, {torch.get_num_threads()} intra-op threads, "
-          f"{env['date']}")
+          f"Adam({args.adam}), regression={args.regression}, {env['date']}")
     for pair in sizes.split(","):
         W, B = (int(v) for v in pair.split(":"))
         rows = bench_cpu(W, B, args.steps, args.min_run_time, env) if dev.type == "cpu" else \

@@ -69,7 +69,7 @@ FIELDS = ["date", "device", "torch", "python", "dni_fast", "command", "kind", "w
           "B", "steps", "samples_per_s", "p20", "p80", "vs_single", "vs_best_torch", "ideal_samples_per_s",
           "fraction_of_ideal", "peak_delta_mib", "peak_rss_mib", "samples", "train_loss", "test_loss", "test_acc",
           "extra"]
-TIMED = [("decoupled", 0), ("gpipe", 4), ("gpipe", 8), ("1f1b", 4), ("1f1b", 8), ("backprop", 0)]
+TIMED = [("decoupled", 0), ("decoupled-cdni", 0), ("gpipe", 4), ("gpipe", 8), ("1f1b", 4), ("1f1b", 8), ("backprop", 0)]
 
 
 def _free_port() -> int:
@@ -81,14 +81,14 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------------
 # 1. compute alone
 # ---------------------------------------------------------------------------
-def compute_alone(B: int, min_run_time: float) -> Dict[str, float]:
+def compute_alone(B: int, min_run_time: float, regression: str = "current") -> Dict[str, float]:
     """ms per step of each rank's work alone and of single-process backprop, at one thread."""
     torch.set_num_threads(1)
     stages, synths = E.build(2, 0)
     x = torch.randn(B, 1, 28, 28)
     y = torch.randint(0, 10, (B,))
     adam = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
-    s0 = Stage(0, 2, stages[0], synths[0], adam, delay=0)
+    s0 = Stage(0, 2, stages[0], synths[0], adam, delay=0, regression=regression)
     s1 = Stage(1, 2, stages[1], None, adam, delay=0)
     h1 = torch.randn(B, 256)
     g = torch.randn(B, 256) * 1e-3
@@ -156,7 +156,7 @@ def worker(rank: int, world: int, init: str, cfg: dict, q) -> None:
                             "samples_per_s", "peak_rss_mib", "peak_delta_mib")}})
             budget = TIMED
         else:
-            budget = [("decoupled", 0), ("gpipe", 4)]
+            budget = [("decoupled", 0), ("decoupled-cdni", 0), ("gpipe", 4)]
         for name, m in budget:
             run = E.run_method(name, rank, world, data, args, cfg["budget_steps"], m or 4)
             if rank == 0:
@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--worlds", default="2", help="comma-separated world sizes; only 2 is timed")
     p.add_argument("--min-run-time", type=float, default=3.0, help="seconds per callable of part 1")
     p.add_argument("--quick", action="store_true", help="tiny configuration (digits, few steps)")
+    p.add_argument("--regression", choices=("current", "stored"), default="current",
+                   help="DecoupledStage(regression=...) (the example's default: current)")
     p.add_argument("--out", default=os.path.join(RESULTS, "bench_distributed_cpu.csv"))
     a = p.parse_args(argv)
     if a.quick:
@@ -230,19 +232,19 @@ def main(argv=None) -> int:
     B = a.batch_size
     env = environment()
     print(f"bench_distributed: {env['device']}, torch {env['torch']}, {env['date']}", flush=True)
-    alone = compute_alone(B, a.min_run_time)
+    alone = compute_alone(B, a.min_run_time, a.regression)
     ideal = B / max(alone["rank 0"], alone["rank 1"]) * 1e3
     print(f"  compute alone (ms/step, 1 thread): rank 0 {alone['rank 0']:.2f}, rank 1 {alone['rank 1']:.2f}, "
           f"single process {alone['single']:.2f}; ideal decoupled {ideal:.0f} samples/s "
           f"({alone['single'] / max(alone['rank 0'], alone['rank 1']):.2f}x single)", flush=True)
     args = {"data": a.data, "data_dir": a.data_dir, "quick": False, "batch_size": B, "lr": a.lr, "seed": 1,
-            "timeout": 120.0, "delay": 1, "threads": 1, "epochs": None}
+            "timeout": 120.0, "delay": 1, "threads": 1, "epochs": None, "regression": a.regression}
     rows = []
     for world in (int(w) for w in a.worlds.split(",")):
         cfg = {"args": args, "steps": a.steps, "rounds": a.rounds, "budget_steps": max(a.samples // B, 1)}
         res = spawn(world, cfg)
         extra = {"compute_alone_ms": {k: round(v, 4) for k, v in alone.items()}, "messages_ms": res["messages"],
-                 "rounds": a.rounds, "timed_steps": a.steps, "layers_per_stage": E.split(world),
+                 "rounds": a.rounds, "regression": a.regression, "timed_steps": a.steps, "layers_per_stage": E.split(world),
                  "loadavg_1min_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
         speeds: Dict[str, List[float]] = {}
         mems: Dict[str, dict] = {}

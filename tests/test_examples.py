@@ -280,3 +280,12 @@ def test_normalize_targets_flag_reaches_every_interface(tmp_path, monkeypatch):
             assert made and all(m == (flag == "--normalize-targets") for m in made), (mod.__name__, flag)
             r = json.loads(log.read_text())["runs"][-1]
             assert r["final_cos"] is not None and r["history"]["interfaces"]
+
+
+@pytest.mark.parametrize("name", ["decoupled", "gim_mnist", "mnist_distributed"])
+def test_examples_refuse_synthesizer_options_they_do_not_implement(name, capsys):
+    mod = importlib.import_module(f"dni_fast.examples.{name}")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--quick", "--lr-schedule", "cosine"])
+    assert e.value.code == 2
+    assert "--lr-schedule is not implemented by this example" in capsys.readouterr().err

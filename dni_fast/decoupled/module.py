@@ -53,6 +53,16 @@ class DecoupledSequential(nn.Module):
         threads_per_stage: intra-op threads per worker (``threads``; an int,
             or one per stage); default ``max(1, torch.get_num_threads() // n)``.
             For ``sequential``, one count for its one thread during ``step``.
+        regression: which prediction a synthesizer regresses, ``delay`` steps
+            after making it: ``"stored"`` (docs/design.md §4 as written: the
+            stored prediction, through the current weights) or ``"current"``
+            (predicted again with the current weights; one more synthesizer
+            forward per step). Equal at ``delay=0``; at ``delay >= 1`` only
+            ``"current"`` kept the synthesizers learning in our measurements
+            (``dni_fast.decoupled.schedule.check_regression``,
+            docs/decoupled.md). Also set ``BackwardInterface(normalize_targets=
+            True)`` entries' options this way: the schedule honours
+            ``normalize_targets`` and refuses ``pipelined``/``overlap``.
 
     ``state_dict()`` is ``nn.Module``'s (the stages' and synthesizers'
     parameters and buffers); the optimizers and the schedule go through
@@ -65,7 +75,7 @@ class DecoupledSequential(nn.Module):
     def __init__(self, stages: Sequence[nn.Module], synthesizers: Sequence[Optional[nn.Module]],
                  optimizer: Callable[[List[Tensor]], torch.optim.Optimizer], executor: str = "auto",
                  update_prob: float = 1.0, delay: Optional[int] = None, seed: int = 0,
-                 threads_per_stage: Union[None, int, Sequence[int]] = None) -> None:
+                 threads_per_stage: Union[None, int, Sequence[int]] = None, *, regression: str = "stored") -> None:
         super().__init__()
         stages, synthesizers = list(stages), list(synthesizers)
         n = len(stages)
@@ -96,7 +106,9 @@ class DecoupledSequential(nn.Module):
             # fixed now: the executor is rebuilt later (load_checkpoint, .to()), at other counts maybe
             self._threads = [max(1, torch.get_num_threads() // n)] * n
         self._stages = [Stage(k, n, stages[k], synthesizers[k] if k < n - 1 else None, optimizer,
-                              delay=self.delay, update_prob=update_prob, seed=seed) for k in range(n)]
+                              delay=self.delay, update_prob=update_prob, seed=seed, regression=regression)
+                        for k in range(n)]
+        self.regression = regression
         self._cls = executor_class(executor)
         self._cls.check(self._stages, self.delay, self._threads)
         self._graphs: Optional[tuple] = None  # (mode, warmup_steps) once enable_cuda_graphs is called
@@ -318,6 +330,11 @@ class DecoupledSequential(nn.Module):
 
         if self._batches:
             raise RuntimeError("enable CUDA graphs before the first step")
+        for st in self._stages:
+            if st.synth is not None and st.synth.normalizer is not None:
+                raise ValueError(f"CUDA graphs do not capture normalize_targets=True (synthesizer {st.index}): the "
+                                 "running target scale is updated on the host side of the regression; use eager "
+                                 "steps or drop normalize_targets")
         if mode == "cuda":
             for st in self._stages:
                 check_capturable(st)

@@ -60,7 +60,7 @@ from dni_fast.stats import SynthStats, partials_of
 from dni_fast.synthesizer import BasicSynthesizer
 
 __all__ = ["Stage", "StageOutput", "StageEvent", "MIN_DELAY", "check_delay", "check_update_prob",
-           "stage_generator", "split_synthesizer"]
+           "stage_generator", "split_synthesizer", "check_regression", "REGRESSIONS"]
 
 #: The smallest ``delay`` each way of running the schedule accepts, and its default.
 #: With ``delay=0`` a stage's step waits for the whole pipeline above it (the
@@ -100,25 +100,73 @@ def stage_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(z & 0x7FFFFFFFFFFFFFFF)
 
 
+REGRESSIONS = ("stored", "current")
+
+
+def check_regression(regression: str) -> str:
+    """Which prediction step 5 regresses on its target, ``delay`` steps after it was made.
+
+    * ``"stored"`` (docs/design.md §4 as written, §3's pipelined update): the
+      prediction stored at step 2, backpropagated through the current weights.
+    * ``"current"``: the synthesizer predicts again for the stored trigger with
+      its current weights (one more synthesizer forward per regression), so
+      step 5 is the plain gradient of the regression loss at the current
+      weights.
+
+    Both are the same at ``delay=0``. At ``delay >= 1`` the stored prediction is
+    stale by ``delay`` optimizer steps, and the error ``S_stored - g`` does not
+    see what those steps changed: with Adam, whose steps are far larger than
+    the targets (docs/synthetic_gradients.md, cause 1), this delayed feedback
+    stops the synthesizers learning. Measured (examples/decoupled.py, MNIST, one
+    epoch, cDNI, seed 1): sequential at delay 0 95.6%; at delay 1 33.2% with
+    ``"stored"`` and 95.4% with ``"current"`` (docs/decoupled.md)."""
+    if regression not in REGRESSIONS:
+        raise ValueError(f"regression must be one of {', '.join(map(repr, REGRESSIONS))}, got {regression!r}")
+    return regression
+
+
 def split_synthesizer(entry: Optional[nn.Module]) -> Tuple[Optional[nn.Module], Optional[nn.Module], Optional[str]]:
     """``(backward_synth, forward_synth, backend)`` of one ``synthesizers[k]``
     entry: a synthesizer module, a ``BackwardInterface`` (its synthesizer and
     its ``backend=``), or a ``BidirectionalInterface`` (complete unlock: its
-    forward and backward synthesizers)."""
+    forward and backward synthesizers). :func:`target_normalizer` gives the
+    interface whose ``normalize_targets`` applies."""
     if entry is None:
         return None, None, None
     if isinstance(entry, BidirectionalInterface):
         fwd, bwd = entry.forward_interface, entry.backward_interface
+        _check_interface_options(bwd)
         return bwd.synthesizer, fwd.synthesizer, bwd.backend or fwd.backend
     if isinstance(entry, UnidirectionalInterface):
         if not isinstance(entry, BackwardInterface):
             raise TypeError(f"a {type(entry).__name__} cannot sit after a stage: give a synthesizer, a "
                             "BackwardInterface or a BidirectionalInterface (complete unlock)")
+        _check_interface_options(entry)
         return entry.synthesizer, None, entry.backend
     if not isinstance(entry, nn.Module):
         raise TypeError(f"a synthesizer must be an nn.Module with forward(trigger, context), got "
                         f"{type(entry).__name__}")
     return entry, None, None
+
+
+def _check_interface_options(iface: BackwardInterface) -> None:
+    """The BackwardInterface options the schedule cannot honour are refused, never ignored."""
+    if getattr(iface, "pipelined", False):
+        raise ValueError("BackwardInterface(pipelined=True) after a stage: the schedule's own delay= sets when "
+                         "the true gradient is applied; drop pipelined=True")
+    if getattr(iface, "overlap", None):
+        raise ValueError("BackwardInterface(overlap=True) after a stage: the executor decides where the "
+                         "regression runs (executor='threads' or 'streams'); drop overlap=True")
+
+
+def target_normalizer(entry: Optional[nn.Module]) -> Optional[BackwardInterface]:
+    """The ``BackwardInterface`` of ``synthesizers[k]`` built with
+    ``normalize_targets=True`` (its running RMS sigma and its buffers), else ``None``."""
+    if isinstance(entry, BidirectionalInterface):
+        entry = entry.backward_interface
+    if isinstance(entry, BackwardInterface) and entry.normalize_targets:
+        return entry
+    return None
 
 
 def module_device(module: nn.Module) -> Optional[torch.device]:
@@ -153,19 +201,25 @@ class _Record:
     scale: float
     shape: torch.Size
     target: Optional[Tensor] = None
+    sigma: Optional[Tensor] = None  # normalize_targets: the target scale at prediction time (0-dim)
 
     def tensors(self) -> dict:
         return {"fused": self.backend is not None, "backend": None if self.backend is None else self.backend.name,
                 "x": self.x, "c": self.c, "zs": list(self.zs), "s": self.s, "scale": self.scale,
-                "shape": list(self.shape), "target": self.target}
+                "shape": list(self.shape), "target": self.target, "sigma": self.sigma}
 
 
 class _Synth:
     """One synthesizer of the schedule: its optimizer, statistics and loss."""
 
     def __init__(self, module: nn.Module, optimizer: Callable, loss: RegressionLoss, backend: Optional[str],
-                 label: str) -> None:
+                 label: str, normalizer: Optional[BackwardInterface] = None, regression: str = "stored") -> None:
         self.module, self.loss, self.backend, self.label = module, loss, backend, label
+        self.regression = regression  # check_regression's doc
+        # BackwardInterface(normalize_targets=True): the synthesizer predicts g / sigma (sigma the running RMS
+        # of its targets, in the interface's buffers); sigma * S is injected, and the regression's target is
+        # g / sigma with the sigma of prediction time, as the interface does inline (docs/synthetic_gradients.md).
+        self.normalizer = normalizer
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(optimizer, params, label) if params else None
         self.stats = SynthStats()
@@ -186,14 +240,22 @@ class _Synth:
             with torch.no_grad(), no_autocast(x):
                 s, zs = backend.primitives.forward(x, c, [p.detach() for p in synth.flat_params()])
             out = s.view(*trigger.shape[:-1], s.shape[-1])
-            return out, _Record(backend, x, c, tuple(zs), s, 0.0, out.shape)
+            return self._scaled(out, _Record(backend, x, c, tuple(zs), s, 0.0, out.shape))
         x = trigger.detach()
         c = context.detach() if isinstance(context, Tensor) else context
         with torch.no_grad():
             s = synth(x, c)
         if not isinstance(s, Tensor):
             raise TypeError(f"{self.label}: the synthesizer returned {type(s).__name__}, expected a tensor")
-        return s, _Record(None, x, c, (), s, 0.0, s.shape)
+        return self._scaled(s, _Record(None, x, c, (), s, 0.0, s.shape))
+
+    def _scaled(self, out: Tensor, rec: _Record) -> Tuple[Tensor, _Record]:
+        """The synthetic gradient to inject: ``sigma * S`` under normalize_targets (the record keeps S)."""
+        if self.normalizer is None:
+            return out, rec
+        with torch.no_grad():
+            rec.sigma = self.normalizer.target_sigma().detach().clone()
+            return out * rec.sigma.to(out.dtype), rec
 
     def regress_compute(self, rec: _Record) -> Tensor:
         """The device work of one regression step: the loss between the stored
@@ -201,6 +263,9 @@ class _Synth:
         weights, then one optimizer step. The gradients reach ``.grad`` through
         autograd. Returns the partial sums for the statistics (fp32 (4,))."""
         g = rec.target
+        if self.normalizer is not None:
+            self.normalizer._observe_target(g)  # the running RMS learns from the true (unscaled) target
+            g = g / rec.sigma.to(g.dtype)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         if rec.backend is not None:
@@ -210,18 +275,23 @@ class _Synth:
             if g2.dtype != rec.s.dtype:
                 g2 = g2.to(rec.s.dtype)
             with torch.no_grad(), no_autocast(rec.x):
-                grads, partials = rec.backend.primitives.update(rec.x, rec.c, [p.detach() for p in params], rec.zs,
-                                                                rec.s, g2, rec.scale, None)
+                weights = [p.detach() for p in params]
+                s_, zs_ = rec.s, rec.zs
+                if self.regression == "current":  # the prediction again, with the weights as they are now
+                    s_, zs_ = rec.backend.primitives.forward(rec.x, rec.c, weights)
+                grads, partials = rec.backend.primitives.update(rec.x, rec.c, weights, zs_, s_, g2, rec.scale,
+                                                                None)
             with torch.enable_grad():
                 carrier = grad_carrier(grads, params)
             if carrier.requires_grad:  # else the synthesizer is frozen
                 carrier.backward()
         else:
-            partials = partials_of(rec.s, g)
             with torch.enable_grad():
                 out = self.module(rec.x, rec.c)
+                s_ = out.detach() if self.regression == "current" else rec.s
+                partials = partials_of(s_, g)
                 if out.requires_grad:
-                    out.backward(rec.scale * (rec.s - g.to(rec.s.dtype)))
+                    out.backward(rec.scale * (s_ - g.to(s_.dtype)))
         if self.optimizer is not None:
             self.optimizer.step()
         return partials
@@ -321,7 +391,8 @@ class Stage:
     """
 
     def __init__(self, index: int, num_stages: int, module: nn.Module, synthesizer: Optional[nn.Module],
-                 optimizer: Callable, delay: int = 0, update_prob: float = 1.0, seed: int = 0) -> None:
+                 optimizer: Callable, delay: int = 0, update_prob: float = 1.0, seed: int = 0, *,
+                 regression: str = "stored") -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"stage {index} must be an nn.Module, got {type(module).__name__}")
         if not (isinstance(num_stages, int) and num_stages >= 1 and isinstance(index, int) and 0 <= index < num_stages):
@@ -349,9 +420,12 @@ class Stage:
                                  "synthesizer on its stage's device")
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(optimizer, params, f"stage {index}") if params else None
-        self.synth = None if bwd is None else _Synth(bwd, optimizer, BACKWARD_LOSS, backend, f"synthesizer {index}")
+        self.regression = check_regression(regression)
+        self.synth = None if bwd is None else _Synth(bwd, optimizer, BACKWARD_LOSS, backend, f"synthesizer {index}",
+                                                     target_normalizer(synthesizer), self.regression)
         self.fsynth = (None if fwd is None else
-                       _Synth(fwd, optimizer, FORWARD_LOSS, backend, f"forward synthesizer {index}"))
+                       _Synth(fwd, optimizer, FORWARD_LOSS, backend, f"forward synthesizer {index}",
+                              regression=self.regression))
         self.steps = 0  # forward steps done: the batch index of the next one
         self._pending: Dict[int, Dict[str, _Record]] = {}  # batch -> {"bwd": rec, "fwd": rec}
         self._hooks: Dict[int, Callable[[StageEvent], None]] = {}
@@ -635,7 +709,7 @@ class Stage:
             except ValueError:
                 backend = resolve(synth.backend, synth.module, mv(r["x"]))
         return _Record(backend, mv(r["x"]), mv(r["c"]), tuple(mv(z) for z in r["zs"]), mv(r["s"]), r["scale"],
-                       torch.Size(r["shape"]), mv(r["target"]))
+                       torch.Size(r["shape"]), mv(r["target"]), mv(r.get("sigma")))
 
     def synth_stats(self) -> dict:
         """``{'backward': ..., 'forward': ...}`` statistics (``SynthStats.read``) of

@@ -53,6 +53,9 @@ class DecoupledStage:
             :class:`PeerFailure` naming the stage at fault.
         delay, update_prob, seed: as ``DecoupledSequential`` (``delay >= 1``,
             default 1).
+        regression: as ``DecoupledSequential`` (``"stored"``, docs/design.md
+            §4, or ``"current"``: at ``delay >= 1`` only the latter kept the
+            synthesizers learning in our measurements).
 
     The constructor is collective: every rank builds its stage, and the ranks
     check the configuration together (a mismatch raises on every rank).
@@ -60,7 +63,8 @@ class DecoupledStage:
 
     def __init__(self, module: nn.Module, stage_index: int, num_stages: int, synthesizer: Optional[nn.Module] = None,
                  optimizer: Optional[Callable] = None, group=None, device=None, timeout: float = 30.0,
-                 delay: Optional[int] = None, update_prob: float = 1.0, seed: int = 0) -> None:
+                 delay: Optional[int] = None, update_prob: float = 1.0, seed: int = 0, *,
+                 regression: str = "stored") -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DecoupledStage needs an initialised process group: call "
                                "torch.distributed.init_process_group first (torchrun sets up its variables for it); "
@@ -86,7 +90,8 @@ class DecoupledStage:
             if synthesizer is not None:
                 synthesizer.to(self.device)
             stage = Stage(stage_index, num_stages, module, synthesizer, optimizer or _default_optimizer,
-                          delay=check_delay(delay, "distributed"), update_prob=update_prob, seed=seed)
+                          delay=check_delay(delay, "distributed"), update_prob=update_prob, seed=seed,
+                          regression=regression)
         except Exception as e:  # reported to every rank below
             error = f"{type(e).__name__}: {e}"
         self.stage = stage
@@ -202,17 +207,21 @@ class DecoupledStage:
 
     # -- the schedule ----------------------------------------------------------------------------
     def step(self, x: Optional[Tensor] = None, target: Any = None,
-             loss_fn: Optional[Callable[[Tensor, Any], Tensor]] = None) -> Optional[Tensor]:
+             loss_fn: Optional[Callable[[Tensor, Any], Tensor]] = None, *, context: Any = None) -> Optional[Tensor]:
         """One step of this stage on the next batch: stage 0 takes ``x``, the
         last stage ``target`` and ``loss_fn`` and returns the loss of the
         batch it processed (detached, 0-dim; ``None`` on the other stages).
 
+        ``context`` (beyond docs/design.md §8, optional): this batch's context
+        for this stage's synthesizer (cDNI, e.g. the one-hot label ``(B, C)``),
+        given by each rank for itself; it stays on this rank.
+
         Stage ``k``'s call ``j`` processes batch ``j``: it waits for batch
         ``j``'s activation from stage ``k-1`` (not for a stage ``k+1``), so the
         ranks' calls run staggered, ``k`` batches apart, by themselves."""
-        return self._guard(self._step, x, target, loss_fn)
+        return self._guard(self._step, x, target, loss_fn, context)
 
-    def _step(self, x, target, loss_fn):
+    def _step(self, x, target, loss_fn, context=None):
         st, k, last = self.stage, self.index, self.index == self.num_stages - 1
         j = st.steps
         self._ensure_open()  # first: a bad argument below is then reported to the other stages
@@ -238,10 +247,10 @@ class DecoupledStage:
                     tr.send(r, TAG_X, x, j)
         if st.unlocked:
             xin = x if k == 0 else tr.recv(0, TAG_X, j, f"the network input of batch {j}")
-            hhat = st.synthetic_input(j, xin, None, backend)
+            hhat = st.synthetic_input(j, xin, context, backend)
             tr.send(k + 1, TAG_ACT, hhat, j)  # stage k+1 goes on without waiting for S_k
         h = x if k == 0 else tr.recv(k - 1, TAG_ACT, j, f"the activation of batch {j}")
-        out = st.forward(j, h, None, target, loss_fn, backend)
+        out = st.forward(j, h, context, target, loss_fn, backend)
         if out.out is not None:
             tr.send(k + 1, TAG_ACT, out.out, j)
         if k > 0:

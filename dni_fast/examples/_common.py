@@ -122,6 +122,23 @@ def make_schedule(opt: torch.optim.Optimizer, args: argparse.Namespace, total_st
         opt, [(lambda t: 1.0) if keep and g.get("name") == "synthesizers" else cosine for g in opt.param_groups])
 
 
+# The options of base_parser that set how the synthesizers train (docs/synthetic_gradients.md). An
+# example that does not implement one refuses it (refuse_unused) instead of silently ignoring it.
+TUNING_OPTIONS = ("synth_init", "loss", "normalize_targets", "synth_lr_mult", "dni_pytorch", "valid", "lr_schedule",
+                  "synth_lr_schedule", "adam_eps", "n_evals")
+
+
+def refuse_unused(parser: argparse.ArgumentParser, args: argparse.Namespace, used: Iterable[str] = ()) -> None:
+    """``parser.error`` (exit 2, naming the option) for every option of
+    ``TUNING_OPTIONS`` not in ``used`` that the command line set to something
+    other than its default: this example would ignore it."""
+    used = set(used)
+    for name in TUNING_OPTIONS:
+        if name not in used and hasattr(args, name) and getattr(args, name) != parser.get_default(name):
+            parser.error(f"--{name.replace('_', '-')} is not implemented by this example (it would be ignored); "
+                         f"the examples that implement it are listed in docs/synthetic_gradients.md")
+
+
 def parse(parser: argparse.ArgumentParser, argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
     """``parser.parse_args(argv)``, remembering the arguments (``argv``, else
     the command line's) for the run log."""

@@ -71,6 +71,10 @@ def build_parser():
                    help="which variants to train (streams only with CUDA)")
     p.add_argument("--width", type=int, default=256, help="width of every stage")
     p.add_argument("--cdni", action="store_true", help="condition the synthesizers on the label (cDNI)")
+    p.add_argument("--regression", choices=("current", "stored"), default="current",
+                   help="DecoupledSequential(regression=...): regress the synthesizers' current prediction "
+                        "(learns at delay >= 1) or the one stored when the stage ran (docs/design.md §4 as "
+                        "written; see docs/decoupled.md)")
     p.epilog = "Default epochs: 3 on MNIST, 30 on digits, 1 with --quick."
     return p
 
@@ -83,6 +87,9 @@ def train_variant(name: str, args, data) -> dict:
     synths = [s.to(device) for s in make_synths(args.width, context_dim=ctx_dim)]
     if args.synth_init == "zero":
         C.zero_synthesizer_output(nn.ModuleList(synths))
+    iface_kw = C.interface_kwargs(args, "cdni" if args.cdni else "dni")
+    if iface_kw:  # e.g. normalize_targets: the schedule honours the interface's options
+        synths = [dni.BackwardInterface(s, **iface_kw) for s in synths]
     adam = lambda p: torch.optim.Adam(p, lr=args.lr)  # noqa: E731
     if name == "backprop":
         model = nn.Sequential(*stages)
@@ -90,7 +97,8 @@ def train_variant(name: str, args, data) -> dict:
     else:
         executor, delay = {"sequential": ("sequential", 0), "sequential d=1": ("sequential", 1),
                            "threads": ("threads", 1), "streams": ("streams", 1)}[name]
-        model = DecoupledSequential(stages, synths, adam, executor=executor, delay=delay)
+        model = DecoupledSequential(stages, synths, adam, executor=executor, delay=delay,
+                                    regression=args.regression)
     g = torch.Generator().manual_seed(args.seed)
     steps, samples, train_time = 0, 0, 0.0
     losses = []
@@ -129,7 +137,9 @@ def train_variant(name: str, args, data) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = C.parse(parser, argv)
+    C.refuse_unused(parser, args, used=("synth_init", "normalize_targets"))
     C.setup(args)
     data = C.load_image_data(args)
     args.epochs = C.default_epochs(args, data, mnist=3, digits=30)

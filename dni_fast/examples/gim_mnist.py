@@ -198,7 +198,9 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = C.parse(parser, argv)
+    C.refuse_unused(parser, args, used=())
     C.setup(args)
     data = C.load_image_data(args)
     if tuple(data.x_train.shape[-2:]) != (28, 28):

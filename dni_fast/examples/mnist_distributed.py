@@ -65,15 +65,17 @@ def split(world: int) -> List[int]:
     return [base + (1 if k < extra else 0) for k in range(world)]
 
 
-def build(world: int, seed: int, input_dim: int = 784, width: int = 256, n_classes: int = 10):
-    """``(stages, synthesizers)``, the same on every rank for one seed."""
+def build(world: int, seed: int, input_dim: int = 784, width: int = 256, n_classes: int = 10,
+          context_dim: Optional[int] = None):
+    """``(stages, synthesizers)``, the same on every rank for one seed
+    (``context_dim``: cDNI synthesizers, which also see the one-hot label)."""
     torch.manual_seed(seed)
     layers = mlp_layers(input_dim, width, n_classes)
     stages, i = [], 0
     for n in split(world):
         stages.append(nn.Sequential(*layers[i:i + n]))
         i += n
-    synths = [dni.BasicSynthesizer(width, n_hidden=1) for _ in range(world - 1)]
+    synths = [dni.BasicSynthesizer(width, n_hidden=1, context_dim=context_dim) for _ in range(world - 1)]
     C.zero_synthesizer_output(nn.ModuleList(synths))
     return stages, synths
 
@@ -126,13 +128,18 @@ def _finish_run(rank: int, world: int, t_start: float, t_end: float, samples: in
     return {"ranks": everyone}
 
 
-def run_decoupled(rank: int, world: int, data, args, steps: Optional[int], warmup: int = 5) -> dict:
+def run_decoupled(rank: int, world: int, data, args, steps: Optional[int], warmup: int = 5,
+                  cdni: bool = False) -> dict:
+    """DecoupledStage on every rank; ``cdni``: each rank's synthesizer also
+    sees the batch's one-hot label (every rank has the batch's labels, as
+    every rank iterates the same batches)."""
     from dni_fast.distributed import DecoupledStage
 
-    stages, synths = build(world, args.seed, data.input_dim)
+    stages, synths = build(world, args.seed, data.input_dim, context_dim=data.n_classes if cdni else None)
     last = rank == world - 1
     st = DecoupledStage(stages[rank], rank, world, None if last else synths[rank],
-                        lambda p: torch.optim.Adam(p, lr=args.lr), timeout=args.timeout, delay=args.delay)
+                        lambda p: torch.optim.Adam(p, lr=args.lr), timeout=args.timeout, delay=args.delay,
+                        regression=getattr(args, "regression", "current"))
     batches = _batches(data, args.batch_size, args.seed, steps)
     mem_before = rss_mib()
     reset_peak_rss()
@@ -141,8 +148,9 @@ def run_decoupled(rank: int, world: int, data, args, steps: Optional[int], warmu
     for j, idx in enumerate(batches):
         if j == warmup:
             t_start = time.perf_counter()
+        ctx = F.one_hot(data.y_train[idx], data.n_classes).float() if cdni and not last else None
         loss = st.step(x=data.x_train[idx] if rank == 0 else None, target=data.y_train[idx] if last else None,
-                       loss_fn=F.cross_entropy if last else None)
+                       loss_fn=F.cross_entropy if last else None, context=ctx)
         if loss is not None:
             losses.append(float(loss))
     st.finish()
@@ -236,14 +244,14 @@ def summarise(name: str, run: dict, data, world: int, args) -> dict:
             "peak_delta_mib": [round(r["peak_rss_mib"] - r["rss_before_mib"], 1) for r in ranks]}
 
 
-METHODS = ("decoupled", "gpipe", "1f1b", "backprop")
+METHODS = ("decoupled", "decoupled-cdni", "gpipe", "1f1b", "backprop")
 
 
 def run_method(name: str, rank: int, world: int, data, args, steps: int, m: int = 4) -> dict:
     """``name`` trained for ``steps`` steps; the first ``min(5, steps // 5)`` are not timed."""
     warmup = min(5, steps // 5)
-    if name == "decoupled":
-        return run_decoupled(rank, world, data, args, steps, warmup)
+    if name in ("decoupled", "decoupled-cdni"):
+        return run_decoupled(rank, world, data, args, steps, warmup, cdni=name == "decoupled-cdni")
     if name == "backprop":
         return run_backprop(rank, world, data, args, steps, warmup)
     return run_pipeline(rank, world, data, args, steps, name, m, warmup)
@@ -261,6 +269,9 @@ def build_parser():
     p.add_argument("--microbatches", type=int, default=4, help="m for GPipe and 1F1B")
     p.add_argument("--delay", type=int, default=1, help="the decoupled stages' delay")
     p.add_argument("--timeout", type=float, default=60.0, help="DecoupledStage timeout, seconds")
+    p.add_argument("--regression", choices=("current", "stored"), default="current",
+                   help="DecoupledStage(regression=...): regress the synthesizer's current prediction (learns at "
+                        "delay >= 1) or the one stored when the stage ran (docs/design.md §4 as written)")
     p.set_defaults(threads=1)
     return p
 
@@ -289,7 +300,8 @@ def worker(rank: int, world: int, args, init_method: Optional[str] = None) -> Op
         for name in args.schedules:
             run = run_method(name, rank, world, data, args, steps, args.microbatches)
             if rank == 0:
-                row = summarise(name if name in ("decoupled", "backprop") else f"{name} m={args.microbatches}",
+                row = summarise(name if name in ("decoupled", "decoupled-cdni", "backprop")
+                                else f"{name} m={args.microbatches}",
                                 run, data, world, args)
                 rows.append(row)
                 print(f"  {row['method']:<12s} {row['samples_per_s']:8.0f} samples/s  test acc "
@@ -329,7 +341,9 @@ def _spawned(rank: int, world: int, args, init_method: str, q) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = C.parse(parser, argv)
+    C.refuse_unused(parser, args, used=())
     if args.spawn is None:
         if "RANK" not in os.environ:
             raise SystemExit("mnist_distributed: run it under torchrun (torchrun --nproc-per-node 2 -m "

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# DecoupledSequential on a GPU, in one device command (about 4 minutes, after
+# gpu_run.sh has built the extension; it builds it itself otherwise):
+#   1. the decoupled tests, with the real-CUDA ones (streams and CUDA graphs
+#      against sequential on the device);
+#   2. issue 10's benchmark 3: `streams` against `sequential` on four equal
+#      stages that under-fill the GPU (target: at most 0.7x the time);
+#   3. issue 10's benchmark 4: the MLP with drop-in overlap against eager
+#      backprop, fp32 and bf16 autocast, B=256.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_decoupled.sh
+#
+# Results to commit afterwards: $OUT/bench_decoupled_cuda.csv and
+# $OUT/bench_mlp_overlap_cuda.csv -> benchmarks/results/, the figures in
+# docs/decoupled.md.
+set -uo pipefail
+OUT=${OUT:-/tmp/dni_fast_decoupled_gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+python -c "import dni_fast._C" 2>/dev/null || DNI_FAST_FORCE_CUDA=TRUE CFLAGS=-g0 timeout 300 \
+  python -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+timeout 120 python -m pytest -q -x -p no:cacheprovider tests/test_decoupled.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
+timeout 150 python benchmarks/bench_decoupled.py --device cuda --out "$OUT/bench_decoupled_cuda.csv" \
+  2>&1 | tee "$OUT/bench_decoupled.txt"
+timeout 150 python -m dni_fast bench --device cuda --sizes 256,256 --mlp-batch 256 --no-compile --dtype float32 bfloat16 --overlap \
+  --csv "$OUT/bench_mlp_overlap_cuda.csv" 2>&1 | tee "$OUT/bench_mlp_overlap.txt"
