@@ -46,7 +46,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -70,12 +69,6 @@ FIELDS = ["date", "device", "torch", "python", "dni_fast", "command", "kind", "w
           "fraction_of_ideal", "peak_delta_mib", "peak_rss_mib", "samples", "train_loss", "test_loss", "test_acc",
           "extra"]
 TIMED = [("decoupled", 0), ("decoupled-cdni", 0), ("gpipe", 4), ("gpipe", 8), ("1f1b", 4), ("1f1b", 8), ("backprop", 0)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +129,7 @@ def ping_pong(rank: int, B: int, reps: int = 50) -> Dict[str, float]:
     return out
 
 
-def worker(rank: int, world: int, init: str, cfg: dict, q) -> None:
+def worker(rank: int, world: int, init: str, q, cfg: dict) -> None:
     args = SimpleNamespace(**cfg["args"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
@@ -172,28 +165,7 @@ def worker(rank: int, world: int, init: str, cfg: dict, q) -> None:
 
 
 def spawn(world: int, cfg: dict) -> dict:
-    ctx = torch.multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=worker, args=(r, world, init, cfg, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out, errors = None, []
-    try:
-        for _ in range(world):
-            rank, status, payload = q.get(timeout=3600)
-            if status == "error":
-                errors.append(f"rank {rank}:\n{payload}")
-            elif rank == 0:
-                out = payload
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return out
+    return E.spawn_local(worker, world, cfg, what="bench_distributed", join_s=60.0)
 
 
 def environment() -> Dict[str, str]:
@@ -225,7 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny configuration (digits, few steps)")
     p.add_argument("--regression", choices=("current", "stored"), default="current",
                    help="DecoupledStage(regression=...) (the example's default: current)")
-    p.add_argument("--out", default=os.path.join(RESULTS, "bench_distributed_cpu.csv"))
+    p.add_argument("--out", default=None, help="CSV to append to (default benchmarks/results/bench_distributed_cpu.csv; "
+                                               "--quick writes none unless given)")
     a = p.parse_args(argv)
     if a.quick:
         a.data, a.steps, a.rounds, a.samples, a.min_run_time = "digits", 12, 1, 2560, 0.5
@@ -286,6 +259,10 @@ def main(argv=None) -> int:
             print(f"  decoupled: {med['decoupled'] / ideal:.2f} of the ideal {ideal:.0f} samples/s; "
                   f"{med['decoupled'] / best_torch:.2f}x the best torch schedule; {med['decoupled'] / single:.2f}x "
                   "single-process backprop", flush=True)
+    if a.out is None and a.quick:
+        print("--quick: rows not written (give --out to keep them)")
+        return 0
+    a.out = a.out or os.path.join(RESULTS, "bench_distributed_cpu.csv")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     new = not os.path.exists(a.out)
     with open(a.out, "a", newline="") as f:

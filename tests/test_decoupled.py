@@ -142,12 +142,14 @@ def assert_state_differs(a, b):
 # ---------------------------------------------------------------------------
 # The schedule against an oracle written from §4 in plain PyTorch
 # ---------------------------------------------------------------------------
-def oracle(stages, synths, data, delay, opt=sgd):
+def oracle(stages, synths, data, delay, opt=sgd, current=False):
     """§4's schedule, by hand: each stage runs, takes the synthetic gradient of
     the synthesizer after it (its current weights), steps; the gradient left on
     its input is the target of the synthesizer below; synthesizer k regresses
     the prediction stored at step t on that target at step t + delay, through
-    its current weights: dL/dS = 2/B (S - g). A flush applies the rest."""
+    its current weights: dL/dS = 2/B (S - g). A flush applies the rest.
+    ``current``: regression="current", S predicted again with the current
+    weights at step t + delay (the plain gradient of |S_now - g|^2 / B)."""
     n = len(stages)
     opts = [opt(list(s.parameters())) for s in stages]
     sopts = [opt(list(m.parameters())) for m in synths]
@@ -158,7 +160,8 @@ def oracle(stages, synths, data, delay, opt=sgd):
         trig, s = stored[k].pop(b)
         g = targets[k].pop(b)
         sopts[k].zero_grad()
-        synths[k](trig, None).backward(2.0 / g.shape[0] * (s - g))
+        s_now = synths[k](trig, None)
+        s_now.backward(2.0 / g.shape[0] * ((s_now.detach() if current else s) - g))
         sopts[k].step()
 
     for j, (x, y) in enumerate(data):
@@ -784,51 +787,6 @@ def test_streams_on_cuda_equals_sequential_on_cuda(case):
 
 
 # -- regression="current" and BackwardInterface options ---------------------------------------------
-def oracle_current(stages, synths, data, delay, opt=sgd):
-    """The oracle with step 5 on the *current* prediction: the synthesizer
-    predicts again for the stored trigger and takes the plain gradient of
-    |S_now - g|^2 / B at its current weights."""
-    n = len(stages)
-    opts = [opt(list(s.parameters())) for s in stages]
-    sopts = [opt(list(m.parameters())) for m in synths]
-    stored = [{} for _ in synths]
-    targets = [{} for _ in synths]
-
-    def regress(k, b):
-        trig = stored[k].pop(b)
-        g = targets[k].pop(b)
-        sopts[k].zero_grad()
-        s_now = synths[k](trig, None)
-        s_now.backward(2.0 / g.shape[0] * (s_now.detach() - g))
-        sopts[k].step()
-
-    for j, (x, y) in enumerate(data):
-        h = x
-        for k in range(n):
-            if k > 0:
-                h = h.detach().requires_grad_()
-            a = stages[k](h)
-            opts[k].zero_grad()
-            if k < n - 1:
-                with torch.no_grad():
-                    s = synths[k](a.detach(), None)
-                stored[k][j] = a.detach()
-                a.backward(s)
-            else:
-                F.cross_entropy(a, y).backward()
-            opts[k].step()
-            if k > 0:
-                targets[k - 1][j] = h.grad
-            h = a
-        for k in range(n - 1):
-            if j - delay >= 0:
-                regress(k, j - delay)
-    for k in range(n - 1):
-        for b in sorted(stored[k]):
-            regress(k, b)
-    return net_state(stages, synths)
-
-
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("delay", [0, 1, 2])
 def test_regression_current_matches_its_oracle(backend, delay):
@@ -841,7 +799,7 @@ def test_regression_current_matches_its_oracle(backend, delay):
         sd, *_ = train("sequential", delay, data, opt=sgd, regression="current")
         stored, *_ = train("sequential", delay, data, opt=sgd)
     stages, synths = make_net()
-    expected = oracle_current(stages, synths, data, delay)
+    expected = oracle(stages, synths, data, delay, current=True)
     for key, v in expected.items():
         assert_close(sd[key], v, rtol=1e-5, atol=1e-6, name=f"delay={delay} {key}")
     if delay == 0:

@@ -330,7 +330,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(rank: int, world: int, args, init_method: str, q) -> None:
+def _spawned(rank: int, world: int, init_method: str, q, args) -> None:
     try:
         out = worker(rank, world, args, init_method)
         q.put((rank, "ok", out))
@@ -338,6 +338,36 @@ def _spawned(rank: int, world: int, args, init_method: str, q) -> None:
         import traceback
 
         q.put((rank, "error", "".join(traceback.format_exception(e))))
+
+
+def spawn_local(target, world: int, *args, what: str = "mnist_distributed", join_s: float = 30.0):
+    """Start ``world`` processes on this machine (gloo on 127.0.0.1), each
+    running ``target(rank, world, init_method, q, *args)``, which must put one
+    ``(rank, "ok" | "error", payload)`` on ``q``; return rank 0's payload, or
+    raise with every rank's error text. Processes still alive after ``join_s``
+    are killed: nothing is left behind."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [ctx.Process(target=target, args=(r, world, init, q, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out, errors = None, []
+    try:
+        for _ in range(world):
+            rank, status, payload = q.get(timeout=3600)
+            if status == "error":
+                errors.append(f"rank {rank}:\n{payload}")
+            elif rank == 0:
+                out = payload
+    finally:
+        for p in procs:
+            p.join(timeout=join_s)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError(f"{what} failed:\n" + "\n".join(errors))
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
@@ -352,28 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     world = args.spawn
     if world < 2:
         raise SystemExit("--spawn needs at least 2 processes")
-    ctx = torch.multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_spawned, args=(r, world, args, init, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out, errors = None, []
-    try:
-        for _ in range(world):
-            rank, status, payload = q.get(timeout=3600)
-            if status == "error":
-                errors.append(f"rank {rank}:\n{payload}")
-            elif rank == 0:
-                out = payload
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RuntimeError("mnist_distributed failed:\n" + "\n".join(errors))
-    return out
+    return spawn_local(_spawned, world, args)
 
 
 if __name__ == "__main__":
