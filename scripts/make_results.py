@@ -317,7 +317,8 @@ def quickstart_section(ds: List[dict]) -> str:
     if d:
         speed = d["summary"]["speed"]
         s.append(f"\nTraining-step time of the same DNI MLP per backend (batch {d['summary'].get('speed_batch_size')}, "
-                 f"one fixed batch, median of 3 blocks), measured in the same process (seed {d['_seed']}'s run):\n")
+                 f"one fixed batch), every backend timed side by side in one process, interleaved in blocks "
+                 f"(`dni_fast.timing.time_many`: the VM's speed drifts), in seed {d['_seed']}'s run:\n")
         s.append(table(["backend", "ms/step", "speed-up vs reference", "time vs plain backprop", "note"],
                        [[r["backend"], fmt(r.get("ms_per_step"), "{:.3f}"),
                          fmt(r.get("speedup_vs_reference"), "{:.2f}x"), fmt(r.get("vs_backprop"), "{:.2f}x"),
