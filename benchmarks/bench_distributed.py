@@ -68,7 +68,7 @@ FIELDS = ["date", "device", "torch", "python", "dni_fast", "command", "kind", "w
           "B", "steps", "samples_per_s", "p20", "p80", "vs_single", "vs_best_torch", "ideal_samples_per_s",
           "fraction_of_ideal", "peak_delta_mib", "peak_rss_mib", "samples", "train_loss", "test_loss", "test_acc",
           "extra"]
-TIMED = [("decoupled", 0), ("decoupled-cdni", 0), ("gpipe", 4), ("gpipe", 8), ("1f1b", 4), ("1f1b", 8), ("backprop", 0)]
+TIMED = [("decoupled", 0), ("decoupled-d2", 0), ("decoupled-cdni", 0), ("gpipe", 4), ("gpipe", 8), ("1f1b", 4), ("1f1b", 8), ("backprop", 0)]
 
 
 # ---------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def worker(rank: int, world: int, init: str, q, cfg: dict) -> None:
                             "samples_per_s", "peak_rss_mib", "peak_delta_mib")}})
             budget = TIMED
         else:
-            budget = [("decoupled", 0), ("decoupled-cdni", 0), ("gpipe", 4)]
+            budget = [("decoupled", 0), ("decoupled-d2", 0), ("decoupled-cdni", 0), ("gpipe", 4)]
         for name, m in budget:
             run = E.run_method(name, rank, world, data, args, cfg["budget_steps"], m or 4)
             if rank == 0:
@@ -239,8 +239,9 @@ def main(argv=None) -> int:
                    "p80": round(s[int(0.8 * (len(s) - 1))], 1) if s else "",
                    "vs_single": round(med[key] / single, 3) if key in med else "",
                    "vs_best_torch": round(med[key] / best_torch, 3) if key in med else "",
-                   "ideal_samples_per_s": round(ideal, 1) if key == "decoupled" and world == 2 else "",
-                   "fraction_of_ideal": round(med[key] / ideal, 3) if key == "decoupled" and key in med else "",
+                   "ideal_samples_per_s": round(ideal, 1) if key in ("decoupled", "decoupled-d2") and world == 2 else "",
+                   "fraction_of_ideal": round(med[key] / ideal, 3) if key in ("decoupled", "decoupled-d2") and key in med
+                   else "",
                    "peak_delta_mib": json.dumps(mems.get(key, b).get("peak_delta_mib")),
                    "peak_rss_mib": json.dumps(mems.get(key, b).get("peak_rss_mib")),
                    "samples": b.get("steps", 0) and cfg["budget_steps"] * B, "train_loss": b.get("train_loss"),
@@ -255,10 +256,11 @@ def main(argv=None) -> int:
             print(f"  {label(r['method'], int(r['m']) if r['m'] else 0):<13}{_fmt(r['samples_per_s'], '.0f'):>10}"
                   f"{_fmt(r['vs_single'], '.2f'):>10}{_fmt(r['vs_best_torch'], '.2f'):>14}"
                   f"{r['peak_delta_mib']:>16}{_fmt(r['train_loss'], '.3f'):>11}{_fmt(r['test_acc'], '.2f'):>11}")
-        if world == 2 and "decoupled" in med:
-            print(f"  decoupled: {med['decoupled'] / ideal:.2f} of the ideal {ideal:.0f} samples/s; "
-                  f"{med['decoupled'] / best_torch:.2f}x the best torch schedule; {med['decoupled'] / single:.2f}x "
-                  "single-process backprop", flush=True)
+        for key in ("decoupled", "decoupled-d2"):
+            if world == 2 and key in med:
+                print(f"  {key}: {med[key] / ideal:.2f} of the ideal {ideal:.0f} samples/s; "
+                      f"{med[key] / best_torch:.2f}x the best torch schedule; {med[key] / single:.2f}x "
+                      "single-process backprop", flush=True)
     if a.out is None and a.quick:
         print("--quick: rows not written (give --out to keep them)")
         return 0

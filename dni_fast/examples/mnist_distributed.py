@@ -129,7 +129,7 @@ def _finish_run(rank: int, world: int, t_start: float, t_end: float, samples: in
 
 
 def run_decoupled(rank: int, world: int, data, args, steps: Optional[int], warmup: int = 5,
-                  cdni: bool = False) -> dict:
+                  cdni: bool = False, delay: Optional[int] = None) -> dict:
     """DecoupledStage on every rank; ``cdni``: each rank's synthesizer also
     sees the batch's one-hot label (every rank has the batch's labels, as
     every rank iterates the same batches)."""
@@ -138,7 +138,7 @@ def run_decoupled(rank: int, world: int, data, args, steps: Optional[int], warmu
     stages, synths = build(world, args.seed, data.input_dim, context_dim=data.n_classes if cdni else None)
     last = rank == world - 1
     st = DecoupledStage(stages[rank], rank, world, None if last else synths[rank],
-                        lambda p: torch.optim.Adam(p, lr=args.lr), timeout=args.timeout, delay=args.delay,
+                        lambda p: torch.optim.Adam(p, lr=args.lr), timeout=args.timeout, delay=args.delay if delay is None else delay,
                         regression=getattr(args, "regression", "current"))
     batches = _batches(data, args.batch_size, args.seed, steps)
     mem_before = rss_mib()
@@ -244,14 +244,17 @@ def summarise(name: str, run: dict, data, world: int, args) -> dict:
             "peak_delta_mib": [round(r["peak_rss_mib"] - r["rss_before_mib"], 1) for r in ranks]}
 
 
-METHODS = ("decoupled", "decoupled-cdni", "gpipe", "1f1b", "backprop")
+# decoupled: --delay (default 1); decoupled-d2: delay 2, one more step of slack before a synthesizer waits for
+# its target (at delay 1 stage 0's regression waits for stage 1's whole step and two messages every step)
+METHODS = ("decoupled", "decoupled-d2", "decoupled-cdni", "gpipe", "1f1b", "backprop")
 
 
 def run_method(name: str, rank: int, world: int, data, args, steps: int, m: int = 4) -> dict:
     """``name`` trained for ``steps`` steps; the first ``min(5, steps // 5)`` are not timed."""
     warmup = min(5, steps // 5)
-    if name in ("decoupled", "decoupled-cdni"):
-        return run_decoupled(rank, world, data, args, steps, warmup, cdni=name == "decoupled-cdni")
+    if name.startswith("decoupled"):
+        return run_decoupled(rank, world, data, args, steps, warmup, cdni=name == "decoupled-cdni",
+                             delay=2 if name == "decoupled-d2" else None)
     if name == "backprop":
         return run_backprop(rank, world, data, args, steps, warmup)
     return run_pipeline(rank, world, data, args, steps, name, m, warmup)
@@ -300,7 +303,7 @@ def worker(rank: int, world: int, args, init_method: Optional[str] = None) -> Op
         for name in args.schedules:
             run = run_method(name, rank, world, data, args, steps, args.microbatches)
             if rank == 0:
-                row = summarise(name if name in ("decoupled", "decoupled-cdni", "backprop")
+                row = summarise(name if name.startswith("decoupled") or name == "backprop"
                                 else f"{name} m={args.microbatches}",
                                 run, data, world, args)
                 rows.append(row)
