@@ -13,15 +13,7 @@
 # Results to commit afterwards: $OUT/bench_decoupled_cuda.csv and
 # $OUT/bench_mlp_overlap_cuda.csv -> benchmarks/results/, the figures in
 # docs/decoupled.md.
-set -uo pipefail
-OUT=${OUT:-/tmp/dni_fast_decoupled_gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUT/env.txt"
+source "$(dirname "$0")/gpu_env.sh" /tmp/dni_fast_decoupled_gpu
 python -c "import dni_fast._C" 2>/dev/null || DNI_FAST_FORCE_CUDA=TRUE CFLAGS=-g0 timeout 300 \
   python -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
 timeout 120 python -m pytest -q -x -p no:cacheprovider tests/test_decoupled.py 2>&1 | tail -30 | tee "$OUT/tests.txt"

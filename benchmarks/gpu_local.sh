@@ -9,15 +9,7 @@
 # Results to commit afterwards: $OUT/infonce_cuda.csv and
 # $OUT/local_memory_cuda.csv -> benchmarks/results/, and the tables in
 # docs/local.md.
-set -uo pipefail
-OUT=${OUT:-/tmp/dni_fast_local_gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUT/env.txt"
+source "$(dirname "$0")/gpu_env.sh" /tmp/dni_fast_local_gpu
 DNI_FAST_TRITON_AUTOTUNE=0 timeout 200 python -m pytest -q -x tests/test_infonce.py tests/test_local.py \
   2>&1 | tail -30 | tee "$OUT/tests.txt"
 timeout 240 python benchmarks/bench_infonce.py --device cuda --min-run-time 1 --csv "$OUT/infonce_cuda.csv" \
