@@ -90,7 +90,9 @@ def train_variant(name: str, args, data) -> dict:
     iface_kw = C.interface_kwargs(args, "cdni" if args.cdni else "dni")
     if iface_kw:  # e.g. normalize_targets: the schedule honours the interface's options
         synths = [dni.BackwardInterface(s, **iface_kw) for s in synths]
-    adam = lambda p: torch.optim.Adam(p, lr=args.lr)  # noqa: E731
+    # fused Adam: one C++ call per step that releases the GIL; CPU's default for-loop Adam holds it for a large
+    # part of a stage's step, which serialises the `threads` workers (docs/decoupled.md)
+    adam = lambda p: torch.optim.Adam(p, lr=args.lr, fused=True)  # noqa: E731
     if name == "backprop":
         model = nn.Sequential(*stages)
         opt = adam(model.parameters())
