@@ -96,7 +96,8 @@ def _bench(args) -> int:
                              else [False]):
                     emit(B.bench_interface([size], provs, dt, device, tf32=tf32, min_run_time=min_t))
             if i == 0 and not args.no_mlp:  # the MLP after the headline size, before the long tail
-                emit(B.bench_mlp(mlp_b, providers, device, min_run_time=min_t * 2, overlap=args.overlap))
+                emit(B.bench_mlp(mlp_b, providers, device, min_run_time=min_t * 2, overlap=args.overlap,
+                                 adam=args.mlp_adam))
     torch.set_num_threads(default_threads)
     if args.csv and all_rows:
         print(f"\nappended {len(all_rows)} rows to {args.csv}")
@@ -118,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     b.add_argument("--no-mlp", action="store_true")
     b.add_argument("--mlp-batch", type=int)
+    b.add_argument("--mlp-adam", choices=("loop", "foreach", "fused"), default="loop",
+                   help="Adam's implementation in the MLP benchmark, for every provider (default loop: torch's "
+                        "CPU default)")
     b.add_argument("--overlap", action="store_true", help="also run the MLP with drop-in overlap (<backend>+overlap)")
     b.add_argument("--quick", action="store_true", help="one small size, short timings, no torch.compile")
     b.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement (CPU)")

@@ -160,13 +160,19 @@ class MLP(nn.Module):
 OVERLAP = "+overlap"  # provider suffix: the same backend with drop-in overlap (dni.overlap)
 
 
-def mlp_step(provider: str, B: int, device: torch.device) -> Callable[[], None]:
+# Adam's implementation for the MLP benchmark, every provider alike ("loop": torch's default on the CPU, a
+# for-loop over the parameters; "fused": one kernel). The synthesizers add 20 parameter tensors (655k values)
+# to backprop's 14, so the choice moves the DNI/backprop ratio; the rows record it.
+MLP_ADAM = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+
+
+def mlp_step(provider: str, B: int, device: torch.device, adam: str = "loop") -> Callable[[], None]:
     """One training step of the MLP; ``provider`` is ``backprop``, a backend
-    name, or a backend name + ``+overlap``."""
+    name, or a backend name + ``+overlap``; ``adam`` a key of ``MLP_ADAM``."""
     torch.manual_seed(0)
     backend, overlap = (provider[: -len(OVERLAP)], True) if provider.endswith(OVERLAP) else (provider, False)
     model = MLP(None if backend == "backprop" else backend, overlap=overlap).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **MLP_ADAM[adam])
     x = torch.randn(B, 784, device=device)
     y = torch.randint(0, 10, (B,), device=device)
 
@@ -275,7 +281,8 @@ def bench_interface(sizes: Iterable[tuple], providers: Sequence[str], dtype: tor
     return rows
 
 
-def mlp_synth_floor(B: int, device: torch.device, n_dni: int = 5, width: int = 256) -> Dict[str, Callable[[], None]]:
+def mlp_synth_floor(B: int, device: torch.device, n_dni: int = 5, width: int = 256,
+                    adam: str = "loop") -> Dict[str, Callable[[], None]]:
     """What the MLP's synthesizers cannot avoid, each part timed alone: their
     ``5 * n_dni`` matrix products, and Adam's update of their parameters."""
     prods = five_products(B, width, width, torch.float32, device)
@@ -294,12 +301,12 @@ def mlp_synth_floor(B: int, device: torch.device, n_dni: int = 5, width: int = 2
     params = [p for s in synths for p in s.parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
-    opt = torch.optim.Adam(params, lr=1e-3)
+    opt = torch.optim.Adam(params, lr=1e-3, **MLP_ADAM[adam])
     return {"synth_products": products, "synth_forward_products": forward_products, "synth_adam": opt.step}
 
 
 def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_time: float = 1.0,
-              overlap: bool = False) -> List[Row]:
+              overlap: bool = False, adam: str = "loop") -> List[Row]:
     """The docs/design.md §5 MLP per provider, against plain backprop, measured
     side by side. ``floor_ms`` is backprop plus what the synthesizers cannot
     avoid (``mlp_synth_floor``), each timed alone in the same run. With
@@ -309,8 +316,8 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
     names = ["backprop"] + [p for p in providers if p != "torch.compile"]
     if overlap:
         names += [p + OVERLAP for p in providers if p != "torch.compile"]
-    fns: Dict[str, Callable[[], object]] = {p: mlp_step(p, B, device) for p in names}
-    fns.update(mlp_synth_floor(B, device))
+    fns: Dict[str, Callable[[], object]] = {p: mlp_step(p, B, device, adam) for p in names}
+    fns.update(mlp_synth_floor(B, device, adam=adam))
     t = time_many(fns, device, min_run_time)
     base = t["backprop"]["ms"]
     floor = base + t["synth_products"]["ms"] + t["synth_adam"]["ms"]
@@ -322,7 +329,7 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
         fl = overlap_floor if p.endswith(OVERLAP) else floor
         rows.append(Row("mlp", p, B, 256, 256, "float32", torch.get_num_threads(), False, tp["ms"], tp["p20"],
                         tp["p80"], ratio=(ref / tp["ms"]) if ref else float("nan"), floor_ms=fl,
-                        extra={"vs_backprop": tp["ms"] / base, "floor_vs_backprop": fl / base,
+                        extra={"vs_backprop": tp["ms"] / base, "floor_vs_backprop": fl / base, "adam": adam,
                                "synth_products_ms": t["synth_products"]["ms"],
                                "synth_forward_products_ms": t["synth_forward_products"]["ms"],
                                "synth_adam_ms": t["synth_adam"]["ms"]}))
