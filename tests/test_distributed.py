@@ -207,9 +207,42 @@ def scenario_raise(rank, world, q):
     _faulty(rank, world, q, "raise", culprit=world - 1)
 
 
+def _packet_tensors():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(B, D, generator=g), torch.randn(300, 256, generator=g),  # 300 KiB: a GROW first
+            torch.randn(4, generator=g), torch.randint(-9, 9, (1000,), generator=g),
+            torch.rand(5000, generator=g) > 0.5, torch.randn(2000, 300, generator=g).to(torch.bfloat16),  # grows again
+            torch.empty(0, 3), torch.randn(10, 10, generator=g, dtype=torch.float64), torch.randn(3, 2, 2, 2, 2, generator=g)]
+
+
+def scenario_packets(rank, world, q):
+    """The transport on its own: payloads of every size (across the channel's
+    capacity, so with GROW packets), dtype and rank arrive intact, in order,
+    and go back."""
+    from dni_fast.distributed.transport import TAG_ACT, TAG_GRAD, Transport
+
+    tr = Transport(dist.group.WORLD, rank, torch.device("cpu"), timeout=10.0)
+    if rank == 0:
+        tr.open([(1, TAG_GRAD)], [(1, TAG_ACT)])
+        for j, t in enumerate(_packet_tensors()):
+            tr.send(1, TAG_ACT, t, j)
+        back = [tr.recv(1, TAG_GRAD, j, f"echo {j}") for j in range(len(_packet_tensors()))]
+    else:
+        tr.open([(0, TAG_ACT)], [(0, TAG_GRAD)])
+        back = []
+        for j in range(len(_packet_tensors())):
+            t = tr.recv(0, TAG_ACT, j, f"message {j}")
+            back.append(t.clone())
+            tr.send(0, TAG_GRAD, t, j)
+    tr.close()
+    # compared here: the queue back to the test carries numpy arrays, which have no bfloat16
+    return {"equal": [a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+                      for a, b in zip(back, _packet_tensors())], "n": len(back)}
+
+
 SCENARIOS = {f.__name__[len("scenario_"):]: f for f in (scenario_equal, scenario_bad_config, scenario_missing_target,
                                                          scenario_shape_mismatch, scenario_kill, scenario_hang,
-                                                         scenario_raise)}
+                                                         scenario_raise, scenario_packets)}
 
 
 def _plain(obj):
@@ -319,7 +352,7 @@ def _assert_weights_equal(got, expected, what):
 # scenarios that leave their processes usable share one spawn per world size.
 # ---------------------------------------------------------------------------
 TIMEOUT, MARGIN = 3.0, 2.5  # the fault time is taken 0.3 s before the fault itself
-TWO = ["bad_config", "equal", "missing_target", "shape_mismatch"]
+TWO = ["bad_config", "equal", "missing_target", "shape_mismatch", "packets"]
 THREE = ["equal", "raise"]
 
 
@@ -354,6 +387,14 @@ def test_same_parameters_as_the_sequential_executor(world, request):
     # and the variants are a different run (the options had an effect)
     plain = oracle(world, data, delay=1)[0]
     assert any(not torch.equal(plain[0][k], weights[0][k]) for k in plain[0])
+
+
+def test_transport_packets_of_every_size_dtype_and_shape(two_ranks):
+    n = len(_packet_tensors())
+    for r in range(2):
+        status, out = two_ranks["packets"][r]
+        assert status == "ok", out
+        assert out["n"] == n and all(out["equal"]), f"rank {r}: messages equal to what was sent: {out['equal']}"
 
 
 def test_world_size_mismatch_raises_on_every_rank(two_ranks):
