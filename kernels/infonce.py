@@ -92,6 +92,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._triton_env import device_status
+
 __all__ = [
     "infonce", "infonce_ref", "sequence_infonce", "sequence_infonce_ref",
     "vision_positions", "sequence_positions", "draw_negatives", "check_neg_idx",
@@ -125,21 +127,7 @@ def triton_available(device) -> Tuple[bool, str]:
     """``(available, reason)``: whether the InfoNCE kernels can run on ``device``
     (a CUDA device with triton, or the CPU under ``TRITON_INTERPRET=1`` set
     before this module was imported)."""
-    if triton is None:
-        return False, f"triton cannot be imported ({_TRITON_ERR})"
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return False, "CUDA is not available to torch"
-        return True, ""
-    if device.type == "cpu":
-        if _INTERPRET:
-            return True, ""
-        why = "Triton kernels run on CUDA devices; on the CPU only under TRITON_INTERPRET=1"
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            why += " set before dni_fast.kernels.infonce is imported (it was set too late)"
-        return False, why
-    return False, f"Triton kernels do not run on {device.type} devices"
+    return device_status(device, _TRITON_ERR, _INTERPRET, "dni_fast.kernels.infonce")
 
 
 # =============================================================================

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import synth_step_tuning as tuning
+from ._triton_env import device_status
 from .synth_ref import n_hidden_of
 from .synth_step_kernels import TRITON_ERROR, triton
 
@@ -50,21 +51,7 @@ def triton_available(device) -> Tuple[bool, str]:
     True on a CUDA device with triton installed, and on the CPU only when
     ``TRITON_INTERPRET=1`` was set before the kernels were imported.
     """
-    if triton is None:
-        return False, f"triton cannot be imported ({TRITON_ERROR})"
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return False, "CUDA is not available to torch"
-        return True, ""
-    if device.type == "cpu":
-        if tuning.INTERPRET:
-            return True, ""
-        why = "Triton kernels run on CUDA devices; on the CPU only under TRITON_INTERPRET=1"
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            why += " set before dni_fast.kernels.synth_step is imported (it was set too late)"
-        return False, why
-    return False, f"Triton kernels do not run on {device.type} devices"
+    return device_status(device, TRITON_ERROR, tuning.INTERPRET, "dni_fast.kernels.synth_step")
 
 
 # =============================================================================

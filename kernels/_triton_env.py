@@ -1,0 +1,32 @@
+"""Whether Triton kernels can run on a device, and why not: one answer for every fused op."""
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+import torch
+
+
+def device_status(device, import_error: str, interpret: bool, module: str) -> Tuple[bool, str]:
+    """``(available, reason)`` for the kernels of ``module`` on ``device``.
+
+    ``import_error`` is why ``import triton`` failed (empty when it worked);
+    ``interpret`` whether ``TRITON_INTERPRET`` was set when ``module`` was
+    imported (triton reads it when a kernel is decorated, so a later value
+    does not count). True on a CUDA device, and on the CPU under the
+    interpreter only."""
+    if import_error:
+        return False, f"triton cannot be imported ({import_error})"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available to torch"
+        return True, ""
+    if device.type == "cpu":
+        if interpret:
+            return True, ""
+        why = "Triton kernels run on CUDA devices; on the CPU only under TRITON_INTERPRET=1"
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            why += f" set before {module} is imported (it was set too late)"
+        return False, why
+    return False, f"Triton kernels do not run on {device.type} devices"
