@@ -52,7 +52,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def make_net(n, unlock_at=None, d=D, din=DIN, context_dim=None):
+def make_net(n, unlock_at=None, d=D, din=DIN, context_dim=None, normalize=False):
     torch.manual_seed(0)
     stages = [nn.Sequential(nn.Linear(din, d), nn.ReLU())]
     stages += [nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(n - 2)]
@@ -64,6 +64,8 @@ def make_net(n, unlock_at=None, d=D, din=DIN, context_dim=None):
             s.layers[-1].weight.normal_(0, 0.1)
         if k == unlock_at:
             s = dni.BidirectionalInterface(dni.BasicSynthesizer(d, n_hidden=1, trigger_dim=din), s)
+        if normalize:
+            s = dni.BackwardInterface(s, normalize_targets=True)
         synths.append(s)
     return stages, synths
 
@@ -87,10 +89,10 @@ def stage_weights(stage_module, synth):
 # ---------------------------------------------------------------------------
 # What each rank runs (module level: the spawned processes import this file)
 # ---------------------------------------------------------------------------
-def _train(rank, world, data, timeout=10.0, unlock_at=None, state=None, cdni=False, **kw):
+def _train(rank, world, data, timeout=10.0, unlock_at=None, state=None, cdni=False, normalize=False, **kw):
     from dni_fast.distributed import DecoupledStage
 
-    stages, synths = make_net(world, unlock_at, context_dim=DOUT if cdni else None)
+    stages, synths = make_net(world, unlock_at, context_dim=DOUT if cdni else None, normalize=normalize)
     synth = synths[rank] if rank < world - 1 else None
     st = DecoupledStage(stages[rank], rank, world, synth, adam, timeout=timeout, **kw)
     if state is not None:
@@ -122,6 +124,14 @@ def scenario_equal(rank, world, q):
     st, mod, syn, losses = _train(rank, world, data, cdni=True, regression="current")
     st.finish()
     out["cdni current"] = (stage_weights(mod, syn), losses)
+
+    # normalize_targets: the running target scale (the interface's buffers) survives a checkpoint
+    st, mod, syn, _ = _train(rank, world, data[:5], normalize=True)
+    saved = st.state_dict()
+    st.finish()
+    st, mod, syn, _ = _train(rank, world, data[5:], state=saved, normalize=True)
+    st.finish()
+    out["normalized, resumed"] = (stage_weights(mod, syn), None)
 
     st, mod, syn, _ = _train(rank, world, data[:5], **kw)
     saved = st.state_dict()  # waits for the targets in flight
@@ -332,8 +342,8 @@ def spawn(scenarios, world, deadline_s=90.0, expect=None):
     return results, fault_time
 
 
-def oracle(world, data, unlock_at=None, cdni=False, **kw):
-    stages, synths = make_net(world, unlock_at, context_dim=DOUT if cdni else None)
+def oracle(world, data, unlock_at=None, cdni=False, normalize=False, **kw):
+    stages, synths = make_net(world, unlock_at, context_dim=DOUT if cdni else None, normalize=normalize)
     m = DecoupledSequential(stages, synths, adam, executor="sequential", **kw)
     losses = [float(m.step(x, y, F.cross_entropy, context=F.one_hot(y, DOUT).float() if cdni else None))
               for x, y in data]
@@ -384,6 +394,10 @@ def test_same_parameters_as_the_sequential_executor(world, request):
     weights, _ = oracle(world, data, **kw)
     for r in range(world):
         _assert_weights_equal(results[r][1]["resumed"][0], weights[r], f"resumed, stage {r}")
+    weights, _ = oracle(world, data, delay=1, normalize=True)
+    for r in range(world):
+        _assert_weights_equal(results[r][1]["normalized, resumed"][0], weights[r], f"normalized, resumed, stage {r}")
+    assert any(k.endswith("target_sq_ema") for k in weights[0])
     # and the variants are a different run (the options had an effect)
     plain = oracle(world, data, delay=1)[0]
     assert any(not torch.equal(plain[0][k], weights[0][k]) for k in plain[0])

@@ -308,7 +308,8 @@ class DecoupledStage:
     def modules(self) -> nn.ModuleDict:
         out = {"module": self.stage.module}
         if self.stage.synth is not None:
-            out["synthesizer"] = self.stage.synth.module
+            # a BackwardInterface(normalize_targets=True) holds the running target scale in its buffers
+            out["synthesizer"] = self.stage.synth.normalizer or self.stage.synth.module
         if self.stage.fsynth is not None:
             out["forward_synthesizer"] = self.stage.fsynth.module
         return nn.ModuleDict(out)

@@ -32,12 +32,12 @@ import os
 import socket
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import dni_fast as dni
 from dni_fast.examples import _common as C
@@ -128,6 +128,29 @@ def _finish_run(rank: int, world: int, t_start: float, t_end: float, samples: in
     return {"ranks": everyone}
 
 
+def _timed_run(rank: int, world: int, data, args, steps: Optional[int], warmup: int,
+               step: Callable[[Tensor], Optional[float]], end: Callable[[], object], modules: nn.Module) -> dict:
+    """Every rank: ``step(batch indices)`` over the run's batches after a
+    barrier, the clock started after ``warmup`` of them and stopped after
+    ``end()`` (the method's drain); the losses ``step`` returns, the peak
+    memory and the weights gathered on rank 0 (``_finish_run``)."""
+    batches = _batches(data, args.batch_size, args.seed, steps)
+    mem_before = rss_mib()
+    reset_peak_rss()
+    dist.barrier()
+    losses, t_start = [], time.perf_counter()
+    for j, idx in enumerate(batches):
+        if j == warmup:
+            t_start = time.perf_counter()
+        loss = step(idx)
+        if loss is not None:
+            losses.append(loss)
+    end()
+    t_end = time.perf_counter()
+    timed = (len(batches) - min(warmup, len(batches))) * args.batch_size
+    return _finish_run(rank, world, t_start, t_end, timed, losses, modules, mem_before)
+
+
 def run_decoupled(rank: int, world: int, data, args, steps: Optional[int], warmup: int = 5,
                   cdni: bool = False, delay: Optional[int] = None) -> dict:
     """DecoupledStage on every rank; ``cdni``: each rank's synthesizer also
@@ -138,25 +161,16 @@ def run_decoupled(rank: int, world: int, data, args, steps: Optional[int], warmu
     stages, synths = build(world, args.seed, data.input_dim, context_dim=data.n_classes if cdni else None)
     last = rank == world - 1
     st = DecoupledStage(stages[rank], rank, world, None if last else synths[rank],
-                        lambda p: torch.optim.Adam(p, lr=args.lr), timeout=args.timeout, delay=args.delay if delay is None else delay,
-                        regression=getattr(args, "regression", "current"))
-    batches = _batches(data, args.batch_size, args.seed, steps)
-    mem_before = rss_mib()
-    reset_peak_rss()
-    dist.barrier()
-    losses, t_start = [], time.perf_counter()
-    for j, idx in enumerate(batches):
-        if j == warmup:
-            t_start = time.perf_counter()
+                        lambda p: torch.optim.Adam(p, lr=args.lr), timeout=args.timeout,
+                        delay=args.delay if delay is None else delay, regression=getattr(args, "regression", "current"))
+
+    def step(idx) -> Optional[float]:
         ctx = F.one_hot(data.y_train[idx], data.n_classes).float() if cdni and not last else None
         loss = st.step(x=data.x_train[idx] if rank == 0 else None, target=data.y_train[idx] if last else None,
                        loss_fn=F.cross_entropy if last else None, context=ctx)
-        if loss is not None:
-            losses.append(float(loss))
-    st.finish()
-    t_end = time.perf_counter()
-    timed = (len(batches) - min(warmup, len(batches))) * args.batch_size
-    return _finish_run(rank, world, t_start, t_end, timed, losses, st.modules(), mem_before)
+        return None if loss is None else float(loss)
+
+    return _timed_run(rank, world, data, args, steps, warmup, step, st.finish, st.modules())
 
 
 def run_pipeline(rank: int, world: int, data, args, steps: Optional[int], schedule: str, m: int,
@@ -170,28 +184,22 @@ def run_pipeline(rank: int, world: int, data, args, steps: Optional[int], schedu
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
     sched = cls(stage, n_microbatches=m, loss_fn=F.cross_entropy)
     opt = torch.optim.Adam(module.parameters(), lr=args.lr)
-    batches = _batches(data, args.batch_size, args.seed, steps)
-    mem_before = rss_mib()
-    reset_peak_rss()
-    dist.barrier()
-    losses, t_start = [], time.perf_counter()
-    for j, idx in enumerate(batches):
-        if j == warmup:
-            t_start = time.perf_counter()
+
+    def step(idx) -> Optional[float]:
         opt.zero_grad(set_to_none=True)
+        loss = None
         if rank == 0:
             sched.step(data.x_train[idx])
         elif last:
             mb: List[torch.Tensor] = []
             sched.step(target=data.y_train[idx], losses=mb)
-            losses.append(float(torch.stack(mb).detach().mean()))
+            loss = float(torch.stack(mb).detach().mean())
         else:
             sched.step()
         opt.step()
-    dist.barrier()
-    t_end = time.perf_counter()
-    timed = (len(batches) - min(warmup, len(batches))) * args.batch_size
-    return _finish_run(rank, world, t_start, t_end, timed, losses, module, mem_before)
+        return loss
+
+    return _timed_run(rank, world, data, args, steps, warmup, step, dist.barrier, module)
 
 
 def run_backprop(rank: int, world: int, data, args, steps: Optional[int], warmup: int = 5) -> dict:
