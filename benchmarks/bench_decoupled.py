@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import os
-import platform
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +50,9 @@ from torch import nn
 import dni_fast as dni
 from dni_fast.decoupled import DecoupledSequential, Stage
 from dni_fast.timing import time_many
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import environment  # noqa: E402  (one record of the machine for every benchmark)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FIELDS = ["date", "device", "torch", "python", "dni_fast", "bench", "provider", "W", "B", "stages", "threads",
@@ -161,12 +162,6 @@ def _loadavg():
         return os.getloadavg()[0]
     except OSError:
         return None
-
-
-def environment(device: torch.device) -> Dict[str, str]:
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": dev,
-            "torch": torch.__version__, "python": platform.python_version(), "dni_fast": dni.__version__}
 
 
 def write_rows(rows: List[dict], path: str) -> None:

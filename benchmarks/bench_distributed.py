@@ -45,7 +45,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -57,11 +56,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import dni_fast as dni
 from dni_fast.decoupled import Stage
 from dni_fast.examples import _common as C
 from dni_fast.examples import mnist_distributed as E
 from dni_fast.timing import time_many
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import environment as _environment  # noqa: E402  (one record of the machine for every benchmark)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FIELDS = ["date", "device", "torch", "python", "dni_fast", "command", "kind", "world", "threads", "method", "m",
@@ -169,9 +170,7 @@ def spawn(world: int, cfg: dict) -> dict:
 
 
 def environment() -> Dict[str, str]:
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "device": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "python": platform.python_version(), "dni_fast": dni.__version__,
+    return {**_environment(torch.device("cpu")),
             "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}
 
 

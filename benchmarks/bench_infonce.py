@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import os
-import platform
 import sys
 from typing import Callable, Dict, List
 
@@ -45,6 +43,9 @@ from dni_fast.kernels import infonce as K
 from dni_fast.local._memory import peak_memory
 
 from dni_fast.timing import time_many
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import environment as _environment  # noqa: E402  (one record of the machine for every benchmark)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -109,18 +110,7 @@ def providers(device: torch.device, compile_ref: bool) -> List[str]:
 
 
 def environment(device: torch.device) -> Dict[str, str]:
-    try:
-        import triton
-
-        tv = triton.__version__
-    except Exception:
-        tv = "none"
-    import dni_fast
-
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": dev,
-            "torch": torch.__version__, "triton": tv, "python": platform.python_version(),
-            "dni_fast": dni_fast.__version__, "threads": str(torch.get_num_threads())}
+    return {**_environment(device), "threads": str(torch.get_num_threads())}
 
 
 def run_size(name: str, device: torch.device, dtype: torch.dtype, provs: List[str], min_run_time: float,
