@@ -146,7 +146,7 @@ class Transport:
                     ndim, dtype = h[5], _DTYPES[h[4]]
                     shape = h[6:6 + ndim]
                     if h[15]:  # the payload is in the packet (the CPU)
-                        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                        nbytes = math.prod(shape) * dtype.itemsize
                         buf = packet[_HDR_BYTES:_HDR_BYTES + nbytes].view(dtype).reshape(shape)
                     else:  # NCCL: the payload follows on the channel's data group
                         buf = torch.empty(shape, dtype=dtype, device=self.device)
