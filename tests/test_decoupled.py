@@ -787,13 +787,14 @@ def test_streams_on_cuda_equals_sequential_on_cuda(case):
 
 
 # -- regression="current" and BackwardInterface options ---------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 @pytest.mark.parametrize("delay", [0, 1, 2])
 def test_regression_current_matches_its_oracle(backend, delay):
     """regression='current' is step 5 at the current weights (the fused
-    primitives predict again), on the reference and the fused path."""
-    if backend == "cpp" and not dni.backend_status("cpp", "cpu")[0]:
-        pytest.skip("cpp backend not built")
+    primitives predict again), on the reference and every fused path."""
+    ok, why = dni.backend_status(backend, "cpu")
+    if not ok:
+        pytest.skip(f"{backend}: {why}")
     data = batches(7)
     with dni.use_backend(backend):
         sd, *_ = train("sequential", delay, data, opt=sgd, regression="current")
