@@ -122,7 +122,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--mlp-adam", choices=("loop", "foreach", "fused"), default="loop",
                    help="Adam's implementation in the MLP benchmark, for every provider (default loop: torch's "
                         "CPU default)")
-    b.add_argument("--overlap", action="store_true", help="also run the MLP with drop-in overlap (<backend>+overlap)")
+    b.add_argument("--overlap", action="store_true", help="also run the MLP with drop-in overlap: the update on the worker (<backend>+overlap) and "
+                        "the injection too (<backend>+injection)")
     b.add_argument("--quick", action="store_true", help="one small size, short timings, no torch.compile")
     b.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement (CPU)")
     b.add_argument("--csv", default=None, help="append rows to this CSV (e.g. benchmarks/results/bench.csv)")

@@ -158,6 +158,16 @@ class MLP(nn.Module):
 
 
 OVERLAP = "+overlap"  # provider suffix: the same backend with drop-in overlap (dni.overlap)
+INJECTION = "+injection"  # provider suffix: drop-in overlap with the injection on the worker too
+
+
+def split_provider(provider: str):
+    """``(backend, overlap mode)`` of an MLP provider name."""
+    if provider.endswith(OVERLAP):
+        return provider[: -len(OVERLAP)], True
+    if provider.endswith(INJECTION):
+        return provider[: -len(INJECTION)], "injection"
+    return provider, False
 
 
 # Adam's implementation for the MLP benchmark, every provider alike ("loop": torch's default on the CPU, a
@@ -168,9 +178,10 @@ MLP_ADAM = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused":
 
 def mlp_step(provider: str, B: int, device: torch.device, adam: str = "loop") -> Callable[[], None]:
     """One training step of the MLP; ``provider`` is ``backprop``, a backend
-    name, or a backend name + ``+overlap``; ``adam`` a key of ``MLP_ADAM``."""
+    name, or a backend name + ``+overlap`` or ``+injection``; ``adam`` a key of
+    ``MLP_ADAM``."""
     torch.manual_seed(0)
-    backend, overlap = (provider[: -len(OVERLAP)], True) if provider.endswith(OVERLAP) else (provider, False)
+    backend, overlap = split_provider(provider)
     model = MLP(None if backend == "backprop" else backend, overlap=overlap).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, **MLP_ADAM[adam])
     x = torch.randn(B, 784, device=device)
@@ -312,10 +323,13 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
     avoid (``mlp_synth_floor``), each timed alone in the same run. With
     ``overlap``, every backend also runs with drop-in overlap (``<b>+overlap``),
     whose floor is backprop plus what stays on the main path: the synthesizers'
-    forward products and Adam over their parameters."""
+    forward products and Adam over their parameters; and with the injection
+    on the worker too (``<b>+injection``), whose floor is reported as
+    backprop itself (what stays on the main path is less than backprop's
+    work, but Adam over the synthesizers' parameters adds to it)."""
     names = ["backprop"] + [p for p in providers if p != "torch.compile"]
     if overlap:
-        names += [p + OVERLAP for p in providers if p != "torch.compile"]
+        names += [p + suffix for suffix in (OVERLAP, INJECTION) for p in providers if p != "torch.compile"]
     fns: Dict[str, Callable[[], object]] = {p: mlp_step(p, B, device, adam) for p in names}
     fns.update(mlp_synth_floor(B, device, adam=adam))
     t = time_many(fns, device, min_run_time)
@@ -326,7 +340,7 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
     rows: List[Row] = []
     for p in names:
         tp = t[p]
-        fl = overlap_floor if p.endswith(OVERLAP) else floor
+        fl = overlap_floor if p.endswith(OVERLAP) else base if p.endswith(INJECTION) else floor
         rows.append(Row("mlp", p, B, 256, 256, "float32", torch.get_num_threads(), False, tp["ms"], tp["p20"],
                         tp["p80"], ratio=(ref / tp["ms"]) if ref else float("nan"), floor_ms=fl,
                         extra={"vs_backprop": tp["ms"] / base, "floor_vs_backprop": fl / base, "adam": adam,

@@ -22,7 +22,24 @@ node whose backward returns them, run on the caller's thread) at the next
 * ``state_dict()`` of a module that holds an overlapped interface;
 * reading an interface's ``stats()``.
 
-A raw ``.grad`` read needs ``dni.synchronize()`` first. Under
+A raw ``.grad`` read needs ``dni.synchronize()`` first.
+
+``overlap="injection"`` moves the injection too, on CPU tensors: the main
+path computes ``S`` and goes on with the next layer's forward while the
+worker backpropagates ``S`` through the part below (``torch.autograd.grad``
+onto that part's leaves, found by walking the graph), and runs there, at
+once, the updates that this backward reaches (the interface below is
+regressed on what arrives from it; with ``cpp`` the update of the interface
+that the main backward reaches runs there, as one native call). Its
+gradients are delivered like the updates', at the synchronisation points. The part below must be left alone
+until then: modifying the interface's input in place, or a hook on one of
+its parameters (it would run on the worker and again at delivery: such an
+interface injects inline instead), and ``retain_grad()`` on tensors below it
+(not filled) are not supported. On CUDA tensors, inside ``defer_backward``
+and under DDP the injection runs inline (the GPU runs it asynchronously
+already).
+
+Under
 ``DistributedDataParallel`` (detected during its forward) the update runs
 inline instead, so that the reducer sees every gradient in its backward.
 
@@ -36,15 +53,16 @@ point; nothing from the failed batch of updates is delivered.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
-import queue
 import threading
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["overlap", "set_overlap", "get_overlap", "synchronize", "pending", "discard", "OverlapError"]
+__all__ = ["overlap", "set_overlap", "get_overlap", "synchronize", "pending", "discard", "OverlapError",
+           "INJECTION"]
 
 
 class OverlapError(RuntimeError):
@@ -60,32 +78,54 @@ class _Switch(threading.local):
 
 
 _switch = _Switch()
-_default = False
+_default: Union[bool, str] = False
+
+#: The overlap mode that moves the injection to the worker too.
+INJECTION = "injection"
 
 
-def get_overlap() -> bool:
-    """Whether overlap is on for interfaces without their own ``overlap=`` (this thread)."""
+def mode(value) -> Union[bool, str]:
+    """Normalise an overlap setting: ``False`` (off), ``True`` (the update on
+    the worker; also spelt ``"update"``) or ``"injection"`` (the injection too)."""
+    if value is None or value is False:
+        return False
+    if value is True or value == "update":
+        return True
+    if value == INJECTION:
+        return INJECTION
+    raise ValueError(f"overlap must be False, True (or 'update') or 'injection', got {value!r}")
+
+
+def get_overlap() -> Union[bool, str]:
+    """The overlap mode for interfaces without their own ``overlap=`` (this
+    thread): ``False``, ``True`` (the update off the main path) or
+    ``"injection"`` (the injection too)."""
     return _switch.stack[-1] if _switch.stack else _default
 
 
-def set_overlap(enabled: bool) -> None:
-    """Turn overlap on or off process-wide (``overlap()`` scopes override it).
-    Turning it off synchronises first."""
+def set_overlap(enabled: Union[bool, str]) -> None:
+    """Set the overlap mode process-wide (``overlap()`` scopes override it):
+    ``False``, ``True`` / ``"update"`` or ``"injection"``. Turning it off
+    synchronises first."""
     global _default
-    if not enabled:
+    m = mode(enabled)
+    if not m:
         synchronize()
-    _default = bool(enabled)
-    if enabled:
+    _default = m
+    if m:
         _install_hooks()
 
 
 @contextlib.contextmanager
-def overlap(enabled: bool = True):
+def overlap(enabled: Union[bool, str] = True):
     """Run the synthesizer updates of every ``BackwardInterface`` without its
-    own ``overlap=`` off the main path within the scope (this thread). The
-    scope ends with ``dni.synchronize()``: every gradient is complete after it."""
-    _switch.stack.append(bool(enabled))
-    if enabled:
+    own ``overlap=`` off the main path within the scope (this thread);
+    ``overlap("injection")`` moves their injections there too (CPU tensors).
+    The scope ends with ``dni.synchronize()``: every gradient is complete
+    after it."""
+    m = mode(enabled)
+    _switch.stack.append(m)
+    if m:
         _install_hooks()
     try:
         yield
@@ -112,10 +152,12 @@ class _Job:
 
 
 class _Worker:
-    """One daemon thread running jobs in submission order."""
+    """One daemon thread running jobs in submission order; a caller that waits
+    for them runs the ones not started yet itself (below)."""
 
     def __init__(self) -> None:
-        self._q: "queue.Queue[_Job]" = queue.Queue()
+        self._queue: "collections.deque[_Job]" = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self.pending: List[_Job] = []  # submitted, not yet delivered; owned by the callers' threads
@@ -126,26 +168,33 @@ class _Worker:
             self._thread = threading.Thread(target=self._run, name="dni_fast-overlap", daemon=True)
             self._thread.start()
 
+    @staticmethod
+    def _execute(job: _Job, threads: Optional[int]) -> None:
+        try:
+            # Intra-op threads are per thread, but torch.set_num_threads on
+            # another thread can change this one's too: check every job.
+            if threads is not None and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            if job.cuda is None:
+                job.grads = job.compute()
+            else:
+                c = job.cuda
+                with torch.cuda.device(c["device"]), torch.cuda.stream(c["stream"]):
+                    c["stream"].wait_event(c["ready"])
+                    job.grads = job.compute()
+                    c["done"].record(c["stream"])
+        except BaseException as e:  # surfaces in the caller at the next synchronisation point
+            job.error = e
+        finally:
+            job.done.set()
+
     def _run(self) -> None:
         while True:
-            job = self._q.get()
-            try:
-                # Intra-op threads are per thread, but torch.set_num_threads on
-                # another thread can change this one's too: check every job.
-                if torch.get_num_threads() != job.threads:
-                    torch.set_num_threads(job.threads)
-                if job.cuda is None:
-                    job.grads = job.compute()
-                else:
-                    c = job.cuda
-                    with torch.cuda.device(c["device"]), torch.cuda.stream(c["stream"]):
-                        c["stream"].wait_event(c["ready"])
-                        job.grads = job.compute()
-                        c["done"].record(c["stream"])
-            except BaseException as e:  # surfaces in the caller at the next synchronisation point
-                job.error = e
-            finally:
-                job.done.set()
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                job = self._queue.popleft()
+            self._execute(job, job.threads)
 
     def side_stream(self, device: torch.device):
         s = self._streams.get(device.index)
@@ -153,14 +202,44 @@ class _Worker:
             s = self._streams[device.index] = torch.cuda.Stream(device)
         return s
 
+    def on_worker(self) -> bool:
+        return threading.current_thread() is self._thread
+
     def submit(self, job: _Job) -> None:
+        if self.on_worker():
+            # A job that a job raises (an update reached by an injection's
+            # backward): run it now, on this thread; queueing it would only
+            # delay it behind the jobs the main path queued meanwhile.
+            self._execute(job, None)
+            with self._lock:
+                self.pending.append(job)  # before the job that raised it is done: wait() sees it
+            return
         with self._lock:
             self.pending.append(job)
             self._ensure_thread()
-        self._q.put(job)
+        with self._ready:
+            self._queue.append(job)
+            self._ready.notify()
 
     def wait(self) -> None:
-        """Block until every submitted job has been computed (no delivery)."""
+        """Block until every submitted job has been computed (no delivery).
+
+        The caller does not just wait: it takes the CPU jobs that the worker
+        has not started, oldest first, and runs them itself (with its own
+        intra-op thread count, as without overlap), so that a backlog on the
+        worker is shared by both threads. The jobs are independent (each
+        reads what its submitter handed it and returns gradients), so who runs
+        which changes no number. On the worker itself (a statistics read by an
+        update it runs) there is nothing to wait for: the jobs before the
+        running one are done."""
+        if self.on_worker():
+            return
+        while True:
+            with self._ready:
+                job = self._queue.popleft() if self._queue and self._queue[0].cuda is None else None
+            if job is None:
+                break
+            self._execute(job, None)
         with self._lock:
             jobs = list(self.pending)
         for job in jobs:
@@ -219,6 +298,49 @@ def submit(compute: Callable[[], Sequence[Optional[Tensor]]], params: Sequence[T
                 t.record_stream(stream)
         cuda = {"device": device, "stream": stream, "ready": ready, "done": torch.cuda.Event()}
     _worker.submit(_Job(compute, params, worker_threads(), cuda))
+
+
+def _leaves(root: Tensor) -> Optional[List[Tensor]]:
+    """The leaves that ``root``'s backward accumulates into (the variables of
+    the ``AccumulateGrad`` nodes below it), or ``None`` when one of them has a
+    hook (it would run twice: on the worker and at delivery)."""
+    fn = root.grad_fn
+    if fn is None:
+        return [root]
+    leaves: List[Tensor] = []
+    seen = set()
+    stack = [fn]
+    while stack:
+        for nxt, _ in stack.pop().next_functions:
+            if nxt is None or nxt in seen:
+                continue
+            seen.add(nxt)
+            var = getattr(nxt, "variable", None)
+            if var is None:
+                stack.append(nxt)
+                continue
+            if var._backward_hooks or getattr(var, "_post_accumulate_grad_hooks", None):
+                return None
+            leaves.append(var)
+    return leaves
+
+
+def inject(trigger: Tensor, s: Tensor) -> bool:
+    """``trigger.backward(s)`` on the worker (``overlap="injection"``): the
+    gradients of the leaves below ``trigger`` are delivered at the next
+    synchronisation point. Returns ``False`` (nothing done: inject inline)
+    where that cannot be honoured: a CUDA tensor, a hooked leaf, no leaf."""
+    if trigger.device.type != "cpu":
+        return False
+    leaves = _leaves(trigger)
+    if not leaves:
+        return False
+
+    def compute():
+        return torch.autograd.grad((trigger,), leaves, (s,), allow_unused=True)
+
+    _worker.submit(_Job(compute, leaves, worker_threads(), None))
+    return True
 
 
 def discard() -> None:

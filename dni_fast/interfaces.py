@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -325,11 +325,15 @@ class BackwardInterface(UnidirectionalInterface):
             true scale. Off by default (dni-pytorch's behaviour); the
             statistics are then in normalised units (cos and rel_err are
             scale-free). See docs/synthetic_gradients.md.
-        overlap: run the synthesizer's regression update off the main path
-            (``dni_fast/_overlap.py``: a worker thread on the CPU, a side stream
-            on a GPU); its gradients are complete at the next synchronisation
-            point (``dni.synchronize()``, an optimizer's ``step()`` or
-            ``zero_grad()``, ``state_dict()``). ``None``: the global
+        overlap: ``True`` (or ``"update"``): run the synthesizer's regression
+            update off the main path (``dni_fast/_overlap.py``: a worker thread
+            on the CPU, a side stream on a GPU); its gradients are complete at
+            the next synchronisation point (``dni.synchronize()``, an
+            optimizer's ``step()`` or ``zero_grad()``, ``state_dict()``).
+            ``"injection"``: on CPU tensors, the injection (the backward of
+            ``S`` through the part below) runs on the worker too, and the
+            gradients of the part below are complete at the next
+            synchronisation point as well. ``None``: the global
             ``dni.overlap()`` / ``dni.set_overlap()``.
     """
 
@@ -355,7 +359,7 @@ class BackwardInterface(UnidirectionalInterface):
             raise ValueError("BackwardInterface: pipelined=True and overlap=True cannot be combined: the pipelined "
                              "mode already runs the update in the next step's fused call")
         self.pipelined = pipelined
-        self.overlap = overlap
+        self.overlap = overlap = None if overlap is None else _overlap.mode(overlap)
         if overlap:
             _overlap._install_hooks()
         self._pending: Optional[dict] = None
@@ -391,11 +395,14 @@ class BackwardInterface(UnidirectionalInterface):
                                                  self.target_sq_ema))
             self.target_count.add_(seen)
 
-    def _overlapping(self) -> bool:
-        """Whether this step's update goes to the overlap worker."""
+    def _overlapping(self) -> Union[bool, str]:
+        """This step's overlap mode: ``False``, ``True`` (the update goes to the
+        overlap worker) or ``"injection"`` (the injection too)."""
         ov = self.overlap if self.overlap is not None else _overlap.get_overlap()
         # Under DDP the reducer must see every gradient within the backward it prepares: run inline.
-        return ov and not self.pipelined and not _overlap.inside_ddp_forward()
+        if not ov or self.pipelined or _overlap.inside_ddp_forward():
+            return False
+        return ov
 
     @torch.compiler.disable  # a host-side counter: torch.compile must not guard on (and recompile for) it
     def _take_injection(self, trigger: Tensor) -> bool:
@@ -421,12 +428,16 @@ class BackwardInterface(UnidirectionalInterface):
         inject = self._take_injection(trigger)
         check = self._checking()
         norm = self.normalize_targets
+        ov = self._overlapping()
+        deferring = is_deferring()
+        offload = inject and ov == _overlap.INJECTION and not deferring
         # Inject inside the engine's call (one native call for cpp) unless S must
-        # first be checked or scaled, or the injection is deferred.
-        now = inject and not check and not norm and not is_deferring()
+        # first be checked or scaled, the injection is deferred, or it goes to
+        # the overlap worker.
+        now = inject and not check and not norm and not deferring and not offload
         out, s = engine.trigger(self._modules["synthesizer"], trigger.detach(), current_context(),
                                 self._stats_sink(), BACKWARD_LOSS.scale(trigger.shape), trigger if now else None,
-                                self._overlapping())
+                                ov)
         if norm:
             sigma = self.target_sigma()
             s = s * sigma.to(s.dtype)
@@ -434,7 +445,7 @@ class BackwardInterface(UnidirectionalInterface):
         if check:
             self._check_synthetic(s)
             out = _FiniteGuard.apply(self, self._rt.steps, out)
-        if inject and not now:
+        if inject and not now and not (offload and _overlap.inject(trigger, s)):
             _backward(trigger, s)
         return out
 
@@ -473,7 +484,7 @@ class BackwardInterface(UnidirectionalInterface):
             trigger = _TargetUnscale.apply(trigger, sigma)
         out, s = self._engine(trigger).trigger(self._modules["synthesizer"], trigger, current_context(),
                                                self._stats_sink(), BACKWARD_LOSS.scale(trigger.shape), None,
-                                               self._overlapping())
+                                               bool(self._overlapping()))
         if norm:
             s = s * sigma.to(s.dtype)
             out = _TargetScale.apply(out, sigma, self)

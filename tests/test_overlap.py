@@ -64,12 +64,71 @@ def _train(model, steps, scope, seed=1):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("mode", [True, "injection"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_same_parameters_as_without_overlap(backend, one_thread):
+def test_same_parameters_as_without_overlap(backend, mode, one_thread):
     a = _train(_mlp(backend), 12, lambda: dni.overlap(False))
-    b = _train(_mlp(backend), 12, dni.overlap)
+    b = _train(_mlp(backend), 12, lambda: dni.overlap(mode))
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bit for bit on the CPU at a fixed thread count
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_injection_mode_with_checks_and_normalised_targets(backend, one_thread):
+    kw = dict(check_finite=True, normalize_targets=True)
+    a = _train(_mlp(backend, **kw), 8, lambda: dni.overlap(False))
+    b = _train(_mlp(backend, **kw), 8, lambda: dni.overlap("injection"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_overlap_modes_are_named():
+    assert ov.mode("update") is True and ov.mode(None) is False and ov.mode("injection") == "injection"
+    with pytest.raises(ValueError, match="overlap must be False, True .* or 'injection', got 'inject'"):
+        dni.BackwardInterface(dni.BasicSynthesizer(4), overlap="inject")
+    with pytest.raises(ValueError, match="got 'all'"):
+        dni.set_overlap("all")
+    with dni.overlap("injection"):
+        assert dni.get_overlap() == "injection"
+    assert dni.get_overlap() is False
+
+
+def test_injected_gradients_wait_for_a_synchronisation_point():
+    model = _mlp("reference", overlap="injection")
+    lower = [p for m in list(model)[:2] for p in m.parameters()]  # the first Linear and BatchNorm
+    F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+    dni.synchronize()
+    want = [p.grad.clone() for p in lower]
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+    assert ov.pending() >= 3
+    assert all(p.grad is None for p in lower)  # not delivered yet: a raw read needs synchronize()
+    dni.synchronize()
+    assert all(p.grad is not None for p in lower)
+    assert not all(torch.equal(w, p.grad) for w, p in zip(want, lower))  # this step's, not last step's
+
+
+def test_a_hooked_parameter_below_makes_that_injection_inline():
+    """A tensor hook would run on the worker and again at delivery: the
+    interface above a hooked parameter injects inline, and the hook runs once."""
+    model = _mlp("reference", overlap="injection")
+    calls = []
+    model[0].weight.register_hook(lambda g: calls.append(1))
+    F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+    assert model[0].weight.grad is not None and len(calls) == 1  # inline: there already
+    dni.synchronize()
+    assert len(calls) == 1
+
+
+def test_an_injection_that_fails_on_the_worker_delivers_nothing():
+    model = _mlp("reference", overlap="injection")
+    model[1].register_full_backward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("hook failure below")))
+    F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+    with pytest.raises(RuntimeError, match="hook failure below"):
+        dni.synchronize()
+    below = [p for m in list(model)[:2] for p in m.parameters()]
+    assert ov.pending() == 0 and all(p.grad is None for p in below + _synth_params(model))
+    assert model[-1].weight.grad is not None  # the main backward's own gradients are there
 
 
 def test_per_interface_switch_and_set_overlap(one_thread):
@@ -121,22 +180,48 @@ def test_every_synchronisation_point_delivers(point):
         assert all(p.grad is not None for p in _synth_params(model))
 
 
-def test_the_update_runs_on_another_thread(monkeypatch):
+@pytest.mark.parametrize("mode", [True, "injection"])
+def test_the_update_runs_off_the_main_path(monkeypatch, mode):
+    """On the worker (with its own intra-op thread count), or on the caller
+    only while it waits at a synchronisation point (it runs the jobs the
+    worker has not started), never inside the backward."""
     seen = []
+    phase = ["forward"]
     prims = bk.get("primref").primitives
     real = prims.update
 
     def spy(*a, **k):
-        seen.append((threading.get_ident(), torch.get_num_threads()))
+        seen.append((threading.get_ident(), torch.get_num_threads(), phase[0]))
         return real(*a, **k)
 
     monkeypatch.setattr(bk.get("primref"), "_primitives", type(prims)(prims.forward, spy, prims.pipelined))
     n = torch.get_num_threads()
-    model = _mlp("primref", overlap=True)
-    F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+    model = _mlp("primref", overlap=mode)
+    loss = F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,)))
+    phase[0] = "backward"
+    loss.backward()
+    phase[0] = "synchronize"
     dni.synchronize()
-    assert len(seen) == 3 and all(t != threading.get_ident() for t, _ in seen)
-    assert all(k == max(1, n // 2) for _, k in seen), (n, seen)  # the worker's own intra-op thread count
+    me = threading.get_ident()
+    assert len(seen) == 3, seen
+    assert all(t != me or p == "synchronize" for t, _, p in seen), seen
+    assert all(k == max(1, n // 2) for t, k, _ in seen if t != me), (n, seen)  # the worker's own thread count
+
+
+def test_a_waiting_caller_runs_the_jobs_the_worker_has_not_started():
+    release = threading.Event()
+    ran = []
+    ov.submit(lambda: (release.wait(10), ran.append(("blocker", threading.get_ident())))[:0], [], [],
+              torch.device("cpu"))
+    for i in range(2):
+        ov.submit(lambda i=i: (ran.append((i, threading.get_ident())),)[:0], [], [], torch.device("cpu"))
+    threading.Timer(0.5, release.set).start()
+    ov._worker.wait()  # runs jobs 0 and 1 here while the worker is stuck in the blocker
+    me = threading.get_ident()
+    assert dict(ran)[0] == me and dict(ran)[1] == me and dict(ran)["blocker"] != me, ran
+    assert [k for k, _ in ran] == [0, 1, "blocker"]
+    dni.synchronize()
+    assert ov.pending() == 0
 
 
 def test_a_worker_error_surfaces_with_its_traceback_and_nothing_is_delivered(monkeypatch):
@@ -227,8 +312,9 @@ def test_models_with_overlapped_interfaces_still_pickle(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", [True, "injection"])  # injection: inline on CUDA tensors
 @pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
-def test_cuda_side_stream_gives_the_same_parameters(backend):
+def test_cuda_side_stream_gives_the_same_parameters(backend, mode):
     if not dni.backend_status(backend, "cuda")[0]:
         pytest.skip(f"{backend} unavailable on cuda")
 
@@ -244,6 +330,6 @@ def test_cuda_side_stream_gives_the_same_parameters(backend):
                 opt.step()
         return {k: v.float().cpu() for k, v in model.state_dict().items()}
 
-    a, b = run(False), run(True)
+    a, b = run(False), run(mode)
     for k in a:  # docs/design.md §6: same kernels on another stream; TF32 may differ by scheduling only
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

@@ -40,8 +40,13 @@ class CppBackend(FusedBackend):
         # One native call: forward, autograd node, and the injection (GIL released).
         # With overlap the node's backward queues the update on the C++ worker
         # (csrc/overlap.cpp), which never needs the GIL; dni_fast/_overlap.py
-        # collects it.
-        threads = _overlap.worker_threads() if overlap else 0
-        if overlap:
+        # collects it. With overlap="injection" the node's backward runs the
+        # update where it is reached: the injections below run on the Python
+        # overlap worker, and a third thread on the same cores only slowed the
+        # step (1.86x backprop instead of 1.75x, docs/decoupled.md); the one
+        # update the main backward reaches (the top interface's) runs there,
+        # as one native call.
+        threads = _overlap.worker_threads() if overlap and overlap != _overlap.INJECTION else 0
+        if threads:
             _overlap.uses_native_worker()
         return step(trigger, x, c, synth.flat_params(), scale, slot, inject_into, threads)
