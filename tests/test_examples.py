@@ -289,3 +289,23 @@ def test_examples_refuse_synthesizer_options_they_do_not_implement(name, capsys)
         mod.main(["--quick", "--lr-schedule", "cosine"])
     assert e.value.code == 2
     assert "--lr-schedule is not implemented by this example" in capsys.readouterr().err
+
+
+def test_mnist_distributed_learning_rates_per_variant():
+    """The decoupled variants' recommended multipliers (chosen on a validation
+    split), the flags that override them, and --dni-pytorch's 1.0 / 1.0."""
+    from dni_fast.examples import _common as C
+    from dni_fast.examples import mnist_distributed as E
+
+    def mults(name, *argv):
+        args = E.build_parser().parse_args(list(argv))
+        C.apply_presets(args)
+        return E.lr_mults(name, args)
+
+    assert mults("decoupled") == E.RECOMMENDED_LR_MULTS["decoupled"] == (0.1, 0.1)
+    assert mults("decoupled-cdni") == (0.1, 0.3)
+    assert mults("decoupled-cdni", "--synth-lr-mult", "0.5") == (0.5, 0.3)
+    assert mults("decoupled", "--stage-lr-mult", "2") == (0.1, 2.0)
+    assert mults("decoupled-cdni", "--dni-pytorch") == (1.0, 1.0)
+    with pytest.raises(SystemExit):  # still refused: not implemented here
+        E.main(["--quick", "--normalize-targets"])
