@@ -535,3 +535,48 @@ def test_explicit_fast_backend_rejects_deep_synthesizer_clearly():
     # auto falls back to the reference path for it
     iface = dni.BackwardInterface(dni.BasicSynthesizer(D, n_hidden=3), backend="auto")
     iface(torch.randn(B, D, requires_grad=True)).sum().backward()
+
+
+def test_import_does_not_load_torch_dynamo():
+    """``import dni_fast`` stays cheap: torch._dynamo (about 2 s here) loads
+    only when the user compiles."""
+    import subprocess
+    import sys
+
+    code = "import sys, dni_fast; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_torch_compile_through_the_interfaces_does_not_recompile():
+    """The interface's host-side step counter is hidden from torch.compile:
+    after the warm-up boundary (compiled once each side of it) a new step
+    compiles nothing (no guard on the counter, which would recompile every
+    step and then fall back to eager), and the compiled model trains to the
+    eager model's parameters, warm-up included."""
+    pytest.importorskip("torch._dynamo")
+    from torch._dynamo.utils import counters
+
+    def run(compiled, seen):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(),
+                          dni.BackwardInterface(dni.BasicSynthesizer(16), backend="reference", warmup_steps=2),
+                          nn.Linear(16, 3))
+        opt = torch.optim.SGD(m.parameters(), 0.1)
+        f = torch.compile(m, backend="eager") if compiled else m
+        torch.manual_seed(1)
+        for _ in range(8):
+            x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+            opt.zero_grad()
+            F.cross_entropy(f(x), y).backward()
+            opt.step()
+            seen.append(counters["frames"]["total"])
+        return [p.detach().clone() for p in m.parameters()]
+
+    eager = run(False, [])
+    counters.clear()
+    frames = []
+    compiled = run(True, frames)
+    assert frames[3] > 0 and frames[3:] == [frames[3]] * 5, frames  # nothing compiled after step 4
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
