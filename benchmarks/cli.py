@@ -96,8 +96,9 @@ def _bench(args) -> int:
                              else [False]):
                     emit(B.bench_interface([size], provs, dt, device, tf32=tf32, min_run_time=min_t))
             if i == 0 and not args.no_mlp:  # the MLP after the headline size, before the long tail
-                emit(B.bench_mlp(mlp_b, providers, device, min_run_time=min_t * 2, overlap=args.overlap,
-                                 adam=args.mlp_adam))
+                for ac in [None] + ([torch.bfloat16] if args.mlp_autocast else []):
+                    emit(B.bench_mlp(mlp_b, providers, device, min_run_time=min_t * 2, overlap=args.overlap,
+                                     adam=args.mlp_adam, graphs=args.graphs, autocast=ac))
     torch.set_num_threads(default_threads)
     if args.csv and all_rows:
         print(f"\nappended {len(all_rows)} rows to {args.csv}")
@@ -124,6 +125,9 @@ def parser() -> argparse.ArgumentParser:
                         "CPU default)")
     b.add_argument("--overlap", action="store_true", help="also run the MLP with drop-in overlap: the update on the worker (<backend>+overlap) and "
                         "the injection too (<backend>+injection)")
+    b.add_argument("--graphs", action="store_true",
+                   help="CUDA: also run every MLP provider with the whole step captured in a CUDA graph (<p>+graph)")
+    b.add_argument("--mlp-autocast", action="store_true", help="also run the MLP under bf16 autocast")
     b.add_argument("--quick", action="store_true", help="one small size, short timings, no torch.compile")
     b.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement (CPU)")
     b.add_argument("--csv", default=None, help="append rows to this CSV (e.g. benchmarks/results/bench.csv)")

@@ -5,8 +5,9 @@
 #      against sequential on the device);
 #   2. issue 10's benchmark 3: `streams` against `sequential` on four equal
 #      stages that under-fill the GPU (target: at most 0.7x the time);
-#   3. issue 10's benchmark 4: the MLP with drop-in overlap against eager
-#      backprop, fp32 and bf16 autocast, B=256.
+#   3. issue 10's benchmark 4: the MLP with drop-in overlap and the whole
+#      step in a CUDA graph against eager backprop, fp32 and bf16 autocast,
+#      B=256 (and the overlap tests, CUDA graph capture included).
 #
 #   OUT=/tmp/out bash benchmarks/gpu_decoupled.sh
 #
@@ -16,8 +17,10 @@
 source "$(dirname "$0")/gpu_env.sh" /tmp/dni_fast_decoupled_gpu
 python -c "import dni_fast._C" 2>/dev/null || DNI_FAST_FORCE_CUDA=TRUE CFLAGS=-g0 timeout 300 \
   python -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
-timeout 120 python -m pytest -q -x -p no:cacheprovider tests/test_decoupled.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
+timeout 120 python -m pytest -q -x -p no:cacheprovider tests/test_decoupled.py tests/test_overlap.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
 timeout 150 python benchmarks/bench_decoupled.py --device cuda --out "$OUT/bench_decoupled_cuda.csv" \
   2>&1 | tee "$OUT/bench_decoupled.txt"
-timeout 150 python -m dni_fast bench --device cuda --sizes 256,256 --mlp-batch 256 --no-compile --dtype float32 bfloat16 --overlap \
-  --csv "$OUT/bench_mlp_overlap_cuda.csv" 2>&1 | tee "$OUT/bench_mlp_overlap.txt"
+# every MLP provider eager and with the whole step in one CUDA graph (<p>+graph), fp32 and under bf16 autocast;
+# issue 10's target: <backend>+overlap+graph at most 1.0x eager `backprop`
+timeout 150 python -m dni_fast bench --device cuda --sizes 256,256 --mlp-batch 256 --no-compile --overlap --graphs \
+  --mlp-autocast --mlp-adam fused --csv "$OUT/bench_mlp_overlap_cuda.csv" 2>&1 | tee "$OUT/bench_mlp_overlap.txt"

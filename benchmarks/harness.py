@@ -161,8 +161,13 @@ OVERLAP = "+overlap"  # provider suffix: the same backend with drop-in overlap (
 INJECTION = "+injection"  # provider suffix: drop-in overlap with the injection on the worker too
 
 
+GRAPH = "+graph"  # provider suffix (CUDA): the whole training step captured in one CUDA graph
+
+
 def split_provider(provider: str):
-    """``(backend, overlap mode)`` of an MLP provider name."""
+    """``(backend, overlap mode)`` of an MLP provider name (without ``+graph``)."""
+    if provider.endswith(GRAPH):
+        provider = provider[: -len(GRAPH)]
     if provider.endswith(OVERLAP):
         return provider[: -len(OVERLAP)], True
     if provider.endswith(INJECTION):
@@ -176,23 +181,50 @@ def split_provider(provider: str):
 MLP_ADAM = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
 
-def mlp_step(provider: str, B: int, device: torch.device, adam: str = "loop") -> Callable[[], None]:
+def mlp_step(provider: str, B: int, device: torch.device, adam: str = "loop",
+             autocast: Optional[torch.dtype] = None) -> Callable[[], None]:
     """One training step of the MLP; ``provider`` is ``backprop``, a backend
-    name, or a backend name + ``+overlap`` or ``+injection``; ``adam`` a key of
-    ``MLP_ADAM``."""
+    name, or a backend name + ``+overlap`` or ``+injection``, any of them
+    + ``+graph`` on CUDA (the whole step, forward, injections, backward and
+    Adam with ``capturable=True``, captured once in a CUDA graph after three
+    warm-up steps on a side stream, and replayed); ``adam`` a key of
+    ``MLP_ADAM``; ``autocast`` a dtype to run the forward under autocast."""
     torch.manual_seed(0)
+    graph = provider.endswith(GRAPH)
+    if graph and device.type != "cuda":
+        raise ValueError(f"{provider}: CUDA graphs need a CUDA device")
     backend, overlap = split_provider(provider)
     model = MLP(None if backend == "backprop" else backend, overlap=overlap).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **MLP_ADAM[adam])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **MLP_ADAM[adam], **({"capturable": True} if graph else {}))
     x = torch.randn(B, 784, device=device)
     y = torch.randint(0, 10, (B,), device=device)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        # the autocast cache must be off under graph capture (its casts would be captured once and go stale)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None,
+                            cache_enabled=not graph):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
-    return step
+    if not graph:
+        return step
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # the captured backward allocates .grad in the graph's pool
+    with torch.cuda.graph(g):
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None,
+                            cache_enabled=False):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    return g.replay
 
 
 # ---------------------------------------------------------------------------
@@ -317,7 +349,8 @@ def mlp_synth_floor(B: int, device: torch.device, n_dni: int = 5, width: int = 2
 
 
 def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_time: float = 1.0,
-              overlap: bool = False, adam: str = "loop") -> List[Row]:
+              overlap: bool = False, adam: str = "loop", graphs: bool = False,
+              autocast: Optional[torch.dtype] = None) -> List[Row]:
     """The docs/design.md §5 MLP per provider, against plain backprop, measured
     side by side. ``floor_ms`` is backprop plus what the synthesizers cannot
     avoid (``mlp_synth_floor``), each timed alone in the same run. With
@@ -329,8 +362,12 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
     work, but Adam over the synthesizers' parameters adds to it)."""
     names = ["backprop"] + [p for p in providers if p != "torch.compile"]
     if overlap:
-        names += [p + suffix for suffix in (OVERLAP, INJECTION) for p in providers if p != "torch.compile"]
-    fns: Dict[str, Callable[[], object]] = {p: mlp_step(p, B, device, adam) for p in names}
+        # the injection moves to the worker on CPU tensors only (inline on CUDA: the same as +overlap)
+        suffixes = (OVERLAP, INJECTION) if device.type == "cpu" else (OVERLAP,)
+        names += [p + suffix for suffix in suffixes for p in providers if p != "torch.compile"]
+    if graphs and device.type == "cuda":
+        names += [p + GRAPH for p in list(names)]
+    fns: Dict[str, Callable[[], object]] = {p: mlp_step(p, B, device, adam, autocast) for p in names}
     fns.update(mlp_synth_floor(B, device, adam=adam))
     t = time_many(fns, device, min_run_time)
     base = t["backprop"]["ms"]
@@ -341,7 +378,8 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
     for p in names:
         tp = t[p]
         fl = overlap_floor if p.endswith(OVERLAP) else base if p.endswith(INJECTION) else floor
-        rows.append(Row("mlp", p, B, 256, 256, "float32", torch.get_num_threads(), False, tp["ms"], tp["p20"],
+        dtype = "float32" if autocast is None else str(autocast).replace("torch.", "") + "-autocast"
+        rows.append(Row("mlp", p, B, 256, 256, dtype, torch.get_num_threads(), False, tp["ms"], tp["p20"],
                         tp["p80"], ratio=(ref / tp["ms"]) if ref else float("nan"), floor_ms=fl,
                         extra={"vs_backprop": tp["ms"] / base, "floor_vs_backprop": fl / base, "adam": adam,
                                "synth_products_ms": t["synth_products"]["ms"],

@@ -49,7 +49,14 @@ def test_plain_linear(benchmark, size):
     benchmark(step)
 
 
-@pytest.mark.parametrize("provider", ["backprop"] + PROVIDERS)
+MLP_PROVIDERS = ["backprop"] + PROVIDERS + [p + B.OVERLAP for p in PROVIDERS]
+if DEVICE.type == "cpu":
+    MLP_PROVIDERS += [p + B.INJECTION for p in PROVIDERS]
+else:
+    MLP_PROVIDERS += [p + B.GRAPH for p in MLP_PROVIDERS]
+
+
+@pytest.mark.parametrize("provider", MLP_PROVIDERS)
 def test_mlp(benchmark, provider):
     batch = 256 if DEVICE.type == "cuda" else 64
     benchmark.group = f"mlp B={batch}"

@@ -24,6 +24,11 @@ node whose backward returns them, run on the caller's thread) at the next
 
 A raw ``.grad`` read needs ``dni.synchronize()`` first.
 
+Under CUDA graph capture (``torch.cuda.graph`` around a whole training
+step, ``Adam(capturable=True)``, ``track_stats=False``) the caller launches
+the update on the side stream itself, forked from and joined to the
+capturing stream with events: the update is a parallel branch of the graph.
+
 ``overlap="injection"`` moves the injection too, on CPU tensors: the main
 path computes ``S`` and goes on with the next layer's forward while the
 worker backpropagates ``S`` through the part below (``torch.autograd.grad``
@@ -297,6 +302,17 @@ def submit(compute: Callable[[], Sequence[Optional[Tensor]]], params: Sequence[T
             if isinstance(t, Tensor) and t.is_cuda:
                 t.record_stream(stream)
         cuda = {"device": device, "stream": stream, "ready": ready, "done": torch.cuda.Event()}
+        if torch.cuda.is_current_stream_capturing():
+            # CUDA graph capture: a launch from the worker thread would not be
+            # captured (it would run once, now). Launch on the side stream from
+            # this thread instead: the fork (ready) and the join at delivery
+            # (done) become a parallel branch of the captured graph, which is
+            # the overlap when the graph replays.
+            job = _Job(compute, params, 0, cuda)
+            _Worker._execute(job, None)
+            with _worker._lock:
+                _worker.pending.append(job)
+            return
     _worker.submit(_Job(compute, params, worker_threads(), cuda))
 
 
