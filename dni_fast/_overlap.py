@@ -319,10 +319,14 @@ def submit(compute: Callable[[], Sequence[Optional[Tensor]]], params: Sequence[T
 def _leaves(root: Tensor) -> Optional[List[Tensor]]:
     """The leaves that ``root``'s backward accumulates into (the variables of
     the ``AccumulateGrad`` nodes below it), or ``None`` when one of them has a
-    hook (it would run twice: on the worker and at delivery)."""
+    hook (it would run twice: on the worker and at delivery) or the graph
+    holds a reentrant ``torch.utils.checkpoint`` (it refuses
+    ``torch.autograd.grad``)."""
     fn = root.grad_fn
     if fn is None:
         return [root]
+    if type(fn).__name__ == "CheckpointFunctionBackward":
+        return None
     leaves: List[Tensor] = []
     seen = set()
     stack = [fn]
@@ -333,6 +337,8 @@ def _leaves(root: Tensor) -> Optional[List[Tensor]]:
             seen.add(nxt)
             var = getattr(nxt, "variable", None)
             if var is None:
+                if type(nxt).__name__ == "CheckpointFunctionBackward":
+                    return None  # reentrant checkpointing refuses torch.autograd.grad: inject inline
                 stack.append(nxt)
                 continue
             if var._backward_hooks or getattr(var, "_post_accumulate_grad_hooks", None):

@@ -120,6 +120,30 @@ def test_a_hooked_parameter_below_makes_that_injection_inline():
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_injection_mode_through_checkpointed_layers(reentrant, one_thread):
+    """torch.utils.checkpoint below an interface: the reentrant kind refuses
+    torch.autograd.grad, so that interface injects inline; the other kind
+    recomputes on the worker. Same parameters as without overlap either way."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(32, 24), nn.Linear(24, 5)
+            self.iface = dni.BackwardInterface(dni.BasicSynthesizer(24, n_hidden=1))
+
+        def forward(self, x):
+            h = checkpoint(lambda t: torch.relu(self.a(t)), x.requires_grad_(), use_reentrant=reentrant)
+            return self.b(self.iface(h))
+
+    a = _train(Net(), 5, lambda: dni.overlap(False))
+    b = _train(Net(), 5, lambda: dni.overlap("injection"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_an_injection_that_fails_on_the_worker_delivers_nothing():
     model = _mlp("reference", overlap="injection")
     model[1].register_full_backward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("hook failure below")))
@@ -209,10 +233,11 @@ def test_the_update_runs_off_the_main_path(monkeypatch, mode):
 
 
 def test_a_waiting_caller_runs_the_jobs_the_worker_has_not_started():
-    release = threading.Event()
+    release, started = threading.Event(), threading.Event()
     ran = []
-    ov.submit(lambda: (release.wait(10), ran.append(("blocker", threading.get_ident())))[:0], [], [],
+    ov.submit(lambda: (started.set(), release.wait(10), ran.append(("blocker", threading.get_ident())))[:0], [], [],
               torch.device("cpu"))
+    assert started.wait(10)  # the worker is inside the blocker
     for i in range(2):
         ov.submit(lambda i=i: (ran.append((i, threading.get_ident())),)[:0], [], [], torch.device("cpu"))
     threading.Timer(0.5, release.set).start()
