@@ -36,17 +36,18 @@ onto that part's leaves, found by walking the graph), and runs there, at
 once, the updates that this backward reaches (the interface below is
 regressed on what arrives from it; with ``cpp`` the update of the interface
 that the main backward reaches runs there, as one native call). Its
-gradients are delivered like the updates', at the synchronisation points. The part below must be left alone
-until then: modifying the interface's input in place, or a hook on one of
-its parameters (it would run on the worker and again at delivery: such an
-interface injects inline instead), and ``retain_grad()`` on tensors below it
-(not filled) are not supported. On CUDA tensors, inside ``defer_backward``
-and under DDP the injection runs inline (the GPU runs it asynchronously
-already).
+gradients are delivered like the updates', at the synchronisation points.
+The part below must be left alone until then: modifying the interface's
+input in place and ``retain_grad()`` on tensors below it (not filled) are
+not supported. A parameter below with a tensor hook (it would run on the
+worker and again at delivery) or a reentrant ``torch.utils.checkpoint``
+below (it refuses ``torch.autograd.grad``) makes that interface inject
+inline. On CUDA tensors, inside ``defer_backward`` and under DDP the
+injection runs inline (the GPU runs it asynchronously already).
 
-Under
-``DistributedDataParallel`` (detected during its forward) the update runs
-inline instead, so that the reducer sees every gradient in its backward.
+Under ``DistributedDataParallel`` (detected during its forward) the update
+runs inline instead, so that the reducer sees every gradient in its
+backward.
 
 The result equals the run without overlap: the same operations on the same
 tensors, the gradients delivered in the order the updates arose (bit for bit

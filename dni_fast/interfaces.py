@@ -364,6 +364,7 @@ class BackwardInterface(UnidirectionalInterface):
                  target_momentum: float = 0.99) -> None:
         super().__init__(synthesizer, backend=backend, warmup_steps=warmup_steps, track_stats=track_stats,
                          check_finite=check_finite, name=name)
+        overlap = None if overlap is None else _overlap.mode(overlap)  # a bad value is named before anything else
         if normalize_targets and pipelined:
             raise ValueError("BackwardInterface: normalize_targets=True is not supported with pipelined=True")
         if not 0.0 <= target_momentum < 1.0:
@@ -380,7 +381,7 @@ class BackwardInterface(UnidirectionalInterface):
             raise ValueError("BackwardInterface: pipelined=True and overlap=True cannot be combined: the pipelined "
                              "mode already runs the update in the next step's fused call")
         self.pipelined = pipelined
-        self.overlap = overlap = None if overlap is None else _overlap.mode(overlap)
+        self.overlap = overlap
         if overlap:
             _overlap._install_hooks()
         self._pending: Optional[dict] = None
