@@ -87,7 +87,8 @@ def build(world: int, seed: int, input_dim: int = 784, width: int = 256, n_class
 # split (--valid 10000, 3 seeds, docs/decoupled.md "Accuracy"): the synthesizers', and the one of every stage
 # but the last, which learn only from synthetic gradients. At 1.0 / 1.0 (dni-pytorch's: --dni-pytorch) a
 # small but steady wrong synthetic gradient, turned into full-size steps by Adam, shrank stage 0's output.
-RECOMMENDED_LR_MULTS = {"decoupled": (0.1, 0.1), "decoupled-d2": (0.1, 0.1), "decoupled-cdni": (0.1, 0.3)}
+RECOMMENDED_LR_MULTS = {"decoupled": (0.1, 0.1), "decoupled-d2": (0.1, 0.1), "decoupled-cdni": (0.1, 0.3),
+                        "decoupled-cdni-d2": (0.1, 0.3)}
 
 
 def lr_mults(name: str, args) -> tuple:
@@ -283,17 +284,17 @@ def summarise(name: str, run: dict, data, world: int, args) -> dict:
             "peak_delta_mib": [round(r["peak_rss_mib"] - r["rss_before_mib"], 1) for r in ranks]}
 
 
-# decoupled: --delay (default 1); decoupled-d2: delay 2, one more step of slack before a synthesizer waits for
+# decoupled: --delay (default 1); *-d2: delay 2, one more step of slack before a synthesizer waits for
 # its target (at delay 1 stage 0's regression waits for stage 1's whole step and two messages every step)
-METHODS = ("decoupled", "decoupled-d2", "decoupled-cdni", "gpipe", "1f1b", "backprop")
+METHODS = ("decoupled", "decoupled-d2", "decoupled-cdni", "decoupled-cdni-d2", "gpipe", "1f1b", "backprop")
 
 
 def run_method(name: str, rank: int, world: int, data, args, steps: int, m: int = 4) -> dict:
     """``name`` trained for ``steps`` steps; the first ``min(5, steps // 5)`` are not timed."""
     warmup = min(5, steps // 5)
     if name.startswith("decoupled"):
-        return run_decoupled(rank, world, data, args, steps, warmup, cdni=name == "decoupled-cdni",
-                             delay=2 if name == "decoupled-d2" else None, name=name)
+        return run_decoupled(rank, world, data, args, steps, warmup, cdni=name.startswith("decoupled-cdni"),
+                             delay=2 if name.endswith("-d2") else None, name=name)
     if name == "backprop":
         return run_backprop(rank, world, data, args, steps, warmup)
     return run_pipeline(rank, world, data, args, steps, name, m, warmup)
