@@ -199,14 +199,17 @@ def mlp_step(provider: str, B: int, device: torch.device, adam: str = "loop",
     x = torch.randn(B, 784, device=device)
     y = torch.randint(0, 10, (B,), device=device)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def body():
         # the autocast cache must be off under graph capture (its casts would be captured once and go stale)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None,
                             cache_enabled=not graph):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        body()
 
     if not graph:
         return step
@@ -219,11 +222,7 @@ def mlp_step(provider: str, B: int, device: torch.device, adam: str = "loop",
     g = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)  # the captured backward allocates .grad in the graph's pool
     with torch.cuda.graph(g):
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None,
-                            cache_enabled=False):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        body()
     return g.replay
 
 

@@ -211,14 +211,20 @@ class _Worker:
     def on_worker(self) -> bool:
         return threading.current_thread() is self._thread
 
+    def run_here(self, job: _Job) -> None:
+        """Run ``job`` on the calling thread now and list it as pending
+        (delivered at the next synchronisation point, in order)."""
+        self._execute(job, None)
+        with self._lock:
+            self.pending.append(job)
+
     def submit(self, job: _Job) -> None:
         if self.on_worker():
             # A job that a job raises (an update reached by an injection's
             # backward): run it now, on this thread; queueing it would only
-            # delay it behind the jobs the main path queued meanwhile.
-            self._execute(job, None)
-            with self._lock:
-                self.pending.append(job)  # before the job that raised it is done: wait() sees it
+            # delay it behind the jobs the main path queued meanwhile. It is
+            # listed before the job that raised it is done: wait() sees it.
+            self.run_here(job)
             return
         with self._lock:
             self.pending.append(job)
@@ -309,10 +315,7 @@ def submit(compute: Callable[[], Sequence[Optional[Tensor]]], params: Sequence[T
             # this thread instead: the fork (ready) and the join at delivery
             # (done) become a parallel branch of the captured graph, which is
             # the overlap when the graph replays.
-            job = _Job(compute, params, 0, cuda)
-            _Worker._execute(job, None)
-            with _worker._lock:
-                _worker.pending.append(job)
+            _worker.run_here(_Job(compute, params, 0, cuda))
             return
     _worker.submit(_Job(compute, params, worker_threads(), cuda))
 
@@ -326,25 +329,24 @@ def _leaves(root: Tensor) -> Optional[List[Tensor]]:
     fn = root.grad_fn
     if fn is None:
         return [root]
-    if type(fn).__name__ == "CheckpointFunctionBackward":
-        return None
     leaves: List[Tensor] = []
-    seen = set()
+    seen = {fn}
     stack = [fn]
     while stack:
-        for nxt, _ in stack.pop().next_functions:
+        node = stack.pop()
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return None  # reentrant checkpointing refuses torch.autograd.grad: inject inline
+        for nxt, _ in node.next_functions:
             if nxt is None or nxt in seen:
                 continue
             seen.add(nxt)
             var = getattr(nxt, "variable", None)
             if var is None:
-                if type(nxt).__name__ == "CheckpointFunctionBackward":
-                    return None  # reentrant checkpointing refuses torch.autograd.grad: inject inline
                 stack.append(nxt)
-                continue
-            if var._backward_hooks or getattr(var, "_post_accumulate_grad_hooks", None):
+            elif var._backward_hooks or getattr(var, "_post_accumulate_grad_hooks", None):
                 return None
-            leaves.append(var)
+            else:
+                leaves.append(var)
     return leaves
 
 

@@ -48,6 +48,17 @@ class PrimRefBackend(FusedBackend):
 bk.register(PrimRefBackend())
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (bit-exact comparisons across threads
+    and processes; the overlap worker then runs with max(1, 1 // 2) = 1 too),
+    the caller's count restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _isolate_backend_state():
     """Every test starts from the default backend with no open scopes."""

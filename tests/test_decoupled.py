@@ -34,11 +34,8 @@ CPU_EXECUTORS = ["sequential", "threads"]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here at one intra-op thread (conftest's ``one_thread``)."""
 
 
 def run_with_deadline(fn, seconds=60.0):

@@ -39,11 +39,8 @@ D, DIN, DOUT, B = 24, 12, 5, 8
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here at one intra-op thread (conftest's ``one_thread``)."""
 
 
 def _free_port():

@@ -15,26 +15,18 @@
   chunked path's peak memory against the reference's (allocation sizes are
   deterministic; speed is measured by benchmarks/bench_infonce.py).
 """
-import os
+# (TRITON_INTERPRET on a machine without CUDA is set by tests/conftest.py, before any kernel is decorated)
+import pytest
+import torch
+import torch.nn.functional as F
 
-try:
-    import torch
+import dni_fast as dni
+from dni_fast.kernels import infonce as K
+from dni_fast.local import BACKENDS, InfoNCE, SequenceInfoNCE, resolve_backend
+from dni_fast.local._memory import peak_memory
+from dni_fast.testing import assert_close, assert_lowp_close, tolerance
 
-    _CUDA = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _CUDA = False
-if not _CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import dni_fast as dni  # noqa: E402
-from dni_fast.kernels import infonce as K  # noqa: E402
-from dni_fast.local import BACKENDS, InfoNCE, SequenceInfoNCE, resolve_backend  # noqa: E402
-from dni_fast.local._memory import peak_memory  # noqa: E402
-from dni_fast.testing import assert_close, assert_lowp_close, tolerance  # noqa: E402
+_CUDA = torch.cuda.is_available()
 
 DEV = "cuda" if _CUDA else "cpu"
 _TRITON_OK, _TRITON_WHY = K.triton_available(DEV)

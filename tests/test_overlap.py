@@ -29,14 +29,6 @@ def _clean():
     bk.clear_cache()
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the worker then runs with max(1, 1 // 2) = 1 too: bit-exact comparisons
-    yield
-    torch.set_num_threads(n)
-
-
 def _mlp(backend, seed=0, width=24, depth=4, **kw):
     torch.manual_seed(seed)
     layers, dims = [], [32] + [width] * depth
