@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 __all__ = ["synthesizer_parameters", "param_groups", "grad_rms", "adam_summary", "interface_records",
-           "load_run", "plot_run", "plot_compare", "summarize", "CURVES"]
+           "load_run", "plot_run", "plot_compare", "summarize", "CURVES", "flat_cos", "predictability",
+           "dead_units"]
 
 
 def _interfaces(model: nn.Module):
@@ -127,6 +128,122 @@ CURVES = {
     "s_norm": "|S| and |g| (dashed)",
     "synth_grad_rms": "synthesizer grad RMS; Adam sqrt(v) min (dotted)",
 }
+
+
+def flat_cos(s: torch.Tensor, g: torch.Tensor) -> float:
+    """cos(S, g) over the whole flattened tensors, as ``interface.stats()``
+    computes it for one step: ``sum(S*g) / sqrt(sum(S^2) sum(g^2))`` (0 where
+    either is all zero). ``s`` and ``g`` of the same shape."""
+    if s.shape != g.shape:
+        raise ValueError(f"flat_cos: shapes differ, {tuple(s.shape)} and {tuple(g.shape)}")
+    s, g = s.detach().double(), g.detach().double()
+    den = (s.pow(2).sum() * g.pow(2).sum()).sqrt()
+    return float((s * g).sum() / den) if den > 0 else 0.0
+
+
+def _split(n: int, frac: float, seed: int):
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = int(n * frac)
+    return idx[:k], idx[k:]
+
+
+def predictability(x: torch.Tensor, g: torch.Tensor, *, train_frac: float = 0.7, seed: int = 0,
+                   ridge: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0), mlp_hidden: int = 256,
+                   mlp_steps: int = 3000, mlp_lr: float = 1e-3, batch_size: int = 512) -> Dict[str, float]:
+    """How much of the true gradient ``g`` the features ``x`` can predict: the
+    ceiling for a synthesizer that sees ``x``, measured offline.
+
+    Fits, on a random ``train_frac`` of the rows, (1) ridge regression on the
+    standardised features plus a bias (the penalty chosen on a held-back fifth
+    of the training rows) and (2) an MLP with two ReLU hidden layers of
+    ``mlp_hidden`` units (Adam, ``mlp_steps`` steps of ``batch_size`` rows, the
+    best of its checkpoints on held-back training rows), and returns each
+    one's cos(prediction, g) over the held-out rows (``flat_cos``), plus the
+    chosen ridge penalty and the counts. A synthesizer trained online on the
+    same rows can do no better than roughly these (it sees each row once);
+    the gap between them and its ``stats()`` cosine is the part the online
+    regression leaves (docs/synthetic_gradients.md, "The ceiling").
+
+    Shapes: ``x (N, Dx)``, ``g (N, Dg)``, any float dtype (fit in fp64 and
+    fp32 on the CPU). Deterministic for a ``seed``.
+    """
+    if x.dim() != 2 or g.dim() != 2 or x.shape[0] != g.shape[0]:
+        raise ValueError(f"predictability: expected x (N, Dx) and g (N, Dg) with the same N, got "
+                         f"{tuple(x.shape)} and {tuple(g.shape)}")
+    if not 0.0 < train_frac < 1.0:
+        raise ValueError(f"predictability: train_frac must be in (0, 1), got {train_frac!r}")
+    n = x.shape[0]
+    tr, te = _split(n, train_frac, seed)
+    if len(te) < 1 or len(tr) < 10:
+        raise ValueError(f"predictability: {n} rows are too few to fit and hold out (need >= 15)")
+    x, g = x.detach().cpu().double(), g.detach().cpu().double()
+    mu, sd = x[tr].mean(0), x[tr].std(0).clamp_min(1e-12)
+    xs = torch.cat([(x - mu) / sd, torch.ones(n, 1, dtype=x.dtype)], 1)
+    eye = torch.eye(xs.shape[1], dtype=x.dtype)
+
+    def solve(rows, lam):
+        a = xs[rows]
+        return torch.linalg.solve(a.T @ a + lam * len(rows) * eye, a.T @ g[rows])
+
+    cut = int(len(tr) * 0.8)
+    fit_rows, pick_rows = tr[:cut], tr[cut:]
+    lam = max(ridge, key=lambda l: flat_cos(xs[pick_rows] @ solve(fit_rows, l), g[pick_rows]))
+    ridge_cos = flat_cos(xs[te] @ solve(tr, lam), g[te])
+
+    # The MLP: targets scaled to unit RMS (the fit is scale-free; Adam is not).
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(xs.shape[1] - 1, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, mlp_hidden),
+                            nn.ReLU(), nn.Linear(mlp_hidden, g.shape[1]))
+    xf = xs[:, :-1].float()
+    gf = (g / g[tr].pow(2).mean().sqrt().clamp_min(1e-300)).float()
+    opt = torch.optim.Adam(net.parameters(), lr=mlp_lr)
+    best, best_state = -2.0, None
+    check = max(mlp_steps // 12, 1)
+    for step in range(mlp_steps):
+        b = fit_rows[torch.randint(0, len(fit_rows), (batch_size,), generator=gen)]
+        loss = (net(xf[b]) - gf[b]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % check == 0 or step + 1 == mlp_steps:
+            with torch.no_grad():
+                c = flat_cos(net(xf[pick_rows]), gf[pick_rows])
+            if c > best:
+                best, best_state = c, {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(best_state)
+    with torch.no_grad():
+        mlp_cos = flat_cos(net(xf[te]), gf[te])
+    return {"ridge": ridge_cos, "mlp": mlp_cos, "ridge_penalty": lam, "n_train": len(tr), "n_test": len(te)}
+
+
+@torch.no_grad()
+def dead_units(synthesizer: nn.Module, trigger: torch.Tensor,
+               context: Optional[torch.Tensor] = None) -> List[float]:
+    """For each hidden layer of a ``BasicSynthesizer``, the fraction of its
+    ReLU units that are off (pre-activation <= 0) for every row of
+    ``trigger (N, Dt)`` (and ``context (N, Dc)``): units that pass no signal
+    and, under the regression, get no gradient, so they never come back. A
+    layer whose units are all dead makes the synthesizer a constant (its
+    last bias), and cos(S, g) then sits near 0 whatever the data
+    (docs/synthetic_gradients.md, "Dead synthesizers")."""
+    from dni_fast.synthesizer import BasicSynthesizer
+
+    if not isinstance(synthesizer, BasicSynthesizer):
+        raise TypeError(f"dead_units needs a BasicSynthesizer, got {type(synthesizer).__name__}")
+    if trigger.dim() != 2 or trigger.shape[0] == 0:
+        raise ValueError(f"dead_units: trigger must be (N, Dt) with N >= 1, got {tuple(trigger.shape)}")
+    z = synthesizer.input_trigger(trigger)
+    if synthesizer.input_context is not None:
+        if context is None:
+            raise ValueError("dead_units: this synthesizer takes a context; pass context=(N, Dc)")
+        z = z + synthesizer.input_context(context)
+    out = []
+    for layer in synthesizer.layers:
+        out.append(float((z.amax(0) <= 0).float().mean()))
+        z = layer(torch.relu(z))
+    return out
 
 
 def load_run(log: Union[str, os.PathLike, dict]) -> dict:

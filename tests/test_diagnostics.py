@@ -144,3 +144,70 @@ def test_plot_compare_and_summarize(tmp_path):
         dd.plot_compare([("x", str(path), "backprop")])
     text = dd.summarize(str(path))
     assert "dnis.0 @100%: cos" in text and "adam step ratio linears.0.weight" in text
+
+
+# -- the offline ceiling and dead units (docs/synthetic_gradients.md, "The ceiling") --
+
+def test_flat_cos_matches_the_formula_and_checks_shapes():
+    torch.manual_seed(0)
+    s, g = torch.randn(37, 5), torch.randn(37, 5)
+    want = float((s * g).sum() / (s.norm() * g.norm()))
+    assert dd.flat_cos(s, g) == pytest.approx(want, rel=1e-6)
+    assert dd.flat_cos(g, g) == pytest.approx(1.0)
+    assert dd.flat_cos(torch.zeros(3, 2), g[:3, :2]) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        dd.flat_cos(s, g[:, :4])
+
+
+def test_predictability_finds_a_linear_map_and_nothing_in_noise():
+    torch.manual_seed(0)
+    x = torch.randn(1000, 12)
+    a = torch.randn(12, 7)
+    g = x @ a + 0.5 * torch.randn(1000, 7)
+    r = dd.predictability(x, g, mlp_steps=300, batch_size=128)
+    assert r["n_train"] == 700 and r["n_test"] == 300
+    # signal variance 12 per output against noise 0.25: the ceiling is ~0.99
+    assert r["ridge"] > 0.95, r
+    assert r["mlp"] > 0.8, r
+    noise = dd.predictability(x, torch.randn(1000, 7), mlp_steps=300, batch_size=128)
+    assert abs(noise["ridge"]) < 0.15 and abs(noise["mlp"]) < 0.15, noise
+    # a nonlinear target only the MLP can fit: g = |x_0| has no linear part
+    gn = x[:, :1].abs() - x[:, :1].abs().mean()
+    nl = dd.predictability(x, gn, mlp_steps=600, batch_size=128)
+    assert nl["mlp"] > nl["ridge"] + 0.3, nl
+
+
+def test_predictability_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="same N"):
+        dd.predictability(torch.randn(10, 3), torch.randn(9, 3))
+    with pytest.raises(ValueError, match="train_frac"):
+        dd.predictability(torch.randn(100, 3), torch.randn(100, 3), train_frac=1.0)
+    with pytest.raises(ValueError, match="too few"):
+        dd.predictability(torch.randn(8, 3), torch.randn(8, 3))
+
+
+def test_dead_units_counts_units_off_for_every_row():
+    torch.manual_seed(0)
+    syn = dni.BasicSynthesizer(6, n_hidden=2, hidden_dim=10, trigger_dim=4)
+    x = torch.randn(64, 4)
+    fresh = dd.dead_units(syn, x)
+    assert len(fresh) == 2 and fresh[0] < 0.5
+    with torch.no_grad():
+        syn.layers[0].bias[:5] = -1e3  # half the second layer's units: off for any input
+        syn.layers[0].bias[5:] = 1e3   # the other half: on for any input
+    dead = dd.dead_units(syn, x)
+    assert dead[0] == fresh[0] and dead[1] == pytest.approx(0.5)
+    with torch.no_grad():
+        syn.layers[0].bias[:] = -1e3
+    assert dd.dead_units(syn, x)[1] == 1.0
+    # with every unit of a layer dead the synthesizer is a constant
+    with torch.no_grad():
+        syn.layers[1].weight.normal_()
+    out = syn(x)
+    assert torch.allclose(out, out[:1].expand_as(out))
+    ctx = dni.BasicSynthesizer(6, n_hidden=1, trigger_dim=4, context_dim=3)
+    with pytest.raises(ValueError, match="context"):
+        dd.dead_units(ctx, x)
+    assert len(dd.dead_units(ctx, x, torch.randn(64, 3))) == 1
+    with pytest.raises(TypeError, match="BasicSynthesizer"):
+        dd.dead_units(nn.Linear(4, 6), x)

@@ -309,3 +309,31 @@ def test_mnist_distributed_learning_rates_per_variant():
     assert mults("decoupled-cdni", "--dni-pytorch") == (1.0, 1.0)
     with pytest.raises(SystemExit):  # still refused: not implemented here
         E.main(["--quick", "--normalize-targets"])
+
+
+@pytest.mark.parametrize("example,extra", [("copy", ["--lags", "0", "5", "--freeze-at", "100", "--", "--quick"]),
+                                           ("mlp", ["--", "--quick", "--data", "digits"])])
+def test_sg_ceiling_script(tmp_path, example, extra):
+    """scripts/sg_ceiling.py end to end at toy sizes: every number it reports is there and in range."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = tmp_path / "c.json"
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "sg_ceiling.py"), example, "--rows", "12",
+                        "--mlp-steps", "24", "--log", str(log)] + extra,
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads(log.read_text())["report"]
+    blocks = [rep] if example == "copy" else [i for v in rep.values() for i in v["interfaces"].values()]
+    for b in blocks:
+        assert all(0.0 <= d <= 1.0 for d in b["dead"]) and b["dead"]
+        for g in b["gradients"].values():
+            for k in ("online", "ridge", "mlp"):
+                assert -1.0 <= g[k] <= 1.0
+            assert g["g_rms"] > 0
+    if example == "copy":
+        assert set(rep["gradients"]) == {"chunk", "target", "beyond"}
+        assert set(rep["lags"]) == {"0", "5"}
+        # the snapshot at lag 0 is the final model: its fit transfers to itself exactly
+        assert rep["lags"]["0"]["own"] == pytest.approx(rep["lags"]["0"]["final"])
+    else:
+        assert set(rep) == {"dni", "cdni"}
+        assert "ridge_label" in blocks[0]["gradients"]["true"]
