@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 __all__ = ["synthesizer_parameters", "param_groups", "grad_rms", "adam_summary", "interface_records",
-           "load_run", "plot_run", "plot_compare", "summarize", "CURVES", "flat_cos", "predictability",
-           "dead_units"]
+           "load_run", "plot_run", "plot_compare", "summarize", "CURVES", "flat_cos", "ridge_fit",
+           "predictability", "dead_units"]
 
 
 def _interfaces(model: nn.Module):
@@ -147,22 +147,44 @@ def _split(n: int, frac: float, seed: int):
     return idx[:k], idx[k:]
 
 
+def ridge_fit(x: torch.Tensor, g: torch.Tensor, penalty: float,
+              standardise: Optional[tuple] = None):
+    """Ridge regression of ``g (N, Dg)`` on the standardised ``x (N, Dx)``
+    plus a bias, in fp64 (``penalty`` per row: the system is
+    ``A^T A + penalty * N * I``). ``standardise``: the ``(mean, std)`` of
+    the features to use, default ``x``'s own. Returns
+    ``predict(x') -> (N', Dg)``, which applies the same standardisation."""
+    x, g = x.detach().cpu().double(), g.detach().cpu().double()
+    mu, sd = standardise if standardise is not None else (x.mean(0), x.std(0).clamp_min(1e-12))
+
+    def feats(z):
+        z = z.detach().cpu().double()
+        return torch.cat([(z - mu) / sd, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+
+    a = feats(x)
+    w = torch.linalg.solve(a.T @ a + penalty * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ g)
+    return lambda z: feats(z) @ w
+
+
 def predictability(x: torch.Tensor, g: torch.Tensor, *, train_frac: float = 0.7, seed: int = 0,
                    ridge: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0), mlp_hidden: int = 256,
-                   mlp_steps: int = 3000, mlp_lr: float = 1e-3, batch_size: int = 512) -> Dict[str, float]:
+                   mlp_steps: int = 3000, mlp_lr: float = 1e-3, batch_size: int = 512,
+                   baseline: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """How much of the true gradient ``g`` the features ``x`` can predict: the
     ceiling for a synthesizer that sees ``x``, measured offline.
 
     Fits, on a random ``train_frac`` of the rows, (1) ridge regression on the
-    standardised features plus a bias (the penalty chosen on a held-back fifth
-    of the training rows) and (2) an MLP with two ReLU hidden layers of
-    ``mlp_hidden`` units (Adam, ``mlp_steps`` steps of ``batch_size`` rows, the
-    best of its checkpoints on held-back training rows), and returns each
-    one's cos(prediction, g) over the held-out rows (``flat_cos``), plus the
-    chosen ridge penalty and the counts. A synthesizer trained online on the
-    same rows can do no better than roughly these (it sees each row once);
-    the gap between them and its ``stats()`` cosine is the part the online
-    regression leaves (docs/synthetic_gradients.md, "The ceiling").
+    standardised features plus a bias (``ridge_fit``; the penalty chosen on a
+    held-back fifth of the training rows) and (2) an MLP with two ReLU hidden
+    layers of ``mlp_hidden`` units (Adam, ``mlp_steps`` steps of
+    ``batch_size`` rows, the best of its checkpoints on held-back training
+    rows), and returns each one's cos(prediction, g) over the held-out rows
+    (``flat_cos``), plus the chosen ridge penalty and the counts. With
+    ``baseline`` (N, Dg), for example a synthesizer's outputs on the same
+    rows, its cosine over the same held-out rows too. A synthesizer trained
+    online on the same rows can do no better than roughly these (it sees each
+    row once); the gap between them and its ``stats()`` cosine is the part
+    the online regression leaves (docs/synthetic_gradients.md, "The ceiling").
 
     Shapes: ``x (N, Dx)``, ``g (N, Dg)``, any float dtype (fit in fp64 and
     fp32 on the CPU). Deterministic for a ``seed``.
@@ -170,6 +192,9 @@ def predictability(x: torch.Tensor, g: torch.Tensor, *, train_frac: float = 0.7,
     if x.dim() != 2 or g.dim() != 2 or x.shape[0] != g.shape[0]:
         raise ValueError(f"predictability: expected x (N, Dx) and g (N, Dg) with the same N, got "
                          f"{tuple(x.shape)} and {tuple(g.shape)}")
+    if baseline is not None and baseline.shape != g.shape:
+        raise ValueError(f"predictability: baseline must have g's shape {tuple(g.shape)}, got "
+                         f"{tuple(baseline.shape)}")
     if not 0.0 < train_frac < 1.0:
         raise ValueError(f"predictability: train_frac must be in (0, 1), got {train_frac!r}")
     n = x.shape[0]
@@ -177,26 +202,20 @@ def predictability(x: torch.Tensor, g: torch.Tensor, *, train_frac: float = 0.7,
     if len(te) < 1 or len(tr) < 10:
         raise ValueError(f"predictability: {n} rows are too few to fit and hold out (need >= 15)")
     x, g = x.detach().cpu().double(), g.detach().cpu().double()
-    mu, sd = x[tr].mean(0), x[tr].std(0).clamp_min(1e-12)
-    xs = torch.cat([(x - mu) / sd, torch.ones(n, 1, dtype=x.dtype)], 1)
-    eye = torch.eye(xs.shape[1], dtype=x.dtype)
-
-    def solve(rows, lam):
-        a = xs[rows]
-        return torch.linalg.solve(a.T @ a + lam * len(rows) * eye, a.T @ g[rows])
-
+    stats = (x[tr].mean(0), x[tr].std(0).clamp_min(1e-12))  # the training rows' own, for every fit below
     cut = int(len(tr) * 0.8)
     fit_rows, pick_rows = tr[:cut], tr[cut:]
-    lam = max(ridge, key=lambda l: flat_cos(xs[pick_rows] @ solve(fit_rows, l), g[pick_rows]))
-    ridge_cos = flat_cos(xs[te] @ solve(tr, lam), g[te])
+    lam = max(ridge, key=lambda l: flat_cos(ridge_fit(x[fit_rows], g[fit_rows], l, stats)(x[pick_rows]),
+                                            g[pick_rows]))
+    ridge_cos = flat_cos(ridge_fit(x[tr], g[tr], lam, stats)(x[te]), g[te])
 
-    # The MLP: targets scaled to unit RMS (the fit is scale-free; Adam is not).
+    # The MLP: standardised features, targets scaled to unit RMS (the fit is scale-free; Adam is not).
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = nn.Sequential(nn.Linear(xs.shape[1] - 1, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, mlp_hidden),
+        net = nn.Sequential(nn.Linear(x.shape[1], mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, mlp_hidden),
                             nn.ReLU(), nn.Linear(mlp_hidden, g.shape[1]))
-    xf = xs[:, :-1].float()
+    xf = ((x - stats[0]) / stats[1]).float()
     gf = (g / g[tr].pow(2).mean().sqrt().clamp_min(1e-300)).float()
     opt = torch.optim.Adam(net.parameters(), lr=mlp_lr)
     best, best_state = -2.0, None
@@ -215,7 +234,10 @@ def predictability(x: torch.Tensor, g: torch.Tensor, *, train_frac: float = 0.7,
     net.load_state_dict(best_state)
     with torch.no_grad():
         mlp_cos = flat_cos(net(xf[te]), gf[te])
-    return {"ridge": ridge_cos, "mlp": mlp_cos, "ridge_penalty": lam, "n_train": len(tr), "n_test": len(te)}
+    out = {"ridge": ridge_cos, "mlp": mlp_cos, "ridge_penalty": lam, "n_train": len(tr), "n_test": len(te)}
+    if baseline is not None:
+        out["baseline"] = flat_cos(baseline.detach().cpu()[te], g[te])
+    return out
 
 
 @torch.no_grad()

@@ -45,7 +45,6 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 
-import dni_fast as dni
 import dni_fast.diagnostics as dd
 from dni_fast.examples import _common as C
 
@@ -55,7 +54,7 @@ class _Capture:
     ``make_optimizer`` to snapshot the model and freeze it on request."""
 
     def __init__(self, module, cls_name: str, lags, freeze_at: int, total_steps: int) -> None:
-        self.models, self.snaps = [], {}
+        self.models, self.snaps, self.total_steps = [], {}, total_steps
         cap = self
         base = getattr(module, cls_name)
 
@@ -87,34 +86,14 @@ class _Capture:
         C.make_optimizer = make_optimizer
 
 
-def _ridge_transfer(x_fit, g_fit, x_eval, g_eval, lam: float) -> float:
-    """Ridge fitted on (x_fit, g_fit) (penalty ``lam``), cos on (x_eval, g_eval)."""
-    x_fit, g_fit, x_eval = x_fit.double(), g_fit.double(), x_eval.double()
-    mu, sd = x_fit.mean(0), x_fit.std(0).clamp_min(1e-12)
-
-    def feats(x):
-        return torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-
-    a = feats(x_fit)
-    w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ g_fit)
-    return dd.flat_cos(feats(x_eval) @ w, g_eval)
-
-
-MLP_STEPS = 3000  # --mlp-steps: the offline MLP's Adam steps per fit
-
-
-def _score(x, grads: dict, s, extra_features=None) -> dict:
-    """Online and ceiling cosines for each named gradient."""
-    n = x.shape[0]
-    _, te = dd._split(n, 0.7, 0)
+def _score(x, grads: dict, s, mlp_steps: int, extra_features=None) -> dict:
+    """The online synthesizer's outputs ``s`` and the ceilings, for each named gradient, on the same held-out rows."""
     out = {}
     for name, g in grads.items():
-        r = {"online": dd.flat_cos(s[te], g[te])}
-        p = dd.predictability(x, g, mlp_steps=MLP_STEPS)
-        r.update(ridge=p["ridge"], mlp=p["mlp"])
+        p = dd.predictability(x, g, mlp_steps=mlp_steps, baseline=s)
+        r = {"online": p["baseline"], "ridge": p["ridge"], "mlp": p["mlp"], "ridge_penalty": p["ridge_penalty"]}
         if extra_features is not None:
-            xf = torch.cat([x, extra_features], 1)
-            p2 = dd.predictability(xf, g, mlp_steps=MLP_STEPS)
+            p2 = dd.predictability(torch.cat([x, extra_features], 1), g, mlp_steps=mlp_steps)
             r.update(ridge_label=p2["ridge"], mlp_label=p2["mlp"])
         r["g_rms"] = float(g.double().pow(2).mean().sqrt())
         out[name] = r
@@ -192,20 +171,18 @@ def run_copy(opts, rest) -> dict:
 def run_ptb(opts, rest) -> dict:
     from dni_fast.examples import ptb_lm as PL
 
-    corpora = []
-    load = PL.load_text
-    PL.load_text = lambda *a, **k: corpora.append(load(*a, **k)) or corpora[-1]
     argv = ["--mode", "dni", "--bptt", str(opts.T), "--no-progress", "--seed", str(opts.seed)] + rest
     args = C.parse(PL.build_parser(), argv)
-    # the step count, as train_one computes it (needs the corpus: load it once here)
-    corpus = load(args.data, args.level, args.data_dir)
+    # loaded here as ptb_lm.main loads it, and handed to main: the step count below needs it
+    corpus = PL.load_text(args.data, args.level, args.data_dir, max_lines=2000 if args.quick else None)
+    PL.load_text = lambda *a, **k: corpus
     n_train = min(3000 if args.quick else (args.train_tokens or len(corpus.train)), len(corpus.train))
     total = ((n_train // args.batch_size - 1) // opts.T) * args.epochs
     cap = _Capture(PL, "LSTMLM", opts.lags, opts.freeze_at, total)
     result = PL.main(argv)
     run = result["runs"][-1]
     m = cap.models[-1]
-    train = corpora[-1].train[:args.train_tokens] if args.train_tokens else corpora[-1].train
+    train = corpus.train[:args.train_tokens] if args.train_tokens else corpus.train
     data = PL.batchify(train, args.batch_size)
     m.train()
 
@@ -229,22 +206,24 @@ def run_ptb(opts, rest) -> dict:
 def _rnn_report(m, rows, cap, run, extra: dict, opts) -> dict:
     X, G, S = rows()
     out = {"online_final_cos": run.get("final_cos"), **extra, "rows": int(X.shape[0]),
-           "dead": dd.dead_units(m.dni.synthesizer, X), "gradients": _score(X, G, S)}
+           "dead": dd.dead_units(m.dni.synthesizer, X), "gradients": _score(X, G, S, opts.mlp_steps)}
     curve = run["history"]["curves"]["cos"] if "curves" in run["history"] else run["history"]["cos"]
     out["cos_curve"] = curve
-    if opts.lags and not cap.snaps:
-        raise RuntimeError(f"sg_ceiling: no snapshot was taken for --lags {opts.lags} (the run had fewer steps?)")
+    missing = sorted(set(opts.lags) - set(cap.snaps))
+    if missing:
+        raise RuntimeError(f"sg_ceiling: no snapshot for --lags {missing}: the run had only "
+                           f"{cap.total_steps} optimizer steps")
     if opts.lags:
         final = copy.deepcopy(m.state_dict())
-        n = X.shape[0]
-        tr, te = dd._split(n, 0.7, 0)
-        lam = dd.predictability(X, G["chunk"], mlp_steps=1)["ridge_penalty"]
+        tr, te = dd._split(X.shape[0], 0.7, 0)  # predictability's split (seed 0)
+        lam = out["gradients"]["chunk"]["ridge_penalty"]
         lag_rows = {}
         for lag in sorted(cap.snaps):  # lag 0 is the final model: its fit scores the same on both
             m.load_state_dict(cap.snaps[lag])
             Xl, Gl, _ = rows()
-            lag_rows[lag] = {"own": _ridge_transfer(Xl[tr], Gl["chunk"][tr], Xl[te], Gl["chunk"][te], lam),
-                             "final": _ridge_transfer(Xl[tr], Gl["chunk"][tr], X[te], G["chunk"][te], lam)}
+            fit = dd.ridge_fit(Xl[tr], Gl["chunk"][tr], lam)
+            lag_rows[lag] = {"own": dd.flat_cos(fit(Xl[te]), Gl["chunk"][te]),
+                             "final": dd.flat_cos(fit(X[te]), G["chunk"][te])}
         m.load_state_dict(final)
         out["lags"] = lag_rows
     return out
@@ -255,15 +234,7 @@ def _rnn_report(m, rows, cap, run, extra: dict, opts) -> dict:
 def run_mlp(opts, rest) -> dict:
     from dni_fast.examples import mnist_mlp as MM
 
-    models = []
-    base = MM.MLP
-
-    class Captured(base):
-        def __init__(s, *a, **k):
-            super().__init__(*a, **k)
-            models.append(s)
-
-    MM.MLP = Captured
+    models = _Capture(MM, "MLP", [], 0, 0).models
     argv = ["--mode", "dni", "cdni", "--no-progress", "--seed", str(opts.seed)] + rest
     result = MM.main(argv)
     args = C.parse(MM.build_parser(), argv)
@@ -302,14 +273,13 @@ def run_mlp(opts, rest) -> dict:
             ctx = onehot if m.mode == "cdni" else None
             per[f"dnis.{i}"] = {"dead": dd.dead_units(m.dnis[i].synthesizer, X, ctx),
                                 "gradients": _score(X, {"true": torch.cat(gt[i]), "target": torch.cat(gtarget[i])},
-                                                    torch.cat(ss[i]), extra_features=onehot)}
+                                                    torch.cat(ss[i]), opts.mlp_steps, extra_features=onehot)}
         out[m.mode] = {"online_final_cos": run.get("final_cos"), "test_acc": run.get("test_acc"), "interfaces": per,
                        "rows": int(torch.cat(ys).numel())}
     return out
 
 
 def main(argv=None) -> dict:
-    global MLP_STEPS
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = []
     if "--" in argv:
@@ -324,11 +294,10 @@ def main(argv=None) -> dict:
     p.add_argument("--horizon", type=int, default=4, help="chunks in the 'beyond' gradient (RNNs)")
     p.add_argument("--lags", type=int, nargs="*", default=[], help="optimizer steps before the end to snapshot")
     p.add_argument("--freeze-at", type=int, default=0, help="set the model's learning rate to 0 after N steps")
-    p.add_argument("--mlp-steps", type=int, default=MLP_STEPS, help="Adam steps of each offline MLP fit")
+    p.add_argument("--mlp-steps", type=int, default=3000, help="Adam steps of each offline MLP fit")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log", default=None, help="write the report here as JSON")
     opts = p.parse_args(argv)
-    MLP_STEPS = opts.mlp_steps
     torch.set_num_threads(opts.threads)
     rest = ["--threads", str(opts.threads)] + rest
     t0 = time.time()

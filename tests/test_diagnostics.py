@@ -169,6 +169,9 @@ def test_predictability_finds_a_linear_map_and_nothing_in_noise():
     # signal variance 12 per output against noise 0.25: the ceiling is ~0.99
     assert r["ridge"] > 0.95, r
     assert r["mlp"] > 0.8, r
+    # a baseline is scored on the same held-out rows: g itself scores 1; ridge_fit alone reproduces the ridge fit
+    assert dd.predictability(x, g, mlp_steps=1, baseline=g)["baseline"] == pytest.approx(1.0)
+    assert dd.flat_cos(dd.ridge_fit(x, g, 1e-4)(x), g) > 0.97
     noise = dd.predictability(x, torch.randn(1000, 7), mlp_steps=300, batch_size=128)
     assert abs(noise["ridge"]) < 0.15 and abs(noise["mlp"]) < 0.15, noise
     # a nonlinear target only the MLP can fit: g = |x_0| has no linear part
@@ -182,6 +185,8 @@ def test_predictability_rejects_bad_shapes():
         dd.predictability(torch.randn(10, 3), torch.randn(9, 3))
     with pytest.raises(ValueError, match="train_frac"):
         dd.predictability(torch.randn(100, 3), torch.randn(100, 3), train_frac=1.0)
+    with pytest.raises(ValueError, match="baseline"):
+        dd.predictability(torch.randn(100, 3), torch.randn(100, 2), baseline=torch.randn(100, 3))
     with pytest.raises(ValueError, match="too few"):
         dd.predictability(torch.randn(8, 3), torch.randn(8, 3))
 

@@ -312,6 +312,7 @@ def test_mnist_distributed_learning_rates_per_variant():
 
 
 @pytest.mark.parametrize("example,extra", [("copy", ["--lags", "0", "5", "--freeze-at", "100", "--", "--quick"]),
+                                           ("ptb", ["--lags", "0", "--", "--quick", "--data", "synthetic"]),
                                            ("mlp", ["--", "--quick", "--data", "digits"])])
 def test_sg_ceiling_script(tmp_path, example, extra):
     """scripts/sg_ceiling.py end to end at toy sizes: every number it reports is there and in range."""
@@ -322,18 +323,29 @@ def test_sg_ceiling_script(tmp_path, example, extra):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads(log.read_text())["report"]
-    blocks = [rep] if example == "copy" else [i for v in rep.values() for i in v["interfaces"].values()]
+    blocks = [rep] if example in ("copy", "ptb") else [i for v in rep.values() for i in v["interfaces"].values()]
     for b in blocks:
         assert all(0.0 <= d <= 1.0 for d in b["dead"]) and b["dead"]
         for g in b["gradients"].values():
             for k in ("online", "ridge", "mlp"):
                 assert -1.0 <= g[k] <= 1.0
             assert g["g_rms"] > 0
+    if example == "ptb":
+        assert set(rep["lags"]) == {"0"} and rep["test_bpc"] > 0
     if example == "copy":
         assert set(rep["gradients"]) == {"chunk", "target", "beyond"}
         assert set(rep["lags"]) == {"0", "5"}
         # the snapshot at lag 0 is the final model: its fit transfers to itself exactly
         assert rep["lags"]["0"]["own"] == pytest.approx(rep["lags"]["0"]["final"])
-    else:
+    if example == "mlp":
         assert set(rep) == {"dni", "cdni"}
         assert "ridge_label" in blocks[0]["gradients"]["true"]
+
+
+def test_sg_ceiling_names_a_lag_the_run_never_reached(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "sg_ceiling.py"), "copy", "--rows", "12",
+                        "--mlp-steps", "2", "--lags", "0", "99999", "--", "--quick"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "no snapshot for --lags [99999]" in p.stderr and "150 optimizer steps" in p.stderr, p.stderr[-2000:]
