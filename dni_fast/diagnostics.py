@@ -154,10 +154,15 @@ def ridge_fit(x: torch.Tensor, g: torch.Tensor, penalty: float,
     ``A^T A + penalty * N * I``). ``standardise``: the ``(mean, std)`` of
     the features to use, default ``x``'s own. Returns
     ``predict(x') -> (N', Dg)``, which applies the same standardisation."""
+    if x.dim() != 2 or g.dim() != 2 or x.shape[0] != g.shape[0]:
+        raise ValueError(f"ridge_fit: expected x (N, Dx) and g (N, Dg) with the same N, got "
+                         f"{tuple(x.shape)} and {tuple(g.shape)}")
     x, g = x.detach().cpu().double(), g.detach().cpu().double()
     mu, sd = standardise if standardise is not None else (x.mean(0), x.std(0).clamp_min(1e-12))
 
     def feats(z):
+        if z.dim() != 2 or z.shape[1] != x.shape[1]:
+            raise ValueError(f"ridge_fit: the fit has {x.shape[1]} features, got rows of shape {tuple(z.shape)}")
         z = z.detach().cpu().double()
         return torch.cat([(z - mu) / sd, torch.ones(len(z), 1, dtype=z.dtype)], 1)
 

@@ -187,6 +187,10 @@ def test_predictability_rejects_bad_shapes():
         dd.predictability(torch.randn(100, 3), torch.randn(100, 3), train_frac=1.0)
     with pytest.raises(ValueError, match="baseline"):
         dd.predictability(torch.randn(100, 3), torch.randn(100, 2), baseline=torch.randn(100, 3))
+    with pytest.raises(ValueError, match="same N"):
+        dd.ridge_fit(torch.randn(10, 3), torch.randn(9, 2), 1e-3)
+    with pytest.raises(ValueError, match="3 features"):
+        dd.ridge_fit(torch.randn(10, 3), torch.randn(10, 2), 1e-3)(torch.randn(4, 5))
     with pytest.raises(ValueError, match="too few"):
         dd.predictability(torch.randn(8, 3), torch.randn(8, 3))
 
