@@ -28,12 +28,13 @@ from dni_fast.interfaces import (
 )
 from dni_fast._overlap import get_overlap, overlap, set_overlap, synchronize
 from dni_fast.synthesizer import BasicSynthesizer
+from dni_fast.ridge_synthesizer import RidgeSynthesizer
 from dni_fast.decoupled import DecoupledSequential
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "BasicSynthesizer", "UnidirectionalInterface", "ForwardInterface", "BackwardInterface", "BidirectionalInterface",
+    "BasicSynthesizer", "RidgeSynthesizer", "UnidirectionalInterface", "ForwardInterface", "BackwardInterface", "BidirectionalInterface",
     "synthesizer_context", "defer_backward", "backward", "current_context",
     "BACKENDS", "BackendUnavailableError", "available_backends", "backend_status", "get_backend", "set_backend",
     "use_backend", "set_check_finite", "get_check_finite", "name_interfaces",

@@ -151,6 +151,10 @@ def schedule(ds: List[dict]) -> str:
             continue  # the copy task's budget is in time steps
         if c.get(key) is not None:
             bits.append(f"{name} {c[key]}")
+    if c.get("synth") == "ridge":
+        bits.append(f"synthesizer `RidgeSynthesizer(forget={c.get('synth_forget')}, ridge={c.get('synth_ridge')})`")
+    elif c.get("synth") == "mlp":
+        bits.append("synthesizer `BasicSynthesizer`")
     for key, name in (("lr_schedule", "lr schedule"), ("synth_lr_mult", "synthesizer lr multiplier"),
                       ("normalize_targets", "normalize_targets"), ("sg_factor", "sg factor"), ("loss", "loss"),
                       ("synth_init", "synthesizer init")):

@@ -86,6 +86,13 @@ class _Capture:
         C.make_optimizer = make_optimizer
 
 
+def _dead(synth, x, context=None):
+    """``dead_units`` for a ``BasicSynthesizer``; ``None`` for one without ReLU units (``--synth ridge``)."""
+    from dni_fast import BasicSynthesizer
+
+    return dd.dead_units(synth, x, context) if isinstance(synth, BasicSynthesizer) else None
+
+
 def _score(x, grads: dict, s, mlp_steps: int, extra_features=None) -> dict:
     """The online synthesizer's outputs ``s`` and the ceilings, for each named gradient, on the same held-out rows."""
     out = {}
@@ -206,7 +213,7 @@ def run_ptb(opts, rest) -> dict:
 def _rnn_report(m, rows, cap, run, extra: dict, opts) -> dict:
     X, G, S = rows()
     out = {"online_final_cos": run.get("final_cos"), **extra, "rows": int(X.shape[0]),
-           "dead": dd.dead_units(m.dni.synthesizer, X), "gradients": _score(X, G, S, opts.mlp_steps)}
+           "dead": _dead(m.dni.synthesizer, X), "gradients": _score(X, G, S, opts.mlp_steps)}
     curve = run["history"]["curves"]["cos"] if "curves" in run["history"] else run["history"]["cos"]
     out["cos_curve"] = curve
     missing = sorted(set(opts.lags) - set(cap.snaps))
@@ -271,7 +278,7 @@ def run_mlp(opts, rest) -> dict:
         for i in range(len(xs)):
             X = torch.cat(xs[i])
             ctx = onehot if m.mode == "cdni" else None
-            per[f"dnis.{i}"] = {"dead": dd.dead_units(m.dnis[i].synthesizer, X, ctx),
+            per[f"dnis.{i}"] = {"dead": _dead(m.dnis[i].synthesizer, X, ctx),
                                 "gradients": _score(X, {"true": torch.cat(gt[i]), "target": torch.cat(gtarget[i])},
                                                     torch.cat(ss[i]), opts.mlp_steps, extra_features=onehot)}
         out[m.mode] = {"online_final_cos": run.get("final_cos"), "test_acc": run.get("test_acc"), "interfaces": per,

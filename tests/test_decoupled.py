@@ -87,6 +87,8 @@ def make_net(synth="basic", d=24, din=12, dout=5, n=3, context_dim=None, n_hidde
             with torch.no_grad():  # a synthesizer that predicts something from step 0
                 for p in s.parameters():
                     p.normal_(0, 0.1)
+        elif synth == "ridge":
+            s = dni.RidgeSynthesizer(d, context_dim=context_dim, forget=0.9)
         else:
             s = MLPSynth(d, context_dim=context_dim)
         if k == unlock_at:
@@ -247,6 +249,7 @@ CASES = {
     "update_prob": {"update_prob": 0.5, "seed": 3},
     "context": {"context_dim": 5, "context": True},
     "custom": {"synth": "custom"},
+    "ridge": {"synth": "ridge", "context_dim": 5, "context": True},
     "unlock": {"unlock_at": 0},
     "4 stages": {"n": 4},
 }

@@ -61,6 +61,35 @@ class _RefUpdater(torch.autograd.Function):
         return None, None, None, g_in, None, None
 
 
+class _RefFitter(torch.autograd.Function):
+    """The updater of a closed-form synthesizer (``synth.closed_form``, e.g.
+    ``RidgeSynthesizer``): identity forward; backward passes the true gradient
+    ``g`` through and hands ``(trigger, context, g)`` to ``synth.fit``, in
+    place of a regression loss's backward (docs/design.md, "Closed-form
+    synthesizers"). ``anchor``: a 0-element leaf that makes the output
+    require grad (the synthesizer has no graph)."""
+
+    @staticmethod
+    def forward(ctx, stats: Optional[SynthStats], scale: float, synth: nn.Module, context: Any, trigger: Tensor,
+                s: Tensor, anchor: Tensor) -> Tensor:
+        ctx.stats, ctx.scale, ctx.synth, ctx.context, ctx.s = stats, scale, synth, context, s
+        ctx.save_for_backward(trigger.detach())
+        return trigger.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (x,) = ctx.saved_tensors
+        if ctx.stats is not None:
+            ctx.stats.record(partials_of(ctx.s, g), ctx.scale)  # the loss the statistics report: as for a regression
+        ctx.synth.fit(x, ctx.context, g)
+        return None, None, None, None, (g if ctx.needs_input_grad[4] else None), None, None
+
+
+def closed_form(synth: nn.Module) -> bool:
+    """Whether ``synth`` learns through ``fit(trigger, context, target)`` rather than a loss's gradient."""
+    return bool(getattr(synth, "closed_form", False))
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
@@ -86,6 +115,15 @@ class ReferenceBackend(Backend):
             return synth(trigger.detach(), _detached(context))
 
     def trigger(self, synth, trigger, context, stats, scale, inject_into, overlap=False):
+        if closed_form(synth):
+            # Fitted inline even under overlap: the fit writes the weights the next forward reads.
+            s = self.receive(synth, trigger, context)
+            if inject_into is not None:
+                _backward(inject_into, s)
+            if not getattr(synth, "fitting", True):
+                return trigger, s
+            anchor = s.new_empty(0).requires_grad_()
+            return _RefFitter.apply(stats, scale, synth, _detached(context), trigger, s, anchor), s
         s = self._synth_graph(synth, trigger, context)
         if inject_into is not None:
             _backward(inject_into, s.detach())
@@ -106,4 +144,7 @@ class ReferenceBackend(Backend):
         m = message.detach()
         if stats is not None:
             stats.record(partials_of(s, m), scale)
+        if closed_form(synth):
+            synth.fit(trigger, _detached(context), m)
+            return None, s
         return (loss.torch_loss(s, m) if s.requires_grad else None), s.detach()

@@ -285,6 +285,9 @@ class _Synth:
                 carrier = grad_carrier(grads, params)
             if carrier.requires_grad:  # else the synthesizer is frozen
                 carrier.backward()
+        elif getattr(self.module, "closed_form", False):  # RidgeSynthesizer: fitted on the target, no loss
+            partials = partials_of(self.module(rec.x, rec.c) if self.regression == "current" else rec.s, g)
+            self.module.fit(rec.x, rec.c, g)
         else:
             with torch.enable_grad():
                 out = self.module(rec.x, rec.c)

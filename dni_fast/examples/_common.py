@@ -78,7 +78,31 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
     return p
 
 
-DNI_PYTORCH = {"normalize_targets": "none", "synth_lr_mult": 1.0, "synth_init": "default", "loss": "mean",
+def add_synth_options(p: argparse.ArgumentParser, default: str = "mlp") -> None:
+    """``--synth {mlp,ridge}`` and the ridge synthesizer's settings (the RNN examples: make_synthesizer)."""
+    p.add_argument("--synth", choices=("mlp", "ridge"), default=default,
+                   help="'mlp': BasicSynthesizer trained by its regression loss (dni-pytorch's); 'ridge': "
+                        "RidgeSynthesizer, a linear map refitted in closed form on the recent true gradients, which "
+                        "keeps up with a moving target (docs/synthetic_gradients.md)")
+    p.add_argument("--synth-forget", type=float, default=0.98,
+                   help="--synth ridge: weight of the past per step (memory about 1/(1-forget) steps)")
+    p.add_argument("--synth-ridge", type=float, default=1e-3,
+                   help="--synth ridge: penalty relative to each feature's energy")
+
+
+def ridge_synthesizer(args: argparse.Namespace, dim: int) -> Optional[nn.Module]:
+    """``--synth ridge``: the ``RidgeSynthesizer`` for a state of width ``dim``; ``--synth mlp``: ``None`` (the
+    model builds its ``BasicSynthesizer`` itself, so the random stream, and the numbers, are unchanged)."""
+    if getattr(args, "synth", "mlp") == "ridge":
+        for name in ("synth_forget", "synth_ridge"):
+            v = getattr(args, name)
+            if not (name == "synth_forget" and 0 < v <= 1) and not (name == "synth_ridge" and v >= 0):
+                raise SystemExit(f"--{name.replace('_', '-')} {v} is out of range (forget in (0, 1], ridge >= 0)")
+        return dni.RidgeSynthesizer(dim, forget=args.synth_forget, ridge=args.synth_ridge)
+    return None
+
+
+DNI_PYTORCH = {"synth": "mlp", "normalize_targets": "none", "synth_lr_mult": 1.0, "synth_init": "default", "loss": "mean",
                "lr_schedule": "constant", "synth_lr_schedule": "same", "adam_eps": 1e-8}
 
 

@@ -36,14 +36,15 @@ class CopyRNN(nn.Module):
     the state between truncated chunks (trigger ``[h, c]``, ``(B, 2H)``)."""
 
     def __init__(self, n_symbols: int, hidden: int, use_dni: bool, synth_hidden: int = 2, sg_factor: float = 0.1,
-                 emb: int = 16, interface_kwargs: Optional[dict] = None) -> None:
+                 emb: int = 16, interface_kwargs: Optional[dict] = None, synthesizer: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.hidden, self.sg_factor = hidden, sg_factor
         self.embed = nn.Embedding(n_symbols + 2, emb)
         self.rnn = nn.LSTM(emb, hidden)
         self.readout = nn.Linear(hidden, n_symbols)
-        self.dni = (dni.BackwardInterface(dni.BasicSynthesizer(2 * hidden, n_hidden=synth_hidden),
-                                          **(interface_kwargs or {})) if use_dni else None)
+        if use_dni and synthesizer is None:
+            synthesizer = dni.BasicSynthesizer(2 * hidden, n_hidden=synth_hidden)
+        self.dni = dni.BackwardInterface(synthesizer, **(interface_kwargs or {})) if use_dni else None
 
     def init_state(self, batch: int):
         z = self.readout.weight.new_zeros(1, batch, self.hidden)
@@ -88,7 +89,8 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     model = CopyRNN(args.n_symbols, args.hidden, use_dni, args.synth_hidden, args.sg_factor,
-                    interface_kwargs=C.interface_kwargs(args))
+                    interface_kwargs=C.interface_kwargs(args),
+                    synthesizer=C.ridge_synthesizer(args, 2 * args.hidden) if use_dni else None)
     if args.synth_init == "zero":
         C.zero_synthesizer_output(model)
     opt = C.make_optimizer(model, args)
@@ -179,7 +181,10 @@ def build_parser():
     p.add_argument("--mode", choices=("all", "bptt", "dni"), default="all", help="which variants to train")
     p.add_argument("--hidden", type=int, default=64, help="LSTM units")
     p.add_argument("--n-symbols", type=int, default=8, help="alphabet size")
-    p.add_argument("--synth-hidden", type=int, default=2, help="synthesizer hidden layers")
+    p.add_argument("--synth-hidden", type=int, default=2, help="synthesizer hidden layers (--synth mlp)")
+    # Recommended (docs/synthetic_gradients.md, "A synthesizer that keeps up"): the closed-form ridge
+    # synthesizer; --synth mlp (or --dni-pytorch) restores dni-pytorch's BasicSynthesizer.
+    C.add_synth_options(p, default="ridge")
     p.add_argument("--sg-factor", type=float, default=0.1, help="scale of the injected synthetic gradient")
     p.add_argument("--clip", type=float, default=1.0,
                    help="clip the LSTM's gradient norm (of the per-sequence loss) to this (0: none)")

@@ -46,7 +46,8 @@ class LSTMLM(nn.Module):
 
     def __init__(self, n_tokens: int, emb: int, hidden: int, layers: int = 1, dropout: float = 0.0,
                  use_dni: bool = False, synth_hidden: int = 2, sg_factor: float = 0.1,
-                 backend: Optional[str] = None, interface_kwargs: Optional[dict] = None) -> None:
+                 backend: Optional[str] = None, interface_kwargs: Optional[dict] = None,
+                 synthesizer: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.layers, self.hidden, self.sg_factor = layers, hidden, sg_factor
         self.sg_control = "none"
@@ -54,8 +55,10 @@ class LSTMLM(nn.Module):
         self.encoder = nn.Embedding(n_tokens, emb)
         self.rnn = nn.LSTM(emb, hidden, layers, dropout=dropout if layers > 1 else 0.0)
         self.decoder = nn.Linear(hidden, n_tokens)
-        self.dni = (dni.BackwardInterface(dni.BasicSynthesizer(2 * layers * hidden, n_hidden=synth_hidden),
-                                          backend=backend, **(interface_kwargs or {})) if use_dni else None)
+        if use_dni and synthesizer is None:
+            synthesizer = dni.BasicSynthesizer(2 * layers * hidden, n_hidden=synth_hidden)
+        self.dni = (dni.BackwardInterface(synthesizer, backend=backend, **(interface_kwargs or {}))
+                    if use_dni else None)
 
     def init_state(self, batch: int):
         z = self.decoder.weight.new_zeros(self.layers, batch, self.hidden)
@@ -116,7 +119,8 @@ def metric(loss: float, level: str) -> float:
 def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
     torch.manual_seed(args.seed)
     model = LSTMLM(len(corpus), args.emb, args.hidden, args.layers, args.dropout, use_dni, args.synth_hidden,
-                   args.sg_factor, interface_kwargs=C.interface_kwargs(args))
+                   args.sg_factor, interface_kwargs=C.interface_kwargs(args),
+                   synthesizer=C.ridge_synthesizer(args, 2 * args.layers * args.hidden) if use_dni else None)
     model.sg_control = args.sg_control
     if args.synth_init == "zero":
         C.zero_synthesizer_output(model)
@@ -203,7 +207,8 @@ def build_parser():
     p.add_argument("--emb", type=int, default=None, help="embedding size (default: 64 char, 128 word)")
     p.add_argument("--layers", type=int, default=1, help="LSTM layers")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout")
-    p.add_argument("--synth-hidden", type=int, default=2, help="synthesizer hidden layers")
+    p.add_argument("--synth-hidden", type=int, default=2, help="synthesizer hidden layers (--synth mlp)")
+    C.add_synth_options(p)
     p.add_argument("--sg-factor", type=float, default=0.1, help="scale of the injected synthetic gradient")
     p.add_argument("--sg-control", choices=("none", "shuffle"), default="none",
                    help="diagnosis control: 'shuffle' injects the synthetic gradient predicted from another stream's "
