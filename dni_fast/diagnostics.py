@@ -99,6 +99,10 @@ def adam_summary(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> 
             "step_ratio": ratio / n}
 
 
+def _defined(x: float) -> Optional[float]:
+    return None if x != x else x  # NaN -> None
+
+
 def interface_records(model: nn.Module, reset: bool = True) -> Dict[str, dict]:
     """``{name: {cos, rel_err, s_norm, g_norm, loss, count}}`` (means since the
     last reset) for the interfaces of ``model`` that recorded anything, by
@@ -111,8 +115,10 @@ def interface_records(model: nn.Module, reset: bool = True) -> Dict[str, dict]:
             continue
         s = m.stats()
         if s.get("count"):
-            out[name] = {"cos": s["cos_mean"], "rel_err": s["rel_err_mean"], "s_norm": s["s_norm_mean"],
-                         "g_norm": s["g_norm_mean"], "loss": s["loss_mean"], "count": s["count"]}
+            # cos and rel_err are NaN when every true gradient was exactly 0 (undefined): None in the logs
+            out[name] = {"cos": _defined(s["cos_mean"]), "rel_err": _defined(s["rel_err_mean"]),
+                         "s_norm": s["s_norm_mean"], "g_norm": s["g_norm_mean"], "loss": s["loss_mean"],
+                         "count": s["count"]}
         if reset:
             m.reset_stats()
     return out

@@ -37,7 +37,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from dni_fast._autocast import autocast_on
+from dni_fast._autocast import autocast_on, compute_dtype, no_autocast
 
 __all__ = ["RidgeSynthesizer"]
 
@@ -59,7 +59,8 @@ class RidgeSynthesizer(nn.Module):
             ``O((Dt+Dc+1)^3)``, the accumulation ``O(rows * (Dt+Dc+1)^2)``.
 
     Shapes: ``trigger (*, Dt)``, ``context (*, Dc)`` broadcastable against the
-    trigger's leading dims, output ``(*, Do)`` in the trigger's dtype.
+    trigger's leading dims, output ``(*, Do)`` in the trigger's dtype (under
+    autocast, the autocast dtype; the product runs in ``weight``'s dtype).
 
     Buffers (in ``state_dict``): ``gram (D+1, D+1)`` and ``cross (D+1, Do)`` in
     fp64, ``weight (D+1, Do)`` in the module's float dtype, ``n_fits`` (the
@@ -167,10 +168,12 @@ class RidgeSynthesizer(nn.Module):
         """``S``: ``trigger (*, Dt)``, ``context (*, Dc)`` -> ``(*, Do)``, no graph
         (the synthesizer learns through :meth:`fit`, not through autograd)."""
         context = self.check_inputs(trigger, context)
-        with torch.no_grad():
+        # In the weights' dtype, autocast off; the output in the dtype the step computes in (the
+        # autocast dtype under autocast, as BasicSynthesizer's, else the trigger's).
+        with torch.no_grad(), no_autocast(trigger):
             w = self.weight
             s = self._features(trigger, context, w.dtype) @ w
-        return s.reshape(*trigger.shape[:-1], self.output_dim).to(trigger.dtype)
+        return s.reshape(*trigger.shape[:-1], self.output_dim).to(compute_dtype(trigger))
 
     @torch.no_grad()
     def fit(self, trigger: Tensor, context: Optional[Tensor], target: Tensor) -> None:
@@ -185,6 +188,13 @@ class RidgeSynthesizer(nn.Module):
             raise ValueError(f"RidgeSynthesizer.fit: target has shape {tuple(target.shape)}, expected "
                              f"{tuple(trigger.shape[:-1]) + (self.output_dim,)} for a trigger of shape "
                              f"{tuple(trigger.shape)}")
+        with no_autocast(trigger):
+            self._accumulate(trigger, context, target)
+        self._pending += 1  # a host counter: reading n_fits would sync with the device every step
+        if self._pending >= self.refit_every:
+            self.refit()
+
+    def _accumulate(self, trigger: Tensor, context: Optional[Tensor], target: Tensor) -> None:
         f = self._features(trigger, context, torch.float64)
         g = target.detach().reshape(-1, self.output_dim).to(torch.float64)
         # A batch with a NaN or inf (a diverged model) would poison the statistics for good: it is
@@ -197,9 +207,6 @@ class RidgeSynthesizer(nn.Module):
         self.gram.mul_(keep).addmm_(f.T, f)
         self.cross.mul_(keep).addmm_(f.T, g)
         self.n_fits += ok.long()
-        self._pending += 1  # a host counter: reading n_fits would sync with the device every step
-        if self._pending >= self.refit_every:
-            self.refit()
 
     @torch.no_grad()
     def refit(self) -> None:

@@ -50,7 +50,8 @@ class SynthStats:
     def reset(self) -> None:
         self._ring: Optional[Tensor] = None  # (CAPACITY, 4) fp32
         self._scales: List[float] = []
-        self._sum: Optional[Tensor] = None  # (6,) sums of (loss, cos, rel_err, s_norm, g_norm, count) + nonfinite
+        # (8,): sums of (loss, cos, rel_err, s_norm, g_norm), count, nonfinite, count with g != 0
+        self._sum: Optional[Tensor] = None
         self._last: Optional[Tensor] = None  # (5,) last finite (loss, cos, rel_err, s_norm, g_norm)
 
     def reserve(self, scale: float, device: torch.device) -> Tensor:
@@ -86,12 +87,20 @@ class SynthStats:
                             p[:, 1] / torch.sqrt(s2 * g2).clamp_min(tiny),     # cos(S, g)
                             torch.sqrt(p[:, 0].clamp_min(0) / g2.clamp_min(tiny)),  # |S-g| / |g|
                             torch.sqrt(s2), torch.sqrt(g2)], 1)
-        vals = torch.where(ok[:, None], vals, 0.0)
-        sums = torch.cat([vals.sum(0), ok.sum().reshape(1).double(), (written & ~finite).sum().reshape(1).double()])
-        last_idx = (ok * torch.arange(1, n + 1, device=p.device)).argmax()
+        # cos and |S-g|/|g| are undefined for a true gradient of exactly 0 (a chunk with no loss, the
+        # first steps below a zero-initialised synthesizer): such steps count in the loss and norms but
+        # not in those two means (counted as 0 and 1e150 they made both means meaningless).
+        defined = ok & (g2 > 0)
+        per_col = torch.stack([ok, defined, defined, ok, ok], 1)
+        vals = torch.where(per_col, vals, 0.0)
+        sums = torch.cat([vals.sum(0), ok.sum().reshape(1).double(), (written & ~finite).sum().reshape(1).double(),
+                          defined.sum().reshape(1).double()])
+        idx = torch.arange(1, n + 1, device=p.device)[:, None]
+        last_idx = (per_col * idx).argmax(0)  # per column: the last step where it is defined
+        last = vals.gather(0, last_idx[None, :])[0]
         prev = self._last if self._last is not None else torch.full((5,), math.nan, dtype=torch.float64,
                                                                      device=p.device)
-        self._last = torch.where(ok.any(), vals[last_idx], prev.to(p.device))
+        self._last = torch.where(per_col.any(0), last, prev.to(p.device))
         self._sum = sums if self._sum is None else sums + self._sum.to(sums.device)
         self._scales = []
         self._ring = None
@@ -100,10 +109,12 @@ class SynthStats:
         """Python numbers (syncs): the last and mean ``loss`` and ``cos``, the last
         ``rel_err`` (``|S-g|/|g|``), ``s_norm`` and ``g_norm`` with their means,
         ``count`` (finite steps recorded) and ``nonfinite`` (steps with a NaN or
-        inf in S or g)."""
+        inf in S or g). ``cos`` and ``rel_err`` (last and mean) leave out the
+        steps whose true gradient is exactly 0, where they are undefined (NaN
+        when every step so far was such a step)."""
         self._fold()
-        sums = self._sum.tolist() if self._sum is not None else [0.0] * 7
-        count, nonfinite = int(sums[5]), int(sums[6])
+        sums = self._sum.tolist() if self._sum is not None else [0.0] * 8
+        count, nonfinite, defined = int(sums[5]), int(sums[6]), int(sums[7])
         keys = ("loss", "cos", "rel_err", "s_norm", "g_norm")
         if count == 0:
             out = {k: math.nan for k in keys}
@@ -111,7 +122,9 @@ class SynthStats:
         else:
             last = self._last.tolist()
             out = {k: last[i] for i, k in enumerate(keys)}
-            out.update({f"{k}_mean": sums[i] / count for i, k in enumerate(keys)})
+            for i, k in enumerate(keys):
+                n = defined if k in ("cos", "rel_err") else count
+                out[f"{k}_mean"] = sums[i] / n if n else math.nan
         out["count"] = count
         out["nonfinite"] = nonfinite
         return out

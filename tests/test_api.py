@@ -2,6 +2,8 @@
 gradient against hand derivations written with plain autograd."""
 import copy
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -436,6 +438,33 @@ def test_stats_loss_and_cosine():
     assert st["cos_mean"] == pytest.approx(sum(coss) / 3, rel=1e-4, abs=1e-6)
     iface.reset_stats()
     assert iface.stats()["count"] == 0
+
+
+def test_stats_leave_zero_true_gradients_out_of_cos_and_rel_err():
+    """cos and |S-g|/|g| are undefined for g == 0: those steps count in the loss and norms only."""
+    synth = _nonzero(dni.BasicSynthesizer(D, n_hidden=1))
+    iface = dni.BackwardInterface(synth)
+    h = torch.randn(B, D, requires_grad=True)
+    iface(h).backward(torch.zeros(B, D))
+    st = iface.stats()
+    assert st["count"] == 1 and math.isnan(st["cos"]) and math.isnan(st["cos_mean"]) and math.isnan(st["rel_err"])
+    assert st["g_norm"] == 0 and st["s_norm"] > 0 and st["loss"] > 0
+    coss, rels, losses = [], [], [st["loss"]]
+    for step in range(4):
+        h = torch.randn(B, D, requires_grad=True)
+        g = torch.zeros(B, D) if step == 3 else torch.randn(B, D)
+        s = synth(h, None).detach()
+        iface(h).backward(g)
+        losses.append((((s - g) ** 2).sum() / B).item())
+        if step < 3:
+            coss.append(F.cosine_similarity(s.flatten(), g.flatten(), dim=0).item())
+            rels.append(((s - g).norm() / g.norm()).item())
+    st = iface.stats()
+    assert st["count"] == 5
+    assert st["cos_mean"] == pytest.approx(sum(coss) / 3, rel=1e-4, abs=1e-6)
+    assert st["rel_err_mean"] == pytest.approx(sum(rels) / 3, rel=1e-4)
+    assert st["cos"] == pytest.approx(coss[-1], rel=1e-4, abs=1e-6)  # the last step where it is defined
+    assert st["loss_mean"] == pytest.approx(sum(losses) / 5, rel=1e-5)
 
 
 def test_stats_ring_folds_over_many_steps():

@@ -258,3 +258,18 @@ def test_a_non_finite_target_is_named_or_skipped():
     s = iface.synthesizer
     assert torch.equal(s.weight, w) and int(s.n_fits) == 1 and torch.isfinite(s.gram).all()
     assert iface.stats()["nonfinite"] == 1
+
+
+def test_autocast_bf16_trigger_with_fp32_state():
+    torch.manual_seed(7)
+    iface = dni.BackwardInterface(dni.RidgeSynthesizer(D))
+    lin = nn.Linear(D, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            h = lin(torch.randn(8, D))
+            assert h.dtype == torch.bfloat16
+            out = iface(h)
+            out.float().sum().backward()
+        s = iface.receive(h)
+    assert s.dtype == torch.bfloat16 and iface.synthesizer.weight.dtype == torch.float32
+    assert int(iface.synthesizer.n_fits) == 2 and iface.synthesizer.weight.abs().max() > 0

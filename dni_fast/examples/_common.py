@@ -311,6 +311,8 @@ def read_stats(model: nn.Module, reset: bool = True) -> Dict[str, dict]:
         s = iface.stats()
         if s.get("count"):
             out[name] = {k: s[k] for k in ("loss_mean", "cos_mean", "count")}
+            if out[name]["cos_mean"] != out[name]["cos_mean"]:  # NaN: every true gradient was 0 (undefined)
+                out[name]["cos_mean"] = None
         if reset:
             iface.reset_stats()
     return out

@@ -132,7 +132,9 @@ def train_variant(name: str, args, data) -> dict:
            "final_train_loss": float(torch.stack([l.float() for l in last]).mean()) if last else None}
     if name != "backprop":
         stats = model.stats()
-        cos = [s["backward"]["cos_mean"] for s in stats if s["backward"]["count"]]
+        # cos_mean is NaN where every true gradient was exactly 0 (undefined): left out
+        cos = [s["backward"]["cos_mean"] for s in stats
+               if s["backward"]["count"] and s["backward"]["cos_mean"] == s["backward"]["cos_mean"]]
         rec["synth_cos_mean"] = sum(cos) / len(cos) if cos else None
         model.close()
     return rec
