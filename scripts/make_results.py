@@ -709,6 +709,10 @@ DIAG_RUNS = {
         ("DNI, dni-pytorch settings (sg factor 0.1)", "copy_base", "dni T=4"),
         ("DNI --normalize-targets", "copy_norm", "dni T=4"),
         ("DNI --normalize-targets --sg-factor 1", "copy_norm_f1", "dni T=4"),
+        ("DNI, RidgeSynthesizer (the default now; sg factor 0.1)", "copy_ridge", "dni T=4"),
+        ("DNI, RidgeSynthesizer --sg-factor 0 (nothing injected: BPTT, the synthesizer only watches)",
+         "copy_ridge_f0", "dni T=4"),
+        ("DNI, RidgeSynthesizer --sg-factor 1", "copy_ridge_f1", "dni T=4"),
     ],
 }
 
