@@ -105,16 +105,22 @@ class RidgeSynthesizer(nn.Module):
     def _apply(self, fn, recurse=True):
         # .double()/.half() and friends cast every float buffer; the statistics must stay fp64
         # (a Gram matrix of fp16 rows overflows, and fp32 loses the small directions).
+        # fn replaces each buffer with a new tensor, so the fp64 originals are intact: on a cast,
+        # keep them (moved to wherever fn put the copies) instead of casting the copies back.
+        gram, cross = self.gram, self.cross
         super()._apply(fn, recurse)
         if self.gram.dtype != torch.float64:
-            self.gram = self.gram.double()
-            self.cross = self.cross.double()
+            self.gram = gram.to(self.gram.device)
+            self.cross = cross.to(self.cross.device)
         return self
 
     # -- inputs ----------------------------------------------------------------
-    def check_inputs(self, trigger: Any, context: Any) -> Optional[Tensor]:
+    def check_inputs(self, trigger: Any, context: Any, any_dtype: bool = False) -> Optional[Tensor]:
         """Validate ``trigger`` and ``context``; return the context to use
-        (``None`` when this synthesizer takes none). Raises naming the problem."""
+        (``None`` when this synthesizer takes none). Raises naming the problem.
+        ``any_dtype``: accept any float trigger dtype (``fit`` computes in fp64;
+        its trigger may come from an autocast forward whose backward runs
+        outside autocast)."""
         if not isinstance(trigger, Tensor):
             raise TypeError(f"RidgeSynthesizer: trigger must be a tensor, got {type(trigger).__name__}")
         if not trigger.is_floating_point():
@@ -127,7 +133,7 @@ class RidgeSynthesizer(nn.Module):
         if trigger.device != w.device:
             raise RuntimeError(f"RidgeSynthesizer: trigger is on {trigger.device} but the synthesizer's state is on "
                                f"{w.device}; move one of them (e.g. interface.to({trigger.device}))")
-        if trigger.dtype != w.dtype and not autocast_on(trigger):
+        if trigger.dtype != w.dtype and not any_dtype and not autocast_on(trigger):
             raise TypeError(f"RidgeSynthesizer: trigger dtype {trigger.dtype} differs from the synthesizer's "
                             f"{w.dtype} outside autocast; cast one of them, or run under torch.autocast")
         if self.context_dim is None:
@@ -183,7 +189,7 @@ class RidgeSynthesizer(nn.Module):
         a NaN or inf is skipped (decided on the device: no host sync)."""
         if not self.fitting or target.numel() == 0:
             return
-        context = self.check_inputs(trigger, context)
+        context = self.check_inputs(trigger, context, any_dtype=True)
         if target.shape[:-1] != trigger.shape[:-1] or target.shape[-1] != self.output_dim:
             raise ValueError(f"RidgeSynthesizer.fit: target has shape {tuple(target.shape)}, expected "
                              f"{tuple(trigger.shape[:-1]) + (self.output_dim,)} for a trigger of shape "

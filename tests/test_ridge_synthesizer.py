@@ -178,8 +178,10 @@ def test_state_dict_roundtrip_and_dtype_casts():
     assert torch.equal(a.weight, b.weight)
     a.double()
     assert a.weight.dtype == torch.float64 and a.gram.dtype == torch.float64
+    gram, cross = a.gram.clone(), a.cross.clone()
     a.half()
     assert a.weight.dtype == torch.float16 and a.gram.dtype == torch.float64 and a.cross.dtype == torch.float64
+    assert torch.equal(a.gram, gram) and torch.equal(a.cross, cross), "the statistics went through fp16"
     assert a(torch.randn(2, D).half()).dtype == torch.float16
 
 
@@ -273,3 +275,8 @@ def test_autocast_bf16_trigger_with_fp32_state():
         s = iface.receive(h)
     assert s.dtype == torch.bfloat16 and iface.synthesizer.weight.dtype == torch.float32
     assert int(iface.synthesizer.n_fits) == 2 and iface.synthesizer.weight.abs().max() > 0
+    # the usual pattern: forward under autocast, backward outside it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = iface(lin(torch.randn(8, D)))
+    out.float().sum().backward()
+    assert int(iface.synthesizer.n_fits) == 3
