@@ -49,16 +49,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def make_net(n, unlock_at=None, d=D, din=DIN, context_dim=None, normalize=False):
+def make_net(n, unlock_at=None, d=D, din=DIN, context_dim=None, normalize=False, ridge=False):
     torch.manual_seed(0)
     stages = [nn.Sequential(nn.Linear(din, d), nn.ReLU())]
     stages += [nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(n - 2)]
     stages.append(nn.Linear(d, DOUT))
     synths = []
     for k in range(n - 1):
-        s = dni.BasicSynthesizer(d, n_hidden=1, context_dim=context_dim)
-        with torch.no_grad():
-            s.layers[-1].weight.normal_(0, 0.1)
+        if ridge:  # closed-form: fitted on each target (dni_fast/ridge_synthesizer.py)
+            s = dni.RidgeSynthesizer(d, context_dim=context_dim, forget=0.9)
+        else:
+            s = dni.BasicSynthesizer(d, n_hidden=1, context_dim=context_dim)
+            with torch.no_grad():
+                s.layers[-1].weight.normal_(0, 0.1)
         if k == unlock_at:
             s = dni.BidirectionalInterface(dni.BasicSynthesizer(d, n_hidden=1, trigger_dim=din), s)
         if normalize:
@@ -86,10 +89,12 @@ def stage_weights(stage_module, synth):
 # ---------------------------------------------------------------------------
 # What each rank runs (module level: the spawned processes import this file)
 # ---------------------------------------------------------------------------
-def _train(rank, world, data, timeout=10.0, unlock_at=None, state=None, cdni=False, normalize=False, **kw):
+def _train(rank, world, data, timeout=10.0, unlock_at=None, state=None, cdni=False, normalize=False, ridge=False,
+           **kw):
     from dni_fast.distributed import DecoupledStage
 
-    stages, synths = make_net(world, unlock_at, context_dim=DOUT if cdni else None, normalize=normalize)
+    stages, synths = make_net(world, unlock_at, context_dim=DOUT if cdni else None, normalize=normalize,
+                              ridge=ridge)
     synth = synths[rank] if rank < world - 1 else None
     st = DecoupledStage(stages[rank], rank, world, synth, adam, timeout=timeout, **kw)
     if state is not None:
@@ -121,6 +126,10 @@ def scenario_equal(rank, world, q):
     st, mod, syn, losses = _train(rank, world, data, cdni=True, regression="current")
     st.finish()
     out["cdni current"] = (stage_weights(mod, syn), losses)
+
+    st, mod, syn, losses = _train(rank, world, data, cdni=True, ridge=True)
+    st.finish()
+    out["cdni ridge"] = (stage_weights(mod, syn), losses)
 
     # normalize_targets: the running target scale (the interface's buffers) survives a checkpoint
     st, mod, syn, _ = _train(rank, world, data[:5], normalize=True)
@@ -339,8 +348,8 @@ def spawn(scenarios, world, deadline_s=90.0, expect=None):
     return results, fault_time
 
 
-def oracle(world, data, unlock_at=None, cdni=False, normalize=False, **kw):
-    stages, synths = make_net(world, unlock_at, context_dim=DOUT if cdni else None, normalize=normalize)
+def oracle(world, data, unlock_at=None, cdni=False, normalize=False, ridge=False, **kw):
+    stages, synths = make_net(world, unlock_at, context_dim=DOUT if cdni else None, normalize=normalize, ridge=ridge)
     m = DecoupledSequential(stages, synths, adam, executor="sequential", **kw)
     losses = [float(m.step(x, y, F.cross_entropy, context=F.one_hot(y, DOUT).float() if cdni else None))
               for x, y in data]
@@ -382,7 +391,8 @@ def test_same_parameters_as_the_sequential_executor(world, request):
     data = batches(8)
     kw = dict(delay=2, update_prob=0.6, seed=4, unlock_at=0 if world > 2 else None)
     for name, (weights, losses) in (("plain", oracle(world, data, delay=1)), ("variants", oracle(world, data, **kw)),
-                                    ("cdni current", oracle(world, data, delay=1, cdni=True, regression="current"))):
+                                    ("cdni current", oracle(world, data, delay=1, cdni=True, regression="current")),
+                                    ("cdni ridge", oracle(world, data, delay=1, cdni=True, ridge=True))):
         for r in range(world):
             _assert_weights_equal(results[r][1][name][0], weights[r], f"{name}, stage {r}")
         assert results[world - 1][1][name][1] == losses  # the last rank's loss of batch j at its step j
@@ -395,6 +405,9 @@ def test_same_parameters_as_the_sequential_executor(world, request):
     for r in range(world):
         _assert_weights_equal(results[r][1]["normalized, resumed"][0], weights[r], f"normalized, resumed, stage {r}")
     assert any(k.endswith("target_sq_ema") for k in weights[0])
+    # the ridge synthesizers were fitted (their statistics are in the weights compared above)
+    ridge = oracle(world, data, delay=1, cdni=True, ridge=True)[0]
+    assert int(ridge[0]["synth.n_fits"]) > 0 and ridge[0]["synth.weight"].abs().max() > 0
     # and the variants are a different run (the options had an effect)
     plain = oracle(world, data, delay=1)[0]
     assert any(not torch.equal(plain[0][k], weights[0][k]) for k in plain[0])
