@@ -63,3 +63,16 @@ def test_mlp(benchmark, provider):
     step = _synced(B.mlp_step(provider, batch, DEVICE))
     step()
     benchmark(step)
+
+
+@pytest.mark.parametrize("size", ["copy", "ptb"])
+@pytest.mark.parametrize("provider", ["mlp/reference", "mlp/auto", "ridge"])
+def test_synthesizer_step(benchmark, provider, size):
+    """One RNN-boundary synthesizer step, BasicSynthesizer vs RidgeSynthesizer (bench_synthesizers.py)."""
+    from benchmarks import bench_synthesizers as S
+
+    b, d = S.SIZES[size]
+    benchmark.group = f"synthesizer_step {size} B={b} D={d}"
+    step = _synced(S.make_step(provider, b, d, DEVICE))
+    step()
+    benchmark(step)
