@@ -123,6 +123,35 @@ def test_copy_task_quick(tmp_path):
         assert r["max_length"] >= 0 and r["timesteps"] > 0
 
 
+def test_copy_task_synth_options(tmp_path):
+    """--synth ridge (the default) trains a RidgeSynthesizer; --synth mlp and --dni-pytorch a BasicSynthesizer;
+    options that mean nothing for the ridge synthesizer, and out-of-range settings, are refused by name."""
+    import dni_fast as dni
+    from dni_fast.examples import copy_task as CT
+
+    built = []
+    orig = CT.CopyRNN.__init__
+
+    def spy(self, *a, **k):
+        orig(self, *a, **k)
+        built.append(None if self.dni is None else type(self.dni.synthesizer))
+
+    CT.CopyRNN.__init__ = spy
+    try:
+        for extra, want in (([], dni.RidgeSynthesizer), (["--synth", "mlp"], dni.BasicSynthesizer),
+                            (["--dni-pytorch"], dni.BasicSynthesizer)):
+            built.clear()
+            CT.main(["--quick", "--no-progress", "--mode", "dni"] + extra)
+            assert built == [want], (extra, built)
+    finally:
+        CT.CopyRNN.__init__ = orig
+    for extra, match in ((["--synth-lr-mult", "2"], "--synth-lr-mult applies to --synth mlp"),
+                         (["--synth-hidden=1"], "--synth-hidden applies to --synth mlp"),
+                         (["--synth-forget", "0"], "forget must be in")):
+        with pytest.raises(SystemExit, match=match):
+            CT.main(["--quick", "--no-progress", "--mode", "dni"] + extra)
+
+
 def test_lstm_dni_trigger_round_trip():
     """The LSTM state packs into one trigger per batch row and back exactly."""
     from dni_fast.examples.ptb_lm import LSTMLM

@@ -79,7 +79,7 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
 
 
 def add_synth_options(p: argparse.ArgumentParser, default: str = "mlp") -> None:
-    """``--synth {mlp,ridge}`` and the ridge synthesizer's settings (the RNN examples: make_synthesizer)."""
+    """``--synth {mlp,ridge}`` and the ridge synthesizer's settings (the RNN examples; see ridge_synthesizer)."""
     p.add_argument("--synth", choices=("mlp", "ridge"), default=default,
                    help="'mlp': BasicSynthesizer trained by its regression loss (dni-pytorch's); 'ridge': "
                         "RidgeSynthesizer, a linear map refitted in closed form on the recent true gradients, which "
@@ -93,13 +93,18 @@ def add_synth_options(p: argparse.ArgumentParser, default: str = "mlp") -> None:
 def ridge_synthesizer(args: argparse.Namespace, dim: int) -> Optional[nn.Module]:
     """``--synth ridge``: the ``RidgeSynthesizer`` for a state of width ``dim``; ``--synth mlp``: ``None`` (the
     model builds its ``BasicSynthesizer`` itself, so the random stream, and the numbers, are unchanged)."""
-    if getattr(args, "synth", "mlp") == "ridge":
-        for name in ("synth_forget", "synth_ridge"):
-            v = getattr(args, name)
-            if not (name == "synth_forget" and 0 < v <= 1) and not (name == "synth_ridge" and v >= 0):
-                raise SystemExit(f"--{name.replace('_', '-')} {v} is out of range (forget in (0, 1], ridge >= 0)")
+    if getattr(args, "synth", "mlp") != "ridge":
+        return None
+    # Options that mean nothing for a synthesizer without parameters or hidden layers: refused, not ignored.
+    given = [a.split("=")[0] for a in getattr(args, "argv", [])]
+    for flag in ("--synth-hidden", "--synth-lr-mult", "--synth-init"):
+        if flag in given:
+            raise SystemExit(f"{flag} applies to --synth mlp (the BasicSynthesizer); the RidgeSynthesizer has no "
+                             "hidden layers or learning rate: drop it, or add --synth mlp")
+    try:
         return dni.RidgeSynthesizer(dim, forget=args.synth_forget, ridge=args.synth_ridge)
-    return None
+    except ValueError as e:
+        raise SystemExit(f"--synth-forget / --synth-ridge: {e}") from None
 
 
 DNI_PYTORCH = {"synth": "mlp", "normalize_targets": "none", "synth_lr_mult": 1.0, "synth_init": "default", "loss": "mean",
