@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from dni_fast._autocast import compute_dtype, no_autocast
+from dni_fast.synthesizer import check_trigger_context
 
 __all__ = ["RidgeSynthesizer"]
 
@@ -144,41 +145,10 @@ class RidgeSynthesizer(nn.Module):
     # -- inputs ----------------------------------------------------------------
     def check_inputs(self, trigger: Any, context: Any) -> Optional[Tensor]:
         """Validate ``trigger`` and ``context``; return the context to use
-        (``None`` when this synthesizer takes none). Raises naming the problem."""
-        if not isinstance(trigger, Tensor):
-            raise TypeError(f"RidgeSynthesizer: trigger must be a tensor, got {type(trigger).__name__}")
-        if not trigger.is_floating_point():
-            raise TypeError(f"RidgeSynthesizer: trigger must be a floating-point tensor, got dtype {trigger.dtype}; "
-                            "cast it with .float()")
-        if trigger.dim() == 0 or trigger.shape[-1] != self.trigger_dim:
-            raise ValueError(f"RidgeSynthesizer: trigger has shape {tuple(trigger.shape)}, but its last dim must be "
-                             f"trigger_dim={self.trigger_dim}")
-        dev = self.gram.device
-        if trigger.device != dev:
-            raise RuntimeError(f"RidgeSynthesizer: trigger is on {trigger.device} but the synthesizer's state is on "
-                               f"{dev}; move one of them (e.g. interface.to({trigger.device}))")
-        if self.context_dim is None:
-            return None
-        if context is None:
-            raise ValueError(f"RidgeSynthesizer: context_dim={self.context_dim} is set but no context was given; "
-                             "wrap the call in `with dni.synthesizer_context(context):`")
-        if not isinstance(context, Tensor) or not context.is_floating_point():
-            what = type(context).__name__ if not isinstance(context, Tensor) else f"dtype {context.dtype}"
-            raise TypeError(f"RidgeSynthesizer: context must be a floating-point tensor, got {what} "
-                            "(one-hot labels: F.one_hot(y, n).float())")
-        if context.dim() == 0 or context.shape[-1] != self.context_dim:
-            raise ValueError(f"RidgeSynthesizer: context has shape {tuple(context.shape)}, but its last dim must be "
-                             f"context_dim={self.context_dim}")
-        if context.device != dev:
-            raise RuntimeError(f"RidgeSynthesizer: context is on {context.device} but the synthesizer is on {dev}")
-        try:
-            ok = torch.broadcast_shapes(trigger.shape[:-1], context.shape[:-1]) == trigger.shape[:-1]
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"RidgeSynthesizer: context leading dims {tuple(context.shape[:-1])} do not broadcast "
-                             f"against the trigger's {tuple(trigger.shape[:-1])}")
-        return context
+        (``None`` when this synthesizer takes none). Raises naming the problem
+        (``check_trigger_context``; any float dtype: the fit computes in fp64)."""
+        return check_trigger_context("RidgeSynthesizer", "statistics", trigger, context, self.trigger_dim,
+                                     self.context_dim, self.gram.device)
 
     def _features(self, trigger: Tensor, context: Optional[Tensor]) -> Tensor:
         """``[trigger, context, 1]`` as rows ``(N, D+1)``, fp64."""

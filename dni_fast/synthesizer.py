@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from dni_fast._autocast import autocast_on
 
-__all__ = ["BasicSynthesizer"]
+__all__ = ["BasicSynthesizer", "check_trigger_context"]
 
 
 class BasicSynthesizer(nn.Module):
@@ -100,48 +100,14 @@ class BasicSynthesizer(nn.Module):
     def check_inputs(self, trigger: Any, context: Any) -> Optional[Tensor]:
         """Validate ``trigger`` and ``context``; return the context to use
         (``None`` when this synthesizer takes none). Raises with a message that
-        names the problem."""
-        if not isinstance(trigger, Tensor):
-            raise TypeError(f"BasicSynthesizer: trigger must be a tensor, got {type(trigger).__name__}")
-        if not trigger.is_floating_point():
-            raise TypeError(f"BasicSynthesizer: trigger must be a floating-point tensor, got dtype {trigger.dtype}; "
-                            "cast it with .float()")
+        names the problem (``check_trigger_context``)."""
         mods = self._modules  # the dicts, not Module.__getattr__ (~1 us a lookup): this runs every step
         w = mods["input_trigger"]._parameters.get("weight")
         if w is None:  # a parametrized or replaced layer
             w = self.input_trigger.weight
-        if trigger.dim() == 0 or trigger.shape[-1] != self.trigger_dim:
-            raise ValueError(f"BasicSynthesizer: trigger has shape {tuple(trigger.shape)}, but its last dim must be "
-                             f"trigger_dim={self.trigger_dim}")
-        if trigger.device != w.device:
-            raise RuntimeError(f"BasicSynthesizer: trigger is on {trigger.device} but the synthesizer's weights are on "
-                               f"{w.device}; move one of them (e.g. interface.to({trigger.device}))")
-        if trigger.dtype != w.dtype and not autocast_on(trigger):
-            raise TypeError(f"BasicSynthesizer: trigger dtype {trigger.dtype} differs from the synthesizer's "
-                            f"{w.dtype} outside autocast; cast one of them, or run under torch.autocast")
-        if mods.get("input_context") is None:
-            return None
-        if context is None:
-            raise ValueError(f"BasicSynthesizer: context_dim={self.context_dim} is set but no context was given; "
-                             "wrap the call in `with dni.synthesizer_context(context):`")
-        if not isinstance(context, Tensor):
-            raise TypeError(f"BasicSynthesizer: context must be a tensor, got {type(context).__name__}")
-        if not context.is_floating_point():
-            raise TypeError(f"BasicSynthesizer: context must be floating-point, got dtype {context.dtype} "
-                            "(one-hot labels: F.one_hot(y, n).float())")
-        if context.dim() == 0 or context.shape[-1] != self.context_dim:
-            raise ValueError(f"BasicSynthesizer: context has shape {tuple(context.shape)}, but its last dim must be "
-                             f"context_dim={self.context_dim}")
-        if context.device != w.device:
-            raise RuntimeError(f"BasicSynthesizer: context is on {context.device} but the synthesizer is on {w.device}")
-        try:
-            ok = torch.broadcast_shapes(trigger.shape[:-1], context.shape[:-1]) == trigger.shape[:-1]
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"BasicSynthesizer: context leading dims {tuple(context.shape[:-1])} do not broadcast "
-                             f"against the trigger's {tuple(trigger.shape[:-1])}")
-        return context
+        return check_trigger_context("BasicSynthesizer", "weights", trigger, context, self.trigger_dim,
+                                     self.context_dim if mods.get("input_context") is not None else None,
+                                     w.device, w.dtype)
 
     def forward(self, trigger: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """Reference forward: ``trigger (*, Dt)``, ``context (*, Dc)`` -> ``(*, Do)``."""
@@ -152,3 +118,52 @@ class BasicSynthesizer(nn.Module):
         for layer in self.layers:
             last = layer(F.relu(last))
         return last
+
+
+def check_trigger_context(owner: str, state: str, trigger: Any, context: Any, trigger_dim: int,
+                          context_dim: Optional[int], device: torch.device,
+                          dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+    """The input checks every synthesizer shares: ``trigger (*, trigger_dim)``
+    floating-point on ``device`` (and of ``dtype`` outside autocast, when
+    given); with ``context_dim`` set, ``context (*, context_dim)`` floating-point
+    on ``device``, its leading dims broadcastable against the trigger's.
+    Returns the context to use (``None`` without ``context_dim``); raises an
+    error that starts with ``owner`` and names the problem (``state``: what
+    the synthesizer keeps on ``device``, for the device message)."""
+    if not isinstance(trigger, Tensor):
+        raise TypeError(f"{owner}: trigger must be a tensor, got {type(trigger).__name__}")
+    if not trigger.is_floating_point():
+        raise TypeError(f"{owner}: trigger must be a floating-point tensor, got dtype {trigger.dtype}; "
+                        "cast it with .float()")
+    if trigger.dim() == 0 or trigger.shape[-1] != trigger_dim:
+        raise ValueError(f"{owner}: trigger has shape {tuple(trigger.shape)}, but its last dim must be "
+                         f"trigger_dim={trigger_dim}")
+    if trigger.device != device:
+        raise RuntimeError(f"{owner}: trigger is on {trigger.device} but the synthesizer's {state} are on "
+                           f"{device}; move one of them (e.g. interface.to({trigger.device}))")
+    if dtype is not None and trigger.dtype != dtype and not autocast_on(trigger):
+        raise TypeError(f"{owner}: trigger dtype {trigger.dtype} differs from the synthesizer's "
+                        f"{dtype} outside autocast; cast one of them, or run under torch.autocast")
+    if context_dim is None:
+        return None
+    if context is None:
+        raise ValueError(f"{owner}: context_dim={context_dim} is set but no context was given; "
+                         "wrap the call in `with dni.synthesizer_context(context):`")
+    if not isinstance(context, Tensor):
+        raise TypeError(f"{owner}: context must be a tensor, got {type(context).__name__}")
+    if not context.is_floating_point():
+        raise TypeError(f"{owner}: context must be floating-point, got dtype {context.dtype} "
+                        "(one-hot labels: F.one_hot(y, n).float())")
+    if context.dim() == 0 or context.shape[-1] != context_dim:
+        raise ValueError(f"{owner}: context has shape {tuple(context.shape)}, but its last dim must be "
+                         f"context_dim={context_dim}")
+    if context.device != device:
+        raise RuntimeError(f"{owner}: context is on {context.device} but the synthesizer is on {device}")
+    try:
+        ok = torch.broadcast_shapes(trigger.shape[:-1], context.shape[:-1]) == trigger.shape[:-1]
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{owner}: context leading dims {tuple(context.shape[:-1])} do not broadcast "
+                         f"against the trigger's {tuple(trigger.shape[:-1])}")
+    return context
