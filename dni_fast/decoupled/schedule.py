@@ -54,6 +54,7 @@ from dni_fast._autocast import no_autocast
 from dni_fast.backends import resolve
 from dni_fast.backends.base import Backend
 from dni_fast.backends.fused import flatten_inputs, grad_carrier
+from dni_fast.backends.reference import closed_form
 from dni_fast.interfaces import BackwardInterface, BidirectionalInterface, UnidirectionalInterface
 from dni_fast.regression import BACKWARD_LOSS, FORWARD_LOSS, RegressionLoss
 from dni_fast.stats import SynthStats, partials_of
@@ -285,7 +286,7 @@ class _Synth:
                 carrier = grad_carrier(grads, params)
             if carrier.requires_grad:  # else the synthesizer is frozen
                 carrier.backward()
-        elif getattr(self.module, "closed_form", False):  # RidgeSynthesizer: fitted on the target, no loss
+        elif closed_form(self.module):  # RidgeSynthesizer: fitted on the target, no loss
             partials = partials_of(self.module(rec.x, rec.c) if self.regression == "current" else rec.s, g)
             self.module.fit(rec.x, rec.c, g)
         else:
