@@ -14,8 +14,11 @@ up to 1.6x within a minute):
 
 * ``mlp/reference``: the BasicSynthesizer through plain autograd;
 * ``mlp/auto``: the same on the backend ``auto`` picks (the fused step);
-* ``ridge``: the RidgeSynthesizer, solving every step (the default);
-* ``ridge/refit4``: solving every 4th step (``refit_every=4``).
+* ``ridge``: the RidgeSynthesizer, refitting every step (the default);
+* ``ridge/refit4``: refitting every 4th step (``refit_every=4``);
+* ``ridge/W-every-refit``: the same fit, but ``W`` solved at every refit
+  and predictions through ``W`` (``2 D^2 Do`` flops a refit), what
+  predicting through the factor replaced.
 
 Sizes: ``copy`` (B=32, D=128: the copy task's ``[h, c]``), ``ptb`` (B=32,
 D=512: the character model's), ``wide`` (B=64, D=1024).
@@ -44,7 +47,15 @@ from harness import environment  # noqa: E402  (one record of the machine for ev
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {"copy": (32, 128), "ptb": (32, 512), "wide": (64, 1024)}
-PROVIDERS = ("mlp/reference", "mlp/auto", "ridge", "ridge/refit4")
+PROVIDERS = ("mlp/reference", "mlp/auto", "ridge", "ridge/refit4", "ridge/W-every-refit")
+
+
+class _WEveryRefit(dni.RidgeSynthesizer):
+    """``ridge/W-every-refit``: forms ``W`` at each refit (then ``forward`` predicts through it)."""
+
+    def refit(self) -> None:
+        super().refit()
+        self.weight  # noqa: B018  (the property solves for W and caches it)
 
 
 def make_step(provider: str, b: int, d: int, device: torch.device) -> Callable[[], None]:
@@ -59,7 +70,8 @@ def make_step(provider: str, b: int, d: int, device: torch.device) -> Callable[[
         opt = torch.optim.Adam(synth.parameters(), lr=1e-4)
     else:
         refit = 4 if provider.endswith("refit4") else 1
-        iface = dni.BackwardInterface(dni.RidgeSynthesizer(d, refit_every=refit).to(device), track_stats=False)
+        cls = _WEveryRefit if provider.endswith("W-every-refit") else dni.RidgeSynthesizer
+        iface = dni.BackwardInterface(cls(d, refit_every=refit).to(device), track_stats=False)
         opt = None
     i = [0]
 
@@ -114,9 +126,9 @@ def main(argv=None) -> List[dict]:
     print(f"synthesizer step on {env['device']} ({device.type}), torch {env['torch']}, "
           f"{torch.get_num_threads()} threads, {env['date']}")
     rows = run(args.sizes, device, args.min_run_time)
-    print(f"{'size':6} {'B':>4} {'D':>5} {'provider':15} {'ms':>9} {'x mlp/reference':>16}")
+    print(f"{'size':6} {'B':>4} {'D':>5} {'provider':20} {'ms':>9} {'x mlp/reference':>16}")
     for r in rows:
-        print(f"{r['size']:6} {r['B']:4d} {r['D']:5d} {r['provider']:15} {r['ms']:9.3f} "
+        print(f"{r['size']:6} {r['B']:4d} {r['D']:5d} {r['provider']:20} {r['ms']:9.3f} "
               f"{r['speedup_vs_mlp_reference']:16.2f}")
     if not args.no_csv:
         path = args.csv or os.path.join(HERE, "results", f"synthesizers_{device.type}.csv")
