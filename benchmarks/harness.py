@@ -347,6 +347,22 @@ def mlp_synth_floor(B: int, device: torch.device, n_dni: int = 5, width: int = 2
     return {"synth_products": products, "synth_forward_products": forward_products, "synth_adam": opt.step}
 
 
+def mlp_flops(provider: str, B: int, device: torch.device) -> float:
+    """Matrix-product FLOPs per sample of one ``mlp_step`` (forward, backward,
+    the synthesizers' regression; ``torch.utils.flop_counter``). Every DNI
+    provider does the same products, so they are counted once, on
+    ``reference`` without overlap: the counter sees neither a fused kernel's
+    products nor another thread's. The DNI step's count against backprop's is
+    the floor of its time ratio on a device the step fills (docs/decoupled.md)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = mlp_step("backprop" if split_provider(provider)[0] == "backprop" else "reference", B, device)
+    step()  # Adam's state and the lazy initialisations outside the count
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / B
+
+
 def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_time: float = 1.0,
               overlap: bool = False, adam: str = "loop", graphs: bool = False,
               autocast: Optional[torch.dtype] = None) -> List[Row]:
@@ -358,7 +374,9 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
     forward products and Adam over their parameters; and with the injection
     on the worker too (``<b>+injection``), whose floor is reported as
     backprop itself (what stays on the main path is less than backprop's
-    work, but Adam over the synthesizers' parameters adds to it)."""
+    work, but Adam over the synthesizers' parameters adds to it). Each row's
+    ``flops_vs_backprop`` is its matrix-product work against backprop's
+    (``mlp_flops``)."""
     names = ["backprop"] + [p for p in providers if p != "torch.compile"]
     if overlap:
         # the injection moves to the worker on CPU tensors only (inline on CUDA: the same as +overlap)
@@ -368,6 +386,8 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
         names += [p + GRAPH for p in list(names)]
     fns: Dict[str, Callable[[], object]] = {p: mlp_step(p, B, device, adam, autocast) for p in names}
     fns.update(mlp_synth_floor(B, device, adam=adam))
+    counted = {k: mlp_flops(k, B, device) for k in ("backprop", "reference")}
+    flops = {p: counted["backprop" if split_provider(p)[0] == "backprop" else "reference"] for p in names}
     t = time_many(fns, device, min_run_time)
     base = t["backprop"]["ms"]
     floor = base + t["synth_products"]["ms"] + t["synth_adam"]["ms"]
@@ -381,6 +401,8 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
         rows.append(Row("mlp", p, B, 256, 256, dtype, torch.get_num_threads(), False, tp["ms"], tp["p20"],
                         tp["p80"], ratio=(ref / tp["ms"]) if ref else float("nan"), floor_ms=fl,
                         extra={"vs_backprop": tp["ms"] / base, "floor_vs_backprop": fl / base, "adam": adam,
+                               "mflop_per_sample": flops[p] / 1e6,
+                               "flops_vs_backprop": flops[p] / flops["backprop"],
                                "synth_products_ms": t["synth_products"]["ms"],
                                "synth_forward_products_ms": t["synth_forward_products"]["ms"],
                                "synth_adam_ms": t["synth_adam"]["ms"]}))

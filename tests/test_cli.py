@@ -30,6 +30,15 @@ def test_bench_rows_csv_and_auto_table(tmp_path, capsys):
     # the floor is backprop plus the synthesizers' unavoidable parts, all measured
     assert all(r.floor_ms > mlp[0].ms and r.extra["synth_products_ms"] > 0 and r.extra["synth_adam_ms"] > 0
                for r in mlp)
+    # the matrix-product work, counted, against a hand count: W weights in the network's linear layers
+    # (784-256x6-10), of which the first needs no input gradient; five synthesizers of two 256x256 layers, each
+    # run forward and for its weight gradients, only the second for its input gradient
+    W = 784 * 256 + 5 * 256 * 256 + 256 * 10
+    bp = 2 * W + 2 * W + 2 * (W - 784 * 256)
+    dni_flops = bp + 5 * (2 + 2 + 1) * 2 * 256 * 256
+    assert {r.provider: r.extra["mflop_per_sample"] * 1e6 for r in mlp} == {
+        r.provider: float(bp if r.provider == "backprop" else dni_flops) for r in mlp}
+    assert abs(mlp[-1].extra["flops_vs_backprop"] - dni_flops / bp) < 1e-12
     path = tmp_path / "bench.csv"
     env = bench.environment(dev)
     bench.append_csv(rows, str(path), env)
