@@ -83,8 +83,12 @@ class SynthStats:
         ok = written & finite
         s2, g2 = p[:, 2].clamp_min(0), p[:, 3].clamp_min(0)
         tiny = 1e-300
+        # cos(S, g) from fp32 partials: when S is so small that its squares underflow (|S|^2 == 0) while
+        # S . g does not (a huge g), the quotient is meaningless (seen: 9e285 in a diverging run). S that
+        # rounds to nothing predicts nothing: 0, as for S == 0. Rounding can also push |cos| a hair past 1.
+        cos = torch.where(s2 > 0, p[:, 1] / torch.sqrt(s2 * g2).clamp_min(tiny), 0.0).clamp(-1.0, 1.0)
         vals = torch.stack([p[:, 0] * half,                                   # loss
-                            p[:, 1] / torch.sqrt(s2 * g2).clamp_min(tiny),     # cos(S, g)
+                            cos,                                              # cos(S, g)
                             torch.sqrt(p[:, 0].clamp_min(0) / g2.clamp_min(tiny)),  # |S-g| / |g|
                             torch.sqrt(s2), torch.sqrt(g2)], 1)
         # cos and |S-g|/|g| are undefined for a true gradient of exactly 0 (a chunk with no loss, the

@@ -467,6 +467,25 @@ def test_stats_leave_zero_true_gradients_out_of_cos_and_rel_err():
     assert st["loss_mean"] == pytest.approx(sum(losses) / 5, rel=1e-5)
 
 
+def test_stats_cosine_stays_in_range_when_the_synthetic_gradient_underflows():
+    """A synthetic gradient whose squares underflow fp32 (|S|^2 == 0) beside a huge true gradient (S . g != 0):
+    a diverging run produced exactly these partials, and the cosine came out as 9e285. It is 0 (S predicts
+    nothing), and every recorded cosine lies in [-1, 1]."""
+    from dni_fast.stats import SynthStats, partials_of
+
+    st = SynthStats()
+    s = torch.full((4, 8), 1e-26)
+    g = torch.full((4, 8), 1e12)
+    p = partials_of(s, g)
+    assert p[2] == 0 and p[1] != 0  # the case: |S|^2 underflowed, S . g did not
+    st.record(p, 1.0)
+    out = st.read()
+    assert out["count"] == 1 and out["cos"] == 0.0 and out["cos_mean"] == 0.0
+    st.record(partials_of(g * 1e-12, g), 1.0)  # parallel: 1 up to fp32 rounding, never past it
+    out = st.read()
+    assert 1.0 - 1e-6 < out["cos"] <= 1.0 and out["cos_mean"] == pytest.approx(0.5, abs=1e-6)
+
+
 def test_stats_ring_folds_over_many_steps():
     iface = dni.ForwardInterface(_nonzero(dni.BasicSynthesizer(2, trigger_dim=2)))
     total = 0.0
