@@ -131,6 +131,8 @@ def command(d: dict) -> str:
             argv[i] = os.path.join(os.path.dirname(argv[i]), os.path.basename(d["_path"]))
     if d.get("_group", "").endswith("_dnipytorch") and "--dni-pytorch" not in argv:
         argv.append("--dni-pytorch")  # run when dni-pytorch's settings were the example's defaults (see schedule())
+    if d.get("_group", "").endswith("_basic") and "--synth" not in argv:
+        argv += ["--synth", "mlp"]  # run when the BasicSynthesizer was the example's default (see schedule())
     return f"python -m dni_fast.examples.{d['example']} " + " ".join(argv)
 
 
@@ -151,9 +153,11 @@ def schedule(ds: List[dict]) -> str:
             continue  # the copy task's budget is in time steps
         if c.get(key) is not None:
             bits.append(f"{name} {c[key]}")
-    if c.get("synth") == "ridge":
+    # mnist_mlp's logs from before it had --synth ran the BasicSynthesizer, its only synthesizer then.
+    synth = c.get("synth", "mlp" if d["example"] == "mnist_mlp" else None)
+    if synth == "ridge":
         bits.append(f"synthesizer `RidgeSynthesizer(forget={c.get('synth_forget')}, ridge={c.get('synth_ridge')})`")
-    elif c.get("synth") == "mlp":
+    elif synth == "mlp":
         bits.append("synthesizer `BasicSynthesizer`")
     for key, name in (("lr_schedule", "lr schedule"), ("synth_lr_mult", "synthesizer lr multiplier"),
                       ("normalize_targets", "normalize_targets"), ("sg_factor", "sg factor"), ("loss", "loss"),
@@ -167,6 +171,11 @@ def schedule(ds: List[dict]) -> str:
     early = [x for x in ds if x["_group"].endswith("_dnipytorch") and "--dni-pytorch" not in x.get("argv", [])]
     note = (f" (seed{'s' if len(early) > 1 else ''} {', '.join(str(x['_seed']) for x in early)} ran before the "
             "example's defaults changed, without `--dni-pytorch`; their logged settings are the flag's)") if early else ""
+    basic = [x for x in ds if x["_group"].endswith("_basic") and "--synth" not in x.get("argv", [])]
+    if basic:
+        note += (" (run while the `BasicSynthesizer` was the example's default, so without `--synth mlp`, and logged "
+                 "under the default's name, renamed since; the flag reproduces them: checked bit for bit on a short "
+                 "run)")
     return ("Schedule: " + ", ".join(bits) + f"; {seeds_line(ds)}. Command"
             + ("" if len(cmds) == 1 else "s") + ": " + "; ".join(f"`{c}`" for c in cmds) + note + ".")
 
@@ -263,13 +272,33 @@ def curves_png(ds, baseline, out, name, title, baseline_label) -> str:
     return name
 
 
-def fcn_section(ds: List[dict], out: str) -> str:
-    c = ds[0]["config"]
+def _fcn_synth(c: dict) -> str:
+    return ("`RidgeSynthesizer`" if c.get("synth") == "ridge" else
+            f"`BasicSynthesizer` with {c.get('synth_hidden')} hidden layer(s) of {c.get('synth_width')} units")
+
+
+def fcn_section(ds: List[dict], out: str, basic: Optional[List[dict]] = None) -> str:
+    """The FCN table (and its gap figure) from ``ds``; ``basic``: the same runs with the ``BasicSynthesizer``,
+    a second table."""
     s = ["## MNIST FCN, a DNI after every layer (`mnist_fcn`)\n",
          f"`N` linear layers: `N-1` hidden layers of 256 units with BatchNorm and ReLU, each followed by a "
-         f"`BackwardInterface`, and the output layer. Synthesizers: `BasicSynthesizer` with "
-         f"{c.get('synth_hidden')} hidden layer(s) of {c.get('synth_width')} units. The paper's schedule is "
-         f"Adam 3e-5 over 500k steps; ours is the short one below.\n", schedule(ds) + "\n"]
+         f"`BackwardInterface`, and the output layer. Synthesizers: {_fcn_synth(ds[0]['config'])}. The paper's "
+         f"schedule is Adam 3e-5 over 500k steps; ours is the short one below.\n", schedule(ds) + "\n"]
+    depths, rows = _fcn_rows(ds)
+    s.append(table(FCN_COLS, rows))
+    if basic:
+        s.append(f"\nThe same nets with the {_fcn_synth(basic[0]['config'])} (`--synth mlp`). {schedule(basic)}\n")
+        s.append(table(FCN_COLS, _fcn_rows(basic)[1]))
+    _fcn_figure(depths, out)
+    s.append("\n![FCN gap to backprop against training steps](mnist_fcn_gap.png)\n")
+    return "\n".join(s) + "\n"
+
+
+FCN_COLS = ["depth", "backprop test error %", "DNI test error %", "cDNI test error %", "DNI gap", "cDNI gap",
+            "cDNI gap <= DNI gap / 2", "DNI cos", "cDNI cos"]
+
+
+def _fcn_rows(ds: List[dict]):
     runs = by_variant(ds)
     depths: Dict[str, Dict[str, List[dict]]] = {}
     for v, rs in runs.items():
@@ -286,8 +315,10 @@ def fcn_section(ds: List[dict], out: str) -> str:
                     + [pm(gap["dni"]), pm(gap["cdni"]), half,
                        pm([r.get("final_cos") for r in v.get("dni", [])], "{:.3f}"),
                        pm([r.get("final_cos") for r in v.get("cdni", [])], "{:.3f}")])
-    s.append(table(["depth", "backprop test error %", "DNI test error %", "cDNI test error %", "DNI gap",
-                    "cDNI gap", "cDNI gap <= DNI gap / 2", "DNI cos", "cDNI cos"], rows))
+    return depths, rows
+
+
+def _fcn_figure(depths: Dict[str, Dict[str, List[dict]]], out: str) -> None:
     fig, axes = plt.subplots(1, len(depths), figsize=(3.4 * len(depths), 3.2), squeeze=False, sharey=True)
     for ax, (depth, v) in zip(axes[0], depths.items()):
         bp = v.get("backprop", [])
@@ -308,8 +339,6 @@ def fcn_section(ds: List[dict], out: str) -> str:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "mnist_fcn_gap.png"), dpi=100)
     plt.close(fig)
-    s.append("\n![FCN gap to backprop against training steps](mnist_fcn_gap.png)\n")
-    return "\n".join(s) + "\n"
 
 
 def quickstart_section(ds: List[dict]) -> str:
@@ -595,10 +624,13 @@ def machine_line(logs: List[dict]) -> str:
             f"backend unless stated; backends available: {', '.join(m.get('available_backends', []))}.")
 
 
-MLP_WHAT = ("784-256-256-10 with BatchNorm; a `BackwardInterface(BasicSynthesizer(256, n_hidden=1))` after each "
-            "hidden layer (after its BatchNorm, before its ReLU), so the first layer learns from a synthesizer whose "
-            "target is the second one's synthetic gradient, backpropagated. cDNI also gives the synthesizers the "
-            "one-hot label. Settings chosen on a validation split: see docs/synthetic_gradients.md.")
+MLP_WHAT = ("784-256-256-10 with BatchNorm; a `BackwardInterface` after each hidden layer (after its BatchNorm, "
+            "before its ReLU), so the first layer learns from a synthesizer whose target is the second one's "
+            "synthetic gradient, backpropagated. The synthesizer is a `RidgeSynthesizer(256)` (a linear map refitted "
+            "in closed form; the example's default) or, in the rows marked *dni-pytorch settings*, dni-pytorch's "
+            "`BasicSynthesizer(256, n_hidden=1)` trained by Adam on its regression loss. cDNI also gives the "
+            "synthesizers the one-hot label. Settings chosen on a validation split: see "
+            "docs/synthetic_gradients.md.")
 
 
 def build(logs: List[dict], out: str) -> str:
@@ -624,7 +656,7 @@ def build(logs: List[dict], out: str) -> str:
         parts.append(classifier_section(g["mnist_mlp"], out, "MNIST MLP, update unlock (`mnist_mlp`)",
                                         "mnist_mlp_curves.png", MLP_WHAT, g.get("mnist_mlp_dnipytorch")))
     if "mnist_fcn" in g:
-        parts.append(fcn_section(g["mnist_fcn"], out))
+        parts.append(fcn_section(g["mnist_fcn"], out, g.get("mnist_fcn_basic")))
     if "mnist_cnn" in g:
         parts.append(classifier_section(
             g["mnist_cnn"], out, "MNIST CNN with a convolutional synthesizer (`mnist_cnn`)", "mnist_cnn_curves.png",
@@ -675,6 +707,8 @@ DIAG_RUNS = {
         ("--lr-schedule cosine --synth-lr-schedule constant", "mlp_cos_synthconst", "{v}"),
         ("--lr-schedule cosine --synth-lr-mult 0.1", "mlp_cos_lr01", "{v}"),
         ("--normalize-targets --lr-schedule cosine", "mlp_norm_cos", "{v}"),
+        ("--lr-schedule cosine --synth ridge (the default now)", "mlp_ridge", "{v}"),
+        ("--lr-schedule cosine --synth ridge --synth-forget 0.995", "mlp_ridge_f0995", "{v}"),
     ],
     "ptb": [
         ("BPTT", "ptb_base", "bptt T=4"),
@@ -704,6 +738,20 @@ DIAG_RUNS = {
         ("DNI, lr 1e-3 --normalize-targets", "fcn_norm_lr1e3", "dni 3-layer"),
         ("cDNI, lr 1e-3 --normalize-targets", "fcn_norm_lr1e3", "cdni 3-layer"),
     ],
+    # The deep nets: 3 epochs (the old default) against 10, and the RidgeSynthesizer, lr 1e-3, cosine decay,
+    # normalised targets for cDNI (the defaults).
+    "fcn_deep": [
+        (f"{m}, {n}-layer, {e}", log, f"{v} {n}-layer")
+        for n in (5, 6)
+        for m, v, e, log in (("backprop", "backprop", "3 epochs", "fcn_e3"), ("DNI", "dni", "3 epochs", "fcn_e3"),
+                             ("cDNI", "cdni", "3 epochs", "fcn_e3"),
+                             ("backprop", "backprop", "10 epochs", "fcn_e10"), ("DNI", "dni", "10 epochs", "fcn_e10"),
+                             ("cDNI", "cdni", "10 epochs", "fcn_e10"),
+                             ("DNI", "dni", "10 epochs, --synth ridge", "fcn_e10_ridge"),
+                             ("cDNI", "cdni", "10 epochs, --synth ridge --normalize-targets cdni", "fcn_e10_ridge"),
+                             ("cDNI", "cdni", "10 epochs, --synth ridge --normalize-targets none",
+                              "fcn_e10_ridge_nonorm"))
+    ],
     "copy": [
         ("BPTT", "copy_base", "bptt T=4"),
         ("DNI, dni-pytorch settings (sg factor 0.1)", "copy_base", "dni T=4"),
@@ -726,6 +774,15 @@ def _diag_run(diag: str, name: str, variant: str) -> Optional[dict]:
     return next((r for r in d["runs"] if r["variant"] == variant), None)
 
 
+def _mean(xs) -> Optional[float]:
+    """The mean, or ``None`` for no values (a run that went to NaN at once)."""
+    return statistics.fmean(xs) if xs else None
+
+
+def _median(xs) -> Optional[float]:
+    return statistics.median(xs) if xs else None
+
+
 def _last(xs, k: int = 1):
     v = [x for x in (xs or []) if x is not None]
     return statistics.fmean(v[-k:]) if v else None
@@ -740,16 +797,17 @@ def diag_table(diag: str, which: str, variant: str = "") -> str:
         h = r["history"]
         ifs = h.get("interfaces", {})
         cos = " / ".join(fmt(c["cos"][-1], "{:.3f}") for c in ifs.values()) or "-"
-        mean_cos = " / ".join(fmt(statistics.fmean([x for x in c["cos"] if x is not None]), "{:.3f}")
+        mean_cos = " / ".join(fmt(_mean([x for x in c["cos"] if x is not None]), "{:.3f}")
                               for c in ifs.values()) or "-"
-        sg = " / ".join(fmt(c["s_norm"][-1] / c["g_norm"][-1] if c["g_norm"][-1] else None, "{:.3g}")
+        sg = " / ".join(fmt(c["s_norm"][-1] / c["g_norm"][-1] if c["g_norm"][-1] and c["s_norm"][-1] is not None
+                            else None, "{:.3g}")
                         for c in ifs.values()) or "-"
-        rel = " / ".join(fmt(statistics.median([x for x in c["rel_err"] if x is not None]), "{:.2f}")
+        rel = " / ".join(fmt(_median([x for x in c["rel_err"] if x is not None]), "{:.2f}")
                          for c in ifs.values()) or "-"
         eps = " / ".join(fmt(min(x for x in c["sqrt_v_median"] if x) / c["adam_eps"], "{:.2g}")
                          if c.get("adam_eps") and any(c["sqrt_v_median"]) else "-" for c in ifs.values()) or "-"
         ratio = h.get("adam_step_ratio", {})
-        if which in ("mlp", "cnn", "fcn"):
+        if which in ("mlp", "cnn", "fcn", "fcn_deep"):
             acc = [fmt(r.get("valid_acc"), "{:.2f}"), fmt(r.get("best_valid_acc"), "{:.2f}")]
             step = fmt(_last(ratio.get("conv2.weight" if which == "cnn" else "linears.1.weight"), 5), "{:.3f}")
         elif which == "ptb":
@@ -760,9 +818,10 @@ def diag_table(diag: str, which: str, variant: str = "") -> str:
             step = fmt(_last(ratio.get("rnn.weight_hh_l0"), 5), "{:.3f}")
         rows.append([label] + acc + [cos, mean_cos, sg, rel, step, eps])
     acc_cols = ["valid acc % (end)", "best valid acc %"]
-    metric = {"mlp": acc_cols, "cnn": acc_cols, "fcn": acc_cols, "ptb": ["valid bpc (end)", "-"],
+    metric = {"mlp": acc_cols, "cnn": acc_cols, "fcn": acc_cols, "fcn_deep": acc_cols, "ptb": ["valid bpc (end)", "-"],
               "copy": ["longest L solved", "-"]}[which]
     what = {"mlp": "Adam step ratio, layer 2 (last 5 evals)", "fcn": "Adam step ratio, layer 2 (last 5 evals)",
+            "fcn_deep": "Adam step ratio, layer 2 (last 5 evals)",
             "cnn": "Adam step ratio, conv2 (last 5 evals)", "ptb": "Adam step ratio, LSTM W_hh (last 5 evals)",
             "copy": "Adam step ratio, LSTM W_hh (last 5 evals)"}[which]
     return table(["run"] + metric + ["cos(S, g) at end", "cos(S, g), mean over training", "|S|/|g| at end",
@@ -778,7 +837,8 @@ def diagnosis(diag: str, doc: str, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     blocks = {"mlp_dni": lambda: diag_table(diag, "mlp", "dni"), "mlp_cdni": lambda: diag_table(diag, "mlp", "cdni"),
               "ptb": lambda: diag_table(diag, "ptb"), "copy": lambda: diag_table(diag, "copy"),
-              "cnn": lambda: diag_table(diag, "cnn"), "fcn": lambda: diag_table(diag, "fcn")}
+              "cnn": lambda: diag_table(diag, "cnn"), "fcn": lambda: diag_table(diag, "fcn"),
+              "fcn_deep": lambda: diag_table(diag, "fcn_deep")}
 
     def runs(which, variant="", names=None):
         out_runs = []

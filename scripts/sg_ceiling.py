@@ -30,6 +30,11 @@ rows of (trigger, gradient) at each interface and reports, on held-out rows:
     python scripts/sg_ceiling.py copy --T 4 --log docs/logs/diag/ceiling_copy.json
     python scripts/sg_ceiling.py ptb --T 4 -- --train-tokens 200000 --eval-tokens 20000
     python scripts/sg_ceiling.py mlp -- --epochs 3 --valid 10000
+
+The example's own options follow ``--``; the MNIST MLP's and the copy
+task's default synthesizer is the ``RidgeSynthesizer`` (``-- --synth mlp``
+for the ``BasicSynthesizer``, which the committed ``ceiling_mlp`` and
+``ceiling_copy*`` logs ran).
 """
 from __future__ import annotations
 

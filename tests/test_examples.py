@@ -152,6 +152,46 @@ def test_copy_task_synth_options(tmp_path):
             CT.main(["--quick", "--no-progress", "--mode", "dni"] + extra)
 
 
+@pytest.mark.parametrize("name, default", [("mnist_mlp", "ridge"), ("mnist_fcn", "ridge")])
+def test_feed_forward_synth_options(name, default, monkeypatch):
+    """mnist_mlp and mnist_fcn default to the RidgeSynthesizer (cDNI's sees the label); --synth picks either, --dni-pytorch restores the BasicSynthesizer, and the BasicSynthesizer's options are
+    refused by name with --synth ridge."""
+    import dni_fast as dni
+    from dni_fast.examples.mnist_mlp import MLP
+
+    mod = importlib.import_module(f"dni_fast.examples.{name}")
+    built = []
+    init = MLP.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        if self.dnis is not None:
+            built.append([(type(i.synthesizer), getattr(i.synthesizer, "context_dim", None)) for i in self.dnis])
+
+    monkeypatch.setattr(MLP, "__init__", spy)
+    kind = {"ridge": dni.RidgeSynthesizer, "mlp": dni.BasicSynthesizer}
+    for extra, want in (([], default), (["--synth", "ridge"], "ridge"), (["--synth", "mlp"], "mlp"),
+                        (["--synth", "ridge", "--dni-pytorch"], "mlp")):
+        built.clear()
+        mod.main(["--quick", "--no-progress", "--data", "digits", "--mode", "dni", "cdni"] + extra)
+        assert [{t for t, _ in b} for b in built] == [{kind[want]}] * 2, (extra, built)
+        if want == "ridge":  # the synthesizers of cDNI are conditioned on the one-hot label, DNI's on nothing
+            assert [{c for _, c in b} for b in built] == [{None}, {10}], built
+    # normalised targets are the BasicSynthesizer's (mnist_fcn: for cDNI); --synth ridge drops them unless asked
+    for extra, want in (([], [False, False]), (["--synth", "mlp"], [False, name == "mnist_fcn"]),
+                        (["--synth", "ridge"], [False, False]),
+                        (["--synth", "ridge", "--normalize-targets", "cdni"], [False, True])):
+        seen = []
+        monkeypatch.setattr(MLP, "__init__", lambda self, *a, **k: (init(self, *a, **k), seen.append(
+            {i.normalize_targets for i in self.dnis} if self.dnis is not None else None))[0])
+        mod.main(["--quick", "--no-progress", "--data", "digits", "--mode", "dni", "cdni"] + extra)
+        assert seen == [{w} for w in want], (extra, seen)
+    for flag in ("--synth-hidden=1", "--synth-lr-mult=2", "--synth-init=default") + (
+            ("--synth-width=8",) if name == "mnist_fcn" else ()):
+        with pytest.raises(SystemExit, match=f"{flag.split('=')[0]} applies to --synth mlp"):
+            mod.main(["--quick", "--no-progress", "--data", "digits", "--synth", "ridge", flag])
+
+
 def test_lstm_dni_trigger_round_trip():
     """The LSTM state packs into one trigger per batch row and back exactly."""
     from dni_fast.examples.ptb_lm import LSTMLM
@@ -344,7 +384,8 @@ def test_mnist_distributed_learning_rates_per_variant():
                                                      "--synth", "mlp"]),
                                            ("copy", ["--lags", "0", "5", "--", "--quick"]),  # RidgeSynthesizer
                                            ("ptb", ["--lags", "0", "--", "--quick", "--data", "synthetic"]),
-                                           ("mlp", ["--", "--quick", "--data", "digits"])])
+                                           ("mlp", ["--", "--quick", "--data", "digits"]),  # RidgeSynthesizer
+                                           ("mlp", ["--", "--quick", "--data", "digits", "--synth", "mlp"])])
 def test_sg_ceiling_script(tmp_path, example, extra):
     """scripts/sg_ceiling.py end to end at toy sizes: every number it reports is there and in range."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -355,7 +396,7 @@ def test_sg_ceiling_script(tmp_path, example, extra):
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads(log.read_text())["report"]
     blocks = [rep] if example in ("copy", "ptb") else [i for v in rep.values() for i in v["interfaces"].values()]
-    ridge = example == "copy" and "mlp" not in extra
+    ridge = example in ("copy", "mlp") and "mlp" not in extra  # the examples whose default is --synth ridge
     for b in blocks:
         if ridge:  # no ReLU units to die
             assert b["dead"] is None
