@@ -20,7 +20,9 @@ constant`` (500k steps of 256 on MNIST) is the paper's.
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+from torch import nn
 
 from dni_fast.examples import _common as C
 from dni_fast.examples.mnist_mlp import MLP
@@ -29,7 +31,9 @@ MODES = ("backprop", "dni", "cdni")
 
 
 def fcn(input_dim: int, layers: int, mode: str, synth_hidden: int, synth_width: int,
-        interface_kwargs: Optional[dict] = None, synthesizer=None) -> MLP:
+        interface_kwargs: Optional[dict] = None,
+        synthesizer: Optional[Callable[[int, Optional[int]], nn.Module]] = None) -> MLP:
+    """The ``layers``-layer FCN as an ``MLP`` (``synthesizer``: as ``MLP``'s; ``None``: ``BasicSynthesizer``)."""
     if layers < 2:
         raise ValueError(f"an FCN needs at least 2 layers (one hidden), got {layers}")
     return MLP(input_dim, hidden=(256,) * (layers - 1), mode=mode, synth_hidden=synth_hidden,
@@ -41,8 +45,8 @@ def build_parser():
     # Recommended settings (docs/synthetic_gradients.md): a cosine learning-rate decay, as for mnist_mlp;
     # --dni-pytorch restores a constant rate and dni-pytorch's synthesizer init.
     p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=256, lr=1e-3, lr_schedule="cosine")
-    # --synth mlp: batch 256 makes the targets ~1e-4 per element: normalised targets for cDNI (validation split, 3 layers,
-    # 3 epochs: cDNI 91.2% -> 95.7%; lr 1e-4 left every variant far behind in 3 epochs). Not for plain DNI:
+    # --synth mlp: batch 256 makes the targets ~1e-4 per element: normalised targets for cDNI (validation split,
+    # 3 layers, 3 epochs: cDNI 91.2% -> 95.7%; lr 1e-4 left every variant far behind in 3 epochs). Not for plain DNI:
     # it gains nothing at 3 layers (90.4% -> 90.6%) and, deeper, a normalised label-free synthetic gradient
     # drives every layer below with a small consistent direction (docs/synthetic_gradients.md, cause 3):
     # seeded 5-layer runs fell to 47-54% with it.
