@@ -123,16 +123,33 @@ def compare(a: List[float], b: List[float], lower_is_better: bool, name_a: str, 
     return f"{better} better ({strength}: diff {diff:.3g}, std {sa:.2g} / {sb:.2g})"
 
 
+#: Groups whose logs may predate a flag: (group suffix, the flag's arguments, why the log lacks it). Such a
+#: log ran when the flag's settings were the example's defaults: its command is shown with the flag (which
+#: reproduces it now), and the schedule says so.
+PREDATES_FLAG = (
+    ("_dnipytorch", ["--dni-pytorch"], "ran before the example's defaults changed, without `--dni-pytorch`; "
+                                       "their logged settings are the flag's"),
+    ("_basic", ["--synth", "mlp"], "ran while the `BasicSynthesizer` was the example's default, so without "
+                                   "`--synth mlp`, and were logged under the default's name, renamed since; the "
+                                   "flag reproduces them: checked bit for bit on a short run"),
+)
+
+
+def _missing_flag(d: dict):
+    """``(flag arguments, why)`` when ``d``'s group is in ``PREDATES_FLAG`` and its argv lacks the flag."""
+    return next(((args, why) for suffix, args, why in PREDATES_FLAG
+                 if d.get("_group", "").endswith(suffix) and args[0] not in d.get("argv", [])), None)
+
+
 def command(d: dict) -> str:
     argv = list(d.get("argv", []))
     if "--log" in argv and d.get("_path"):  # where the log is now (a file renamed after the run)
         i = argv.index("--log") + 1
         if i < len(argv):
             argv[i] = os.path.join(os.path.dirname(argv[i]), os.path.basename(d["_path"]))
-    if d.get("_group", "").endswith("_dnipytorch") and "--dni-pytorch" not in argv:
-        argv.append("--dni-pytorch")  # run when dni-pytorch's settings were the example's defaults (see schedule())
-    if d.get("_group", "").endswith("_basic") and "--synth" not in argv:
-        argv += ["--synth", "mlp"]  # run when the BasicSynthesizer was the example's default (see schedule())
+    missing = _missing_flag(d)
+    if missing:
+        argv += missing[0]
     return f"python -m dni_fast.examples.{d['example']} " + " ".join(argv)
 
 
@@ -168,14 +185,11 @@ def schedule(ds: List[dict]) -> str:
     bits.append(f"{m.get('torch_threads', '?')} torch thread(s)")
     cmds = sorted({command(x).replace(f"--seed {x['_seed']}", "--seed S").replace(f"_s{x['_seed']}.json", "_sS.json")
                    for x in ds})
-    early = [x for x in ds if x["_group"].endswith("_dnipytorch") and "--dni-pytorch" not in x.get("argv", [])]
-    note = (f" (seed{'s' if len(early) > 1 else ''} {', '.join(str(x['_seed']) for x in early)} ran before the "
-            "example's defaults changed, without `--dni-pytorch`; their logged settings are the flag's)") if early else ""
-    basic = [x for x in ds if x["_group"].endswith("_basic") and "--synth" not in x.get("argv", [])]
-    if basic:
-        note += (" (run while the `BasicSynthesizer` was the example's default, so without `--synth mlp`, and logged "
-                 "under the default's name, renamed since; the flag reproduces them: checked bit for bit on a short "
-                 "run)")
+    note = ""
+    for _, _, why in PREDATES_FLAG:
+        early = [x for x in ds if (_missing_flag(x) or (None, None))[1] == why]
+        if early:
+            note += f" (seed{'s' if len(early) > 1 else ''} {', '.join(str(x['_seed']) for x in early)} {why})"
     return ("Schedule: " + ", ".join(bits) + f"; {seeds_line(ds)}. Command"
             + ("" if len(cmds) == 1 else "s") + ": " + "; ".join(f"`{c}`" for c in cmds) + note + ".")
 

@@ -256,6 +256,23 @@ def test_make_results_from_quick_logs(tmp_path):
     assert {p.name for p in out.glob("*.png")} >= {"mnist_mlp_curves.png", "ptb_char_bpc.png", "copy_task.png"}
 
 
+def test_make_results_shows_the_flag_a_renamed_log_predates():
+    """A log in a ``_dnipytorch`` or ``_basic`` group that ran before the flag existed (its argv lacks it) is
+    shown with the flag, and the schedule says which seeds; a log that has the flag is shown as it ran."""
+    mr = _make_results()
+
+    def log(group, seed, *argv):
+        return {"example": "mnist_fcn", "argv": ["--log", f"docs/logs/results/mnist_fcn_s{seed}.json", *argv],
+                "_group": group, "_seed": seed, "_path": f"runs/{group}_s{seed}.json", "config": {}, "machine": {}}
+
+    old, new = log("mnist_fcn_basic", 1), log("mnist_fcn_basic", 2, "--synth", "mlp")
+    assert mr.command(old).endswith("--log docs/logs/results/mnist_fcn_basic_s1.json --synth mlp")
+    assert mr.command(new).count("--synth mlp") == 1
+    assert "(seed 1 ran while the `BasicSynthesizer`" in mr.schedule([old, new])
+    assert mr.command(log("mnist_mlp_dnipytorch", 3)).endswith("--dni-pytorch")
+    assert "ran before" not in mr.schedule([new]) and "(seed" not in mr.schedule([log("mnist_fcn", 1)])
+
+
 def test_make_results_compare_needs_both_stds():
     mr = _make_results()
     assert mr.compare([2.0, 2.1, 2.2], [1.0, 1.1, 1.2], True, "BPTT", "DNI").startswith("DNI better (beyond 2 std")
