@@ -20,6 +20,7 @@
 
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 
 namespace dni_fast {
 namespace {
@@ -78,7 +79,15 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
       slot = it->second.toTensor();
       ctx->saved_data.erase(it);
     }
-    const int64_t overlap_threads = ctx->saved_data["overlap"].toInt();
+    int64_t overlap_threads = ctx->saved_data["overlap"].toInt();
+    if (overlap_threads > 0) {
+      // Only a plain backward() (an empty exec_info) accumulates every parameter
+      // gradient; under torch.autograd.grad or backward(inputs=...) the engine
+      // decides where each gradient goes, so the update runs here, as without
+      // overlap (dni_fast/_overlap.py).
+      const auto* info = torch::autograd::get_current_graph_task_exec_info();
+      if (info != nullptr && !info->empty()) overlap_threads = 0;
+    }
     TensorVec grads;
     if (overlap_threads > 0) {
       // Off the main path: the worker computes the gradients; Python delivers

@@ -20,9 +20,29 @@ node whose backward returns them, run on the caller's thread) at the next
   (wrapped once, the first time overlap is used; a subclass that overrides
   ``zero_grad`` without calling the base is not covered);
 * ``state_dict()`` of a module that holds an overlapped interface;
-* reading an interface's ``stats()``.
+* ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` (called through
+  ``torch.nn.utils``; a reference bound by ``from ... import`` before the
+  first overlap is not wrapped) and ``torch.amp.GradScaler.unscale_`` (so
+  ``scaler.step(opt)`` unscales and checks the synthesizers' gradients too);
+* ``optimizer.step(closure)``: the closure is wrapped, so the gradients of
+  its backward are complete when the closure returns (LBFGS, SGD with a
+  closure).
 
-A raw ``.grad`` read needs ``dni.synchronize()`` first.
+Reading an interface's ``stats()`` waits until the worker has written the
+statistics rows; it delivers no gradient. A raw ``.grad`` read needs
+``dni.synchronize()`` first.
+
+Only a plain ``backward()`` hands updates to the worker. Under
+``torch.autograd.grad`` or ``backward(inputs=...)`` the engine decides which
+gradients reach ``.grad`` (none, under ``autograd.grad``), so the update runs
+inline there, exactly as without overlap.
+
+The worker, its pending updates and the synchronisation points are shared by
+the process: ``synchronize()`` on any thread delivers every thread's pending
+updates, and an exception leaving an ``overlap()`` scope discards them all.
+Train with overlap from one thread at a time. The worker sets its own
+intra-op thread count with ``torch.set_num_threads``, which also sets the
+count that threads created afterwards start with.
 
 Under CUDA graph capture (``torch.cuda.graph`` around a whole training
 step, ``Adam(capturable=True)``, ``track_stats=False``) the caller launches
@@ -61,6 +81,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import threading
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -157,6 +178,22 @@ class _Job:
         self.error: Optional[BaseException] = None
 
 
+class _Running(threading.local):
+    def __init__(self) -> None:
+        self.depth = 0  # jobs executing on this thread (a job may run another: nested)
+        self.injecting = False  # inside an injection's torch.autograd.grad (ours: it stands for a backward())
+
+
+_running = _Running()
+
+
+def in_job() -> bool:
+    """Whether the calling thread is executing an overlap job (the worker, or a
+    caller that took a queued job at a synchronisation point). Such code must
+    never wait for the pending jobs: one of them is itself."""
+    return _running.depth > 0
+
+
 class _Worker:
     """One daemon thread running jobs in submission order; a caller that waits
     for them runs the ones not started yet itself (below)."""
@@ -176,6 +213,7 @@ class _Worker:
 
     @staticmethod
     def _execute(job: _Job, threads: Optional[int]) -> None:
+        _running.depth += 1
         try:
             # Intra-op threads are per thread, but torch.set_num_threads on
             # another thread can change this one's too: check every job.
@@ -192,6 +230,7 @@ class _Worker:
         except BaseException as e:  # surfaces in the caller at the next synchronisation point
             job.error = e
         finally:
+            _running.depth -= 1
             job.done.set()
 
     def _run(self) -> None:
@@ -241,10 +280,11 @@ class _Worker:
         intra-op thread count, as without overlap), so that a backlog on the
         worker is shared by both threads. The jobs are independent (each
         reads what its submitter handed it and returns gradients), so who runs
-        which changes no number. On the worker itself (a statistics read by an
-        update it runs) there is nothing to wait for: the jobs before the
-        running one are done."""
-        if self.on_worker():
+        which changes no number. A thread that is executing a job (the worker,
+        or a caller running a job it took) never waits: the jobs it would wait
+        for include the one it is running (statistics defer their reads there
+        instead, ``stats.can_wait``)."""
+        if in_job():
             return
         while True:
             with self._ready:
@@ -292,7 +332,7 @@ def _native_pending() -> int:
 
 def pending() -> int:
     """Updates computed or in flight, not yet delivered to ``.grad``."""
-    return len(_worker.pending) + _native_pending()
+    return len(_worker.pending) + len(_native_done) + _native_pending()
 
 
 def submit(compute: Callable[[], Sequence[Optional[Tensor]]], params: Sequence[Tensor], inputs: Sequence[Tensor],
@@ -362,7 +402,11 @@ def inject(trigger: Tensor, s: Tensor) -> bool:
         return False
 
     def compute():
-        return torch.autograd.grad((trigger,), leaves, (s,), allow_unused=True)
+        _running.injecting = True
+        try:
+            return torch.autograd.grad((trigger,), leaves, (s,), allow_unused=True)
+        finally:
+            _running.injecting = False
 
     _worker.submit(_Job(compute, leaves, worker_threads(), None))
     return True
@@ -378,6 +422,7 @@ def discard() -> None:
             _native._overlap_collect()
         except RuntimeError:
             pass  # dropped anyway
+    _native_done.clear()  # collected early (a statistics read), never delivered: dropped too
 
 
 def wait_computed() -> None:
@@ -472,7 +517,7 @@ def _install_hooks() -> None:
     _hooks_installed = True
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    register_optimizer_step_pre_hook(lambda opt, args, kwargs: _synchronize_quietly())
+    register_optimizer_step_pre_hook(_step_pre_hook)
 
     def wrap(cls):
         orig = cls.zero_grad
@@ -487,9 +532,75 @@ def _install_hooks() -> None:
 
     wrap(torch.optim.Optimizer)
     wrap(torch.nn.Module)
+    # Readers of every .grad between backward and step: gradient clipping, and
+    # GradScaler's unscale_ (its inf check and the division by the scale).
+    _sync_first(torch.amp.GradScaler, "unscale_")
+    import torch.nn.utils as nn_utils
+    import torch.nn.utils.clip_grad as clip_grad
+
+    for name in ("clip_grad_norm_", "clip_grad_value_"):
+        orig = getattr(clip_grad, name)
+        _sync_first(clip_grad, name)
+        if getattr(nn_utils, name, None) is orig:
+            setattr(nn_utils, name, getattr(clip_grad, name))
     from dni_fast import stats
 
     stats.before_read = wait_computed
+    stats.can_wait = lambda: not in_job()
+
+
+def _sync_first(owner, name: str) -> None:
+    """Replace ``owner.name`` by a function that synchronises, then calls it."""
+    orig = getattr(owner, name)
+
+    @functools.wraps(orig)
+    def synced(*args, **kwargs):
+        _synchronize_quietly()
+        return orig(*args, **kwargs)
+
+    setattr(owner, name, synced)
+
+
+def _step_pre_hook(opt, args, kwargs):
+    """Every optimizer's ``step()``: deliver the pending gradients; with a
+    closure, also when the closure returns (its backward queued new ones, and
+    ``step`` reads ``.grad`` right after it)."""
+    _synchronize_quietly()
+    # args: (optimizer, *step's positional arguments), as torch passes them to the hooks
+    if "closure" in kwargs:
+        closure = kwargs["closure"]
+    else:
+        closure = args[1] if len(args) > 1 else None
+    if closure is None:
+        return None
+
+    @functools.wraps(closure)
+    def closure_then_synchronize(*a, **k):
+        loss = closure(*a, **k)
+        _synchronize_quietly()
+        return loss
+
+    if "closure" in kwargs:
+        return args, dict(kwargs, closure=closure_then_synchronize)
+    return (args[0], closure_then_synchronize, *args[2:]), kwargs
+
+
+def plain_backward(leaves: Sequence[Tensor]) -> bool:
+    """Inside a node's backward: whether the running backward accumulates into
+    every one of ``leaves`` (leaf tensors whose gradient edges are inputs of
+    that node). True for a plain ``backward()``; False under
+    ``torch.autograd.grad`` (it accumulates into nothing) or a
+    ``backward(inputs=...)`` that leaves one out. An overlapped update may only
+    be deferred in the first case: elsewhere the engine decides where each
+    gradient goes, so the update must run inline."""
+    from torch.autograd.graph import get_gradient_edge
+
+    if _running.injecting:  # an injection on the worker: a backward() whose gradients are delivered later anyway
+        return True
+    try:
+        return all(torch._C._will_engine_execute_node(get_gradient_edge(t).node) for t in leaves if t.requires_grad)
+    except RuntimeError:  # raised for a leaf under torch.autograd.grad: nothing accumulates
+        return False
 
 
 def inside_ddp_forward() -> bool:

@@ -12,6 +12,7 @@ from torch import nn
 import dni_fast as dni
 import dni_fast.backends as bk
 from dni_fast import _overlap as ov
+from dni_fast.stats import SynthStats
 from tests.conftest import fused_backends
 
 # The Triton interpreter cannot run kernels from a second thread (its patching
@@ -403,3 +404,102 @@ def test_cuda_graph_capture_of_an_overlapped_step(backend):
     got = {k: v.float().cpu() for k, v in model.state_dict().items()}
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+# --- faults found in review: each test fails without its fix -------------------------------------------------------
+def _recipe_run(backend, mode, recipe, steps=3):
+    """Train the small MLP with a standard recipe that reads .grad inside or before step()."""
+    model = _mlp(backend)
+    torch.manual_seed(1)
+    data = [(torch.randn(16, 32), torch.randint(0, 5, (16,))) for _ in range(steps)]
+    if recipe == "lbfgs":
+        opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
+    elif recipe == "sgd_closure":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    else:
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if recipe == "scaler" else None
+    with dni.overlap(mode):
+        for x, y in data:
+            if recipe in ("lbfgs", "sgd_closure"):
+                def closure():
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure) if recipe == "lbfgs" else opt.step(closure=closure)
+                continue
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            if recipe == "clip":
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("recipe", ["lbfgs", "sgd_closure", "clip", "scaler"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recipes_that_read_grad_inside_step_see_the_synthesizer_gradients(backend, recipe, one_thread):
+    # step(closure): the closure's backward queues updates after the step pre-hook ran; clip_grad_norm_ and
+    # GradScaler.unscale_ read every .grad before step(). Each is a synchronisation point now.
+    want = _recipe_run(backend, False, recipe)
+    got = _recipe_run(backend, True, recipe)
+    bad = {k: (want[k] - got[k]).abs().max().item() for k in want if not torch.equal(want[k], got[k])}
+    assert not bad, f"{recipe}: parameters differ from the run without overlap: {bad}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autograd_grad_through_an_overlapped_update_accumulates_nothing(backend):
+    # As without overlap: torch.autograd.grad fills no .grad, so no update may be queued for later delivery.
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6)
+    iface = dni.BackwardInterface(dni.BasicSynthesizer(6, n_hidden=1), backend=backend)
+    x = torch.randn(4, 6, requires_grad=True)
+    with dni.overlap():
+        h = iface.make_trigger(lin(x))
+        (gx,) = torch.autograd.grad((h ** 2).sum(), x)
+        assert ov.pending() == 0
+    assert all(p.grad is None for p in iface.synthesizer.parameters())
+    assert gx.abs().sum() > 0
+
+
+def test_a_caller_running_a_taken_job_that_fills_the_stats_ring_does_not_hang():
+    # The caller takes a queued injection at a synchronisation point; the update it reaches fills the lower
+    # interface's statistics ring, whose fold used to wait for every pending job, the running one included.
+    model = _mlp("reference", depth=3)
+    lower = [m for m in model.modules() if isinstance(m, dni.BackwardInterface)][0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def fwd_bwd():
+        F.cross_entropy(model(torch.randn(16, 32)), torch.randint(0, 5, (16,))).backward()
+
+    done = threading.Event()
+    errors = []
+
+    def run():
+        try:
+            with dni.overlap("injection"):
+                for _ in range(SynthStats.CAPACITY):
+                    opt.zero_grad()
+                    fwd_bwd()
+                    opt.step()
+                opt.zero_grad()
+                gate = threading.Event()
+                ov.submit(lambda: (gate.wait(1.0),)[:0], [], [], torch.device("cpu"))  # keeps the worker busy
+                fwd_bwd()
+                opt.step()  # the caller runs the queued injection itself
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(60), "training with overlap='injection' hung when a statistics ring filled"
+    assert not errors, errors
+    assert lower.stats()["count"] == SynthStats.CAPACITY + 1  # the ring set aside inside the job is folded later

@@ -34,6 +34,11 @@ class CppBackend(FusedBackend):
         return Primitives(C.synth_forward, C.synth_update, C.synth_pipelined)
 
     def trigger(self, synth, trigger, context, stats, scale, inject_into, overlap=False):
+        if overlap and trigger.is_cuda:
+            # The native worker launches on its own thread's current stream, unordered with the caller's
+            # stream and invisible to graph capture: on CUDA the overlapped update takes the Python path
+            # (the same fused calls), which launches it on a side stream ordered with events.
+            return super().trigger(synth, trigger, context, stats, scale, inject_into, overlap)
         x, c = flatten_inputs(synth, trigger, context)
         slot = None if stats is None else stats.reserve(scale, trigger.device)
         step = self.__dict__.get("_step") or (self.primitives and self._step)

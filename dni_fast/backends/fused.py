@@ -25,7 +25,7 @@ from dni_fast import _overlap
 from dni_fast._autocast import compute_dtype, no_autocast
 from dni_fast._manager import backward as _backward
 from dni_fast.backends.base import Backend, Primitives
-from dni_fast.stats import SynthStats
+from dni_fast.stats import SynthStats, partials_of
 
 __all__ = ["FusedBackend", "flatten_inputs", "grad_carrier"]
 
@@ -91,9 +91,11 @@ class _TriggerUpdate(torch.autograd.Function):
             g2 = g2.to(s.dtype)
         g_in = g if ctx.needs_input_grad[4] else None
         prims, scale = ctx.prims, ctx.scale
-        if ctx.overlap:
+        if ctx.overlap and _overlap.plain_backward(params):
             # Overlap: the fused update runs on the worker; its statistics row is
-            # reserved here, in order, and written by the worker.
+            # reserved here, in order, and written by the worker. (Under
+            # torch.autograd.grad or backward(inputs=...) the engine decides where
+            # the gradients go: inline, below, as without overlap.)
             row = None if ctx.stats is None else ctx.stats.reserve(scale, s.device)
 
             def compute():
@@ -191,4 +193,8 @@ class FusedBackend(Backend):
         if m.dtype != x.dtype:
             m = m.to(x.dtype)
         carrier, s = _SendRegression.apply(self.primitives, stats, scale, x, c, m, *synth.flat_params())
-        return (carrier if carrier.requires_grad else None), s.view(out_shape)
+        if not carrier.requires_grad:  # a frozen synthesizer: no backward will record S against m, so here
+            if stats is not None:
+                stats.record(partials_of(s, m), scale)
+            return None, s.view(out_shape)
+        return carrier, s.view(out_shape)

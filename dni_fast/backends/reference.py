@@ -37,7 +37,7 @@ class _RefUpdater(torch.autograd.Function):
         # overlap: None, or (params, S with its graph). S is then not an input
         # (the main backward must neither traverse nor free its graph: the
         # worker backpropagates through it).
-        ctx.stats, ctx.scale, ctx.overlap = stats, scale, overlap
+        ctx.stats, ctx.scale, ctx.overlap, ctx.anchor = stats, scale, overlap, anchor
         ctx.save_for_backward(s)
         return trigger.clone()
 
@@ -47,11 +47,18 @@ class _RefUpdater(torch.autograd.Function):
         if ctx.stats is not None:
             ctx.stats.record(partials_of(s, g), ctx.scale)
         g_in = g if ctx.needs_input_grad[3] else None
+        if ctx.overlap is None and not ctx.needs_input_grad[4]:  # a frozen synthesizer: statistics only
+            return None, None, None, g_in, None, None
         delta = ctx.scale * (s - g)
         if ctx.overlap is None:
             return None, None, None, g_in, delta, None
         # Overlap: the synthesizer's own backward (the products for its
         # parameter gradients) runs on the worker; the main backward goes on.
+        # Only under a plain backward(): S's graph is outside this one, so
+        # torch.autograd.grad, or backward(inputs=...) without the synthesizer's
+        # parameters, would not have reached them without overlap either.
+        if not _overlap.plain_backward((ctx.anchor,)):
+            return None, None, None, g_in, None, None
         params, s_graph = ctx.overlap
 
         def compute():
@@ -127,8 +134,10 @@ class ReferenceBackend(Backend):
         s = self._synth_graph(synth, trigger, context)
         if inject_into is not None:
             _backward(inject_into, s.detach())
-        if not s.requires_grad:  # frozen synthesizer: nothing to update
-            return trigger, s.detach()
+        if not s.requires_grad:  # frozen synthesizer: nothing to update, but S is still measured against g
+            if stats is None or not trigger.requires_grad:
+                return trigger, s.detach()
+            return _RefUpdater.apply(stats, scale, None, trigger, s.detach(), None), s.detach()
         if overlap:
             ov = ([p for p in synth.parameters() if p.requires_grad], s)
             # A 0-element leaf stands in for S as the input that makes the output require grad.
