@@ -199,6 +199,24 @@ class UnidirectionalInterface(nn.Module):
         """Injections attempted so far (the warm-up counts them)."""
         return self._rt.steps
 
+    # With a warm-up, the count of injections is part of the state (a resumed run must not warm up again). It
+    # is saved only then, so that the default state_dict keeps dni-pytorch's keys; a host counter, saved beside
+    # the buffers rather than as one (the step never reads it back from the device).
+    _STEPS_KEY = "warmup_steps_done"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.warmup_steps > 0:
+            destination[prefix + self._STEPS_KEY] = torch.tensor(self._rt.steps, dtype=torch.long)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        steps = state_dict.pop(prefix + self._STEPS_KEY, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if steps is not None:
+            self._rt.steps = int(steps)
+
     @n_steps.setter
     def n_steps(self, value: int) -> None:
         self._rt.steps = int(value)
@@ -372,8 +390,9 @@ class BackwardInterface(UnidirectionalInterface):
         self.normalize_targets = normalize_targets
         self.target_momentum = target_momentum
         if normalize_targets:  # buffers only when asked: the default state_dict keeps dni-pytorch's keys
-            self.register_buffer("target_sq_ema", torch.zeros(()))
-            self.register_buffer("target_count", torch.zeros(()))
+            # fp64: the mean square of a true gradient of 1e20 must not overflow (fp32 made sigma inf for good)
+            self.register_buffer("target_sq_ema", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("target_count", torch.zeros((), dtype=torch.float64))
         if pipelined and not isinstance(synthesizer, BasicSynthesizer):
             raise TypeError("BackwardInterface(pipelined=True) needs a BasicSynthesizer; custom synthesizers run "
                             "through autograd, which cannot split the update from its own forward")
@@ -411,8 +430,11 @@ class BackwardInterface(UnidirectionalInterface):
         # large, killing the synthesizer's ReLUs. It is skipped, on the device.
         m = self.target_momentum
         with torch.no_grad():
-            msq = g.detach().float().pow(2).mean().to(self.target_sq_ema.dtype)
-            seen = (msq > 0).to(self.target_count.dtype)
+            # fp64: a finite fp32 gradient of 1e20 must not square to inf; a non-finite one is skipped like a
+            # zero one (one inf would make sigma inf for good; the statistics count it as nonfinite)
+            msq = g.detach().double().pow(2).mean()
+            seen = (torch.isfinite(msq) & (msq > 0)).to(self.target_count.dtype)
+            msq = torch.where(seen > 0, msq, 0.0).to(self.target_sq_ema.dtype)  # (a buffer on MPS may be fp32)
             self.target_sq_ema.copy_(torch.where(seen > 0, self.target_sq_ema * m + msq * (1.0 - m),
                                                  self.target_sq_ema))
             self.target_count.add_(seen)
@@ -425,6 +447,13 @@ class BackwardInterface(UnidirectionalInterface):
         if not ov or self.pipelined or _overlap.inside_ddp_forward():
             return False
         return ov
+
+    def _check_empty(self, trigger: Tensor) -> None:
+        """An empty batch does nothing, but a trigger of the wrong width, dtype or
+        device is still named as such (it would fail on the next full batch)."""
+        check = getattr(self._modules["synthesizer"], "check_inputs", None)
+        if check is not None:
+            check(trigger, current_context())
 
     @_compiler_disable  # a host-side counter: torch.compile must not guard on (and recompile for) it
     def _take_injection(self, trigger: Tensor) -> bool:
@@ -443,6 +472,7 @@ class BackwardInterface(UnidirectionalInterface):
         if not isinstance(trigger, Tensor):
             raise TypeError(f"{self.label()}: the trigger must be a tensor, got {type(trigger).__name__}")
         if trigger.numel() == 0:
+            self._check_empty(trigger)
             return trigger.detach()
         if self.pipelined:
             return self._forward_pipelined(trigger)
@@ -484,6 +514,7 @@ class BackwardInterface(UnidirectionalInterface):
         if not isinstance(trigger, Tensor):
             raise TypeError(f"{self.label()}: the trigger must be a tensor, got {type(trigger).__name__}")
         if trigger.numel() == 0:
+            self._check_empty(trigger)
             return
         s = self.receive(trigger)
         if self._checking():
@@ -499,6 +530,7 @@ class BackwardInterface(UnidirectionalInterface):
         if not isinstance(trigger, Tensor):
             raise TypeError(f"{self.label()}: the trigger must be a tensor, got {type(trigger).__name__}")
         if trigger.numel() == 0:
+            self._check_empty(trigger)
             return trigger
         norm = self.normalize_targets
         if norm:
@@ -582,8 +614,16 @@ class BackwardInterface(UnidirectionalInterface):
             self._deliver(prev, prev["g"])
 
     def _apply(self, fn, *args, **kwargs):
-        # .to(), .double(), .cuda(), ...: the pending update moves with the weights.
+        # .to(), .double(), .cuda(), ...: the pending update moves with the weights. A dtype cast of the model
+        # (.half(), .bfloat16()) must not cast the running target scale: a bf16 count stops at 256 and the mean
+        # square keeps 3 digits. fn gives each buffer a new tensor, so the originals are intact: they keep their
+        # dtype, on the device fn chose.
+        keep = {k: self._buffers[k] for k in ("target_sq_ema", "target_count") if k in self._buffers}
         super()._apply(fn, *args, **kwargs)
+        for k, t in keep.items():
+            b = self._buffers[k]
+            if b is not None and b.dtype != t.dtype:
+                self._buffers[k] = b.to(t.dtype) if t.is_meta or b.is_meta else t.to(b.device)
         p = self._pending
         if p is not None:
             for k in ("x", "c", "s", "g"):

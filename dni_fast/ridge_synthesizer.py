@@ -232,6 +232,23 @@ class RidgeSynthesizer(nn.Module):
         self._w = None
         self._pending = 0
 
+    # The host counter of observations since the last fit is part of the state (with refit_every > 1 a resumed
+    # run must refit at the same step as an uninterrupted one); saved beside the buffers, not as one, so that
+    # fit() never reads it back from the device.
+    _PENDING_KEY = "pending_fits"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + self._PENDING_KEY] = torch.tensor(self._pending, dtype=torch.long)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        pending = state_dict.pop(prefix + self._PENDING_KEY, None)  # absent in checkpoints made before it
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._w = None
+        self._pending = int(pending) if pending is not None else 0
+
     def reset(self) -> None:
         """Forget every observation: back to predicting 0."""
         for b in (self.gram, self.cross, self.cross_fit, self.n_fits):

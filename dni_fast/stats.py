@@ -17,6 +17,10 @@ _UNWRITTEN = -1.0
 #: Called before the rows are read (set by dni_fast.overlap: wait until the
 #: worker has written the rows of the updates it is computing).
 before_read: Optional[Callable[[], None]] = None
+#: Whether ``before_read`` may be called now (set by dni_fast.overlap: not on a
+#: thread that is running an overlap job, which would wait for itself). When
+#: it may not, a full ring is set aside and folded at the next read.
+can_wait: Optional[Callable[[], bool]] = None
 
 
 def partials_of(s: Tensor, g: Tensor) -> Tensor:
@@ -31,10 +35,17 @@ class SynthStats:
     """Regression loss, cosine, relative error and norms of one interface.
 
     Each update writes its four partial sums (:func:`partials_of`) into a row of
-    a ring reserved at forward time: recording is one small device copy and
-    never syncs. A step whose true gradient never arrives leaves its row
-    unwritten and is not counted. Everything else is derived from the rows when
-    :meth:`read` is called, or when the ring fills (every ``CAPACITY`` steps).
+    a ring, reserved at forward time by the fused C++ step and at backward time
+    elsewhere: recording is one small device copy and never syncs. Everything
+    else is derived from the rows when :meth:`read` is called, or when the ring
+    fills (every ``CAPACITY`` steps).
+
+    A row reserved at forward time may be written after its ring was folded (a
+    ``stats()`` read between a forward and its backward; an RNN that makes more
+    than ``CAPACITY`` triggers before one backward): such a ring is kept and
+    folded again, counting only the rows written since, for ``CARRY`` more
+    folds. A step whose true gradient never arrives within that leaves its row
+    unwritten and is not counted.
 
     A step whose synthetic or true gradient holds a NaN or an inf (detected on
     the device from the sums of squares, which are then not finite; a sum of
@@ -43,6 +54,7 @@ class SynthStats:
     """
 
     CAPACITY = 128
+    CARRY = 8
 
     def __init__(self) -> None:
         self.reset()
@@ -50,37 +62,70 @@ class SynthStats:
     def reset(self) -> None:
         self._ring: Optional[Tensor] = None  # (CAPACITY, 4) fp32
         self._scales: List[float] = []
+        self._late = False  # a row of the current ring was reserved for a later write
+        self._set_aside: List[tuple] = []  # full (ring, scales, late) not folded yet (see can_wait)
+        self._carried: List[list] = []  # [ring, scales, rows counted (bool, device), folds left]
         # (8,): sums of (loss, cos, rel_err, s_norm, g_norm), count, nonfinite, count with g != 0
         self._sum: Optional[Tensor] = None
         self._last: Optional[Tensor] = None  # (5,) last finite (loss, cos, rel_err, s_norm, g_norm)
 
-    def reserve(self, scale: float, device: torch.device) -> Tensor:
+    def reserve(self, scale: float, device: torch.device, late: bool = True) -> Tensor:
         """A fresh (4,) fp32 row for one step's partials; the step's loss is
-        ``scale / 2 * partials[0]``."""
+        ``scale / 2 * partials[0]``. ``late``: the row may be written after a
+        fold (reserved at forward time)."""
         if self._ring is None or self._ring.device != device or len(self._scales) == self.CAPACITY:
-            self._fold()
+            if can_wait is not None and not can_wait():
+                if self._scales:
+                    self._set_aside.append((self._ring, self._scales, self._late))
+                self._ring, self._scales = None, []
+            else:
+                self._fold()
             # A new ring rather than reuse: a row reserved by a step whose
             # backward has not run yet may still be written later. Filled once
             # per CAPACITY steps instead of once per row (~3 us a step).
             self._ring = torch.full((self.CAPACITY, 4), _UNWRITTEN, dtype=torch.float32, device=device)
+            self._late = False
         row = self._ring[len(self._scales)]
         self._scales.append(scale)
+        self._late = self._late or late
         return row
 
     def record(self, partials: Tensor, scale: float) -> None:
-        self.reserve(scale, partials.device).copy_(partials)
+        self.reserve(scale, partials.device, late=False).copy_(partials)
 
-    def _fold(self) -> None:
-        n = len(self._scales)
-        if n == 0 or self._ring is None:
+    def _fold(self, final: bool = False) -> None:
+        """Fold every ring (the carried ones first: they are older) into the sums.
+        ``final``: a read, which syncs anyway: drop the carried rings that are
+        complete."""
+        current = [(self._ring, self._scales, self._late)] if self._scales and self._ring is not None else []
+        if not (self._set_aside or current or self._carried):
             return
         if before_read is not None:
             before_read()
-        p = self._ring[:n].double()
-        half = torch.tensor(self._scales, dtype=torch.float64).to(p.device, non_blocking=True) * 0.5
+        carried, self._carried = self._carried, []
+        for ring, scales, counted, left in carried:
+            counted = self._fold_one(ring, scales, counted)
+            if left > 1:
+                self._carried.append([ring, scales, counted, left - 1])
+        for ring, scales, late in self._set_aside + current:
+            counted = self._fold_one(ring, scales, None)
+            if late:  # rows may still be written
+                self._carried.append([ring, scales, counted, self.CARRY])
+        self._set_aside = []
+        self._scales = []
+        self._ring = None
+        if final and self._carried:
+            self._carried = [c for c in self._carried if not bool(c[2].all())]
+
+    def _fold_one(self, ring: Tensor, scales: List[float], counted: Optional[Tensor]) -> Tensor:
+        """Add the rows of ``ring`` written and not ``counted`` before; returns the rows counted now."""
+        n = len(scales)
+        p = ring[:n].double()
+        half = torch.tensor(scales, dtype=torch.float64).to(p.device, non_blocking=True) * 0.5
         written = p[:, 2] != _UNWRITTEN
+        new = written if counted is None else written & ~counted
         finite = torch.isfinite(p).all(1)
-        ok = written & finite
+        ok = new & finite
         s2, g2 = p[:, 2].clamp_min(0), p[:, 3].clamp_min(0)
         tiny = 1e-300
         # cos(S, g) from fp32 partials: when S is so small that its squares underflow (|S|^2 == 0) while
@@ -97,7 +142,7 @@ class SynthStats:
         defined = ok & (g2 > 0)
         per_col = torch.stack([ok, defined, defined, ok, ok], 1)
         vals = torch.where(per_col, vals, 0.0)
-        sums = torch.cat([vals.sum(0), ok.sum().reshape(1).double(), (written & ~finite).sum().reshape(1).double(),
+        sums = torch.cat([vals.sum(0), ok.sum().reshape(1).double(), (new & ~finite).sum().reshape(1).double(),
                           defined.sum().reshape(1).double()])
         idx = torch.arange(1, n + 1, device=p.device)[:, None]
         last_idx = (per_col * idx).argmax(0)  # per column: the last step where it is defined
@@ -106,8 +151,7 @@ class SynthStats:
                                                                      device=p.device)
         self._last = torch.where(per_col.any(0), last, prev.to(p.device))
         self._sum = sums if self._sum is None else sums + self._sum.to(sums.device)
-        self._scales = []
-        self._ring = None
+        return written
 
     def read(self) -> dict:
         """Python numbers (syncs): the last and mean ``loss`` and ``cos``, the last
@@ -116,7 +160,7 @@ class SynthStats:
         inf in S or g). ``cos`` and ``rel_err`` (last and mean) leave out the
         steps whose true gradient is exactly 0, where they are undefined (NaN
         when every step so far was such a step)."""
-        self._fold()
+        self._fold(final=True)
         sums = self._sum.tolist() if self._sum is not None else [0.0] * 8
         count, nonfinite, defined = int(sums[5]), int(sums[6]), int(sums[7])
         keys = ("loss", "cos", "rel_err", "s_norm", "g_norm")

@@ -159,6 +159,9 @@ def check_trigger_context(owner: str, state: str, trigger: Any, context: Any, tr
                          f"context_dim={context_dim}")
     if context.device != device:
         raise RuntimeError(f"{owner}: context is on {context.device} but the synthesizer is on {device}")
+    if dtype is not None and context.dtype != dtype and not autocast_on(trigger):
+        raise TypeError(f"{owner}: context dtype {context.dtype} differs from the synthesizer's {dtype} outside "
+                        "autocast; cast the context (e.g. context.to(trigger.dtype)), or run under torch.autocast")
     try:
         ok = torch.broadcast_shapes(trigger.shape[:-1], context.shape[:-1]) == trigger.shape[:-1]
     except RuntimeError:

@@ -170,9 +170,10 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
         synthesizer.check_inputs(trigger, None)  # raises: the trigger must be a tensor
     device, dtype = trigger.device, compute_dtype(trigger)
     rows = trigger.numel() // max(trigger.shape[-1], 1) if trigger.dim() else 1
-    # Rows bucketed by powers of two, so the cache stays small when batch sizes vary.
-    key = (name, device.type, dtype, synthesizer.n_hidden, rows.bit_length(), synthesizer.output_dim,
-           synthesizer.hidden_dim)
+    # Only `auto` decides by the row count, with the table's exact limits: it keys on the rows themselves (a
+    # coarser bucket let the first call in it decide for the others, across a limit); a named backend does not.
+    key = (name, device.type, dtype, synthesizer.n_hidden, rows if name == "auto" else None,
+           synthesizer.output_dim, synthesizer.hidden_dim)
     hit = _cache.get(key)
     if hit is not None:
         return hit
