@@ -15,6 +15,7 @@ Everything runs at one intra-op thread where numbers are compared bit for
 bit: a matrix product may sum in another order at another thread count.
 """
 import io
+import warnings
 import threading
 import traceback
 
@@ -851,3 +852,81 @@ def test_normalize_targets_is_honoured_and_other_options_refused():
         stages, synths = make_net()
         with pytest.raises(ValueError, match=what):
             DecoupledSequential(stages, [dni.BackwardInterface(s, **bad) for s in synths], sgd)
+
+
+# --- faults found in review -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("then", ["step", "flush"])
+def test_close_finishes_the_batches_in_flight_and_training_goes_on(then):
+    data = batches(8)
+
+    def run(executor):
+        stages, synths = make_net()
+        m = DecoupledSequential(stages, synths, adam, executor=executor, delay=1, threads_per_stage=1)
+        for x, y in data[:6]:
+            m.step(x, y, F.cross_entropy)
+        m.close()  # nothing in flight may be dropped
+        assert [st.steps for st in m.schedule_stages] == [6, 6, 6]
+        if then == "step":
+            for x, y in data[6:]:
+                run_with_deadline(lambda: m.step(x, y, F.cross_entropy), 30)
+        run_with_deadline(m.flush, 30)  # applies the regressions left pending, also on new workers
+        assert all(not st.pending() for st in m.schedule_stages)
+        sd = m.state_dict()
+        m.close()
+        return sd
+
+    assert_state_equal(run("sequential"), run("threads"))
+
+
+class _Exploding(nn.Module):
+    def __init__(self, d, at):
+        super().__init__()
+        self.lin, self.at, self.calls = nn.Linear(d, d), at, 0
+
+    def forward(self, h):
+        self.calls += 1
+        if self.calls == self.at:
+            raise FloatingPointError("stage blew up")
+        return self.lin(h)
+
+
+@pytest.mark.parametrize("seen_by", ["state_dict", "forward", "synchronize"])
+def test_a_worker_error_first_seen_outside_step_breaks_the_model_and_load_checkpoint_recovers(seen_by):
+    torch.manual_seed(0)
+    stages = [nn.Linear(12, 16), nn.Linear(16, 16), _Exploding(16, at=5)]
+    synths = [dni.BasicSynthesizer(16), dni.BasicSynthesizer(16)]
+    m = DecoupledSequential(stages, synths, adam, executor="threads", threads_per_stage=1)
+    ck = m.checkpoint()
+    for x, y in batches(5):  # the 5th batch reaches the last stage after step returned (the pipeline)
+        m.step(x, y, F.cross_entropy)
+    call = {"state_dict": m.state_dict, "forward": lambda: m(torch.randn(2, 12)),
+            "synchronize": m.synchronize}[seen_by]
+    with pytest.raises(FloatingPointError, match="stage blew up"):
+        run_with_deadline(call, 30)
+    assert all(p.grad is None for p in m.parameters())  # cleared, as after a failing step
+    with pytest.raises(RuntimeError, match="load_checkpoint"):
+        m.step(*batches(1)[0], F.cross_entropy)
+    stages[2].at = -1
+    run_with_deadline(lambda: m.load_checkpoint(ck), 30)
+    run_with_deadline(lambda: m.step(*batches(1)[0], F.cross_entropy), 30)
+    m.close()
+
+
+@pytest.mark.parametrize("executor", ["sequential", "threads"])
+def test_a_loss_that_does_not_require_grad_is_refused(executor):
+    stages, synths = make_net()
+    m = DecoupledSequential(stages, synths, adam, executor=executor, threads_per_stage=1)
+    x, y = batches(1)[0]
+    with pytest.raises(ValueError, match="does not require grad"):
+        run_with_deadline(lambda: m.step(x, y, lambda out, t: F.cross_entropy(out, t).detach()), 30)
+    m.close()
+
+
+def test_dropout_under_a_concurrent_executor_warns_that_it_is_not_reproducible():
+    stages, synths = make_net()
+    stages[0].append(nn.Dropout(0.5))
+    with pytest.warns(UserWarning, match="stage 0 \\(Dropout\\).*not reproducible"):
+        DecoupledSequential(stages, synths, adam, executor="threads", threads_per_stage=1).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DecoupledSequential(*make_net(), adam, executor="sequential").close()

@@ -251,9 +251,23 @@ def scenario_packets(rank, world, q):
             back.append(t.clone())
             tr.send(0, TAG_GRAD, t, j)
     tr.close()
+    # Reopened (DecoupledStage.finish() then step()): the peer's new receiver starts at the initial capacity
+    # again, so a large payload must be announced again (a sender that kept its grown capacity overran the
+    # 8 KiB buffer and gloo aborted the process).
+    big = _packet_tensors()[1]
+    if rank == 0:
+        tr.open([(1, TAG_GRAD)], [(1, TAG_ACT)])
+        tr.send(1, TAG_ACT, big, 100)
+        again = tr.recv(1, TAG_GRAD, 100, "echo after reopening")
+    else:
+        tr.open([(0, TAG_ACT)], [(0, TAG_GRAD)])
+        again = tr.recv(0, TAG_ACT, 100, "message after reopening").clone()
+        tr.send(0, TAG_GRAD, again, 100)
+    tr.close()
     # compared here: the queue back to the test carries numpy arrays, which have no bfloat16
     return {"equal": [a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-                      for a, b in zip(back, _packet_tensors())], "n": len(back)}
+                      for a, b in zip(back, _packet_tensors())], "n": len(back),
+            "reopened": bool(torch.equal(again, big))}
 
 
 SCENARIOS = {f.__name__[len("scenario_"):]: f for f in (scenario_equal, scenario_bad_config, scenario_missing_target,
@@ -419,6 +433,7 @@ def test_transport_packets_of_every_size_dtype_and_shape(two_ranks):
         status, out = two_ranks["packets"][r]
         assert status == "ok", out
         assert out["n"] == n and all(out["equal"]), f"rank {r}: messages equal to what was sent: {out['equal']}"
+        assert out["reopened"], f"rank {r}: a large message after closing and reopening the transport"
 
 
 def test_world_size_mismatch_raises_on_every_rank(two_ranks):

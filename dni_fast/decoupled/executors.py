@@ -367,6 +367,9 @@ class ThreadsExecutor(Executor):
 
     def drain(self) -> List[Tensor]:
         self.quiesce()
+        if not self.workers and any(st.pending() for st in self.stages):
+            # regressions left pending by a previous executor (a restore: load_checkpoint, a move, close)
+            self._start()
         if self.workers:
             sh = self.sh
             with sh.lock:
@@ -382,6 +385,14 @@ class ThreadsExecutor(Executor):
         if self.workers:
             _shutdown(self.sh, self.workers)
             self.workers = []
+            old = self.sh
+            if old.failure is None:
+                # Workers started later must run: a fresh, not stopped, shared state with the old one's
+                # progress (a failure stays: the executor is not used again after one).
+                sh = _Shared(self.n)
+                sh.losses.update(old.losses)
+                sh.completed = list(old.completed)
+                self.sh, self.losses = sh, sh.losses
 
 
 def _wait_worker(sh: _Shared, k: int, pred: Callable[[], bool]) -> None:

@@ -4,6 +4,7 @@ the stages running decoupled (docs/design.md §4; the schedule is
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -17,6 +18,25 @@ from dni_fast.decoupled.schedule import Stage, StageEvent, check_delay, check_up
 __all__ = ["DecoupledSequential"]
 
 _FORMAT = "dni_fast.DecoupledSequential/1"
+
+
+#: Modules that draw from torch's global generator in training mode.
+_RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+def _warn_random_stages(stages: Sequence[nn.Module], executor: str) -> None:
+    """Stages that draw random numbers (dropout) from the global generator make the concurrent executors'
+    results depend on how the threads interleave: say so once, at construction."""
+    if executor == "sequential":
+        return
+    hit = [f"stage {k} ({type(m).__name__})" for k, st in enumerate(stages) for m in st.modules()
+           if isinstance(m, _RANDOM_MODULES) and getattr(m, "p", 1.0) > 0]  # p=0: nothing is drawn
+    if hit:
+        warnings.warn(f"DecoupledSequential(executor={executor!r}): {', '.join(hit[:3])} draw from torch's global "
+                      "random generator, and the stages run concurrently: their draws interleave in an order "
+                      "that changes from run to run, so the result is not reproducible and differs from "
+                      "executor='sequential' (every other number is the same). Use executor='sequential' for "
+                      "reproducible runs with dropout.", stacklevel=3)
 
 
 class DecoupledSequential(nn.Module):
@@ -102,6 +122,7 @@ class DecoupledSequential(nn.Module):
         self.delay = check_delay(delay, executor)
         self.update_prob, self.seed = update_prob, seed
         self._threads = _threads_list(threads_per_stage, n)
+        self._threads_given = self._threads is not None
         if self._threads is None and executor == "threads":
             # fixed now: the executor is rebuilt later (load_checkpoint, .to()), at other counts maybe
             self._threads = [max(1, torch.get_num_threads() // n)] * n
@@ -111,10 +132,12 @@ class DecoupledSequential(nn.Module):
         self.regression = regression
         self._cls = executor_class(executor)
         self._cls.check(self._stages, self.delay, self._threads)
+        _warn_random_stages(stages, executor)
         self._graphs: Optional[tuple] = None  # (mode, warmup_steps) once enable_cuda_graphs is called
         self._make_executor()
         self._batches = 0  # batches handed to step
         self._broken: Optional[BaseException] = None
+        self._closed = False  # close() stopped the workers; the next step starts new ones
         self._checked = False  # whether a batch went through every stage since construction
 
     def _make_executor(self) -> None:
@@ -131,8 +154,7 @@ class DecoupledSequential(nn.Module):
         optimizers' state, if any, stays where it is, as in plain PyTorch."""
         if "_stages" not in self.__dict__:  # during __init__
             return super()._apply(fn, recurse)
-        if self._broken is None:
-            self._executor.quiesce()
+        self._quiesce()
         super()._apply(fn, recurse)
         for st in self._stages:
             st.moved(fn)
@@ -145,16 +167,37 @@ class DecoupledSequential(nn.Module):
                                        f"calls for {picked!r}: move the model before the first step")
                 self.executor, self._cls = picked, executor_class(picked)
                 self.delay = check_delay(delay, picked)
+                if not self._threads_given:  # the default count belongs to the executor that was picked
+                    self._threads = [max(1, torch.get_num_threads() // len(self._stages))] * len(
+                        self._stages) if picked == "threads" else None
                 for st in self._stages:
                     st.delay = self.delay
         self._cls.check(self._stages, self.delay, self._threads)
+        self._restart()
+        return self
+
+    def _restart(self) -> None:
+        """A fresh executor in the old one's place, at the same point of the
+        schedule (after a quiesce: nothing in flight)."""
         ex = self._executor
         state = (self._batches, ex.returned, ex.undelivered())
         ex.close()
         self._finalizer.detach()
         self._make_executor()
         self._executor.restore(*state)
-        return self
+        self._closed = False
+
+    def _quiesce(self) -> None:
+        """Wait for the work in flight; a stage's error raised here breaks the
+        model as it would in ``step`` (gradients cleared, ``load_checkpoint``
+        to go on)."""
+        if self._broken is not None or self._closed:
+            return
+        try:
+            self._executor.quiesce()
+        except BaseException as e:
+            self._fail(e)
+            raise
 
     def extra_repr(self) -> str:
         return (f"executor={self.executor!r}, delay={self.delay}, update_prob={self.update_prob}, seed={self.seed}, "
@@ -223,10 +266,19 @@ class DecoupledSequential(nn.Module):
             raise
 
     def close(self) -> None:
-        """Stop the worker threads now (they also stop when the module is collected)."""
+        """Stop the worker threads (they also stop when the module is collected),
+        after the batches in flight have gone through every stage (nothing is
+        applied early, nothing is dropped). ``step``, ``flush`` and
+        ``synchronize`` may go on afterwards: they start new workers."""
+        if self._closed:
+            return
+        self._quiesce()
         self._executor.close()
+        self._closed = True
 
     def _check_usable(self) -> None:
+        if self._closed and self._broken is None:
+            self._restart()
         if self._broken is not None:
             raise RuntimeError("DecoupledSequential cannot go on: a stage raised earlier (the error above this "
                                "one), so the stages are at different points of the schedule. Every stage's "
@@ -247,8 +299,7 @@ class DecoupledSequential(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The stages in order on ``x`` (no synthesizer involved): inference.
         Waits for the work in flight first."""
-        if self._broken is None:
-            self._executor.quiesce()
+        self._quiesce()
         h = x
         for st in self._stages:
             if st.device is not None and isinstance(h, Tensor) and h.device != st.device:
@@ -257,13 +308,11 @@ class DecoupledSequential(nn.Module):
         return h
 
     def state_dict(self, *args, **kwargs):
-        if self._broken is None:
-            self._executor.quiesce()
+        self._quiesce()
         return super().state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if self._broken is None:
-            self._executor.quiesce()
+        self._quiesce()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def checkpoint(self) -> Dict[str, Any]:
@@ -293,8 +342,10 @@ class DecoupledSequential(nn.Module):
         if checkpoint["delay"] != self.delay:
             raise ValueError(f"the checkpoint was taken with delay={checkpoint['delay']}, this model has "
                              f"delay={self.delay}")
-        if self._broken is None:
-            self._executor.quiesce()
+        try:
+            self._quiesce()
+        except BaseException:
+            pass  # a stage's error from before: the model is marked broken, and everything is replaced below
         super().load_state_dict(checkpoint["model"])
         for st, s in zip(self._stages, checkpoint["stages"]):
             st.load_state(s)
@@ -307,6 +358,7 @@ class DecoupledSequential(nn.Module):
         self._finalizer.detach()
         self._make_executor()
         self._broken = None
+        self._closed = False
         self._executor.restore(self._batches, int(checkpoint["returned"]), losses)
 
     # -- CUDA graphs --------------------------------------------------------------------------

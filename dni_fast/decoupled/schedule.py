@@ -539,6 +539,10 @@ class Stage:
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(f"loss_fn must return a tensor with one element, got "
                                  f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+            if not loss.requires_grad and (k > 0 or any(p.requires_grad for p in self.module.parameters())):
+                raise ValueError(f"loss_fn returned a loss that does not require grad (computed under no_grad, or "
+                                 f"detached?): stage {k} could not learn from it"
+                                 + (f", and synthesizer {k - 1} would regress on zeros" if k > 0 else ""))
             root, seed_grad = loss.reshape(()), None
         else:
             loss = None

@@ -115,6 +115,9 @@ class Transport:
         self.incoming, self.outgoing = list(incoming), list(outgoing)
         self.closed = set()
         self.status = {}
+        # The peers' new receiver threads start at _CAP0 again: a capacity grown before a close must not
+        # be assumed (a larger message would overrun their buffer, and gloo aborts the process).
+        self._send_cap = {}
         self.receivers = [threading.Thread(target=self._receive, args=(peer, tag), daemon=True,
                                            name=f"dni_fast-stage{self.rank}-recv-{peer}-{tag}")
                           for peer, tag in self.incoming]
