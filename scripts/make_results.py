@@ -771,7 +771,8 @@ DIAG_RUNS = {
         ("DNI, dni-pytorch settings (sg factor 0.1)", "copy_base", "dni T=4"),
         ("DNI --normalize-targets", "copy_norm", "dni T=4"),
         ("DNI --normalize-targets --sg-factor 1", "copy_norm_f1", "dni T=4"),
-        ("DNI, RidgeSynthesizer (the default now; sg factor 0.1)", "copy_ridge", "dni T=4"),
+        ("DNI, RidgeSynthesizer (sg factor 0.1, dni-pytorch's)", "copy_ridge", "dni T=4"),
+        ("DNI, RidgeSynthesizer --sg-factor 0.5 (the default now)", "copy_sg0.5", "dni T=4"),
         ("DNI, RidgeSynthesizer --sg-factor 0 (nothing injected: BPTT, the synthesizer only watches)",
          "copy_ridge_f0", "dni T=4"),
         ("DNI, RidgeSynthesizer --sg-factor 1", "copy_ridge_f1", "dni T=4"),
@@ -843,6 +844,33 @@ def diag_table(diag: str, which: str, variant: str = "") -> str:
                                      "synth. Adam sqrt(v) median, smallest over training / eps"], rows)
 
 
+#: The copy task's injection scale, swept on a held-out seed (100) at every T: the logs copy_sg<factor>.json.
+COPY_SG = ("0.1", "0.2", "0.3", "0.5", "0.7", "1.0")
+
+
+def copy_sg_table(diag: str) -> str:
+    """One row per ``--sg-factor``: the longest length solved and the boundary cosine at the end, per T."""
+    rows, ts = [], None
+    for f in COPY_SG:
+        path = os.path.join(diag, f"copy_sg{f}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as fh:
+            runs = sorted(json.load(fh)["runs"], key=lambda r: r["bptt"])
+        ts = ts or [r["bptt"] for r in runs]
+
+        def diverged(r):  # the norms went non-finite: the statistics stop (None) from then on
+            ifs = r["history"].get("interfaces", {})
+            return any(c["s_norm"] and c["s_norm"][-1] is None for c in ifs.values())
+
+        rows.append([f] + [str(r["max_length"]) + (" (diverged)" if diverged(r) else "") for r in runs]
+                    + [" / ".join("-" if diverged(r) else fmt(r.get("final_cos"), "{:.3f}") for r in runs)])
+    if not rows:
+        return ""
+    return table(["--sg-factor"] + [f"longest L, T={t}" for t in ts]
+                 + ["cos(S, g) at the boundary, end (T=" + ", ".join(map(str, ts)) + ")"], rows)
+
+
 def diagnosis(diag: str, doc: str, out: str) -> None:
     """Rewrite the generated blocks of ``doc`` (between ``<!-- diag:NAME -->`` and
     ``<!-- /diag -->``) from the logs in ``diag``, and its figures in ``out``."""
@@ -852,7 +880,7 @@ def diagnosis(diag: str, doc: str, out: str) -> None:
     blocks = {"mlp_dni": lambda: diag_table(diag, "mlp", "dni"), "mlp_cdni": lambda: diag_table(diag, "mlp", "cdni"),
               "ptb": lambda: diag_table(diag, "ptb"), "copy": lambda: diag_table(diag, "copy"),
               "cnn": lambda: diag_table(diag, "cnn"), "fcn": lambda: diag_table(diag, "fcn"),
-              "fcn_deep": lambda: diag_table(diag, "fcn_deep")}
+              "fcn_deep": lambda: diag_table(diag, "fcn_deep"), "copy_sg": lambda: copy_sg_table(diag)}
 
     def runs(which, variant="", names=None):
         out_runs = []

@@ -175,7 +175,7 @@ def run_copy(opts, rest) -> dict:
             return loss, torch.cat([h2, c2], -1)[0]
 
         return _rnn_rows(step, torch.cat(state, -1)[0], chunks[5:], opts.horizon, m.dni.synthesizer,
-                         args.sg_factor)
+                         m.sg_factor)  # what the run injected
 
     return _rnn_report(m, rows, cap, run, {"longest_L": run["max_length"]}, opts)
 

@@ -134,12 +134,16 @@ def test_copy_task_synth_options(tmp_path):
 
     def spy(self, *a, **k):
         orig(self, *a, **k)
-        built.append(None if self.dni is None else type(self.dni.synthesizer))
+        built.append(None if self.dni is None else (type(self.dni.synthesizer), self.sg_factor))
 
     CT.CopyRNN.__init__ = spy
     try:
-        for extra, want in (([], dni.RidgeSynthesizer), (["--synth", "mlp"], dni.BasicSynthesizer),
-                            (["--dni-pytorch"], dni.BasicSynthesizer)):
+        # the injection's scale: 0.5 with the ridge synthesizer (chosen on a held-out seed), dni-pytorch's 0.1
+        # with the BasicSynthesizer, and whatever --sg-factor says
+        for extra, want in (([], (dni.RidgeSynthesizer, 0.5)), (["--synth", "mlp"], (dni.BasicSynthesizer, 0.1)),
+                            (["--dni-pytorch"], (dni.BasicSynthesizer, 0.1)),
+                            (["--sg-factor", "0.2"], (dni.RidgeSynthesizer, 0.2)),
+                            (["--synth", "mlp", "--sg-factor", "0.3"], (dni.BasicSynthesizer, 0.3))):
             built.clear()
             CT.main(["--quick", "--no-progress", "--mode", "dni"] + extra)
             assert built == [want], (extra, built)

@@ -130,6 +130,10 @@ def apply_presets(args: argparse.Namespace) -> None:
                 setattr(args, k, v)
         if hasattr(args, "sg_factor"):
             args.sg_factor = 0.1
+    # An --sg-factor left unset (copy_task's default): 0.5 with the ridge synthesizer, chosen on a held-out seed
+    # (docs/synthetic_gradients.md, "The injection's scale"); dni-pytorch's 0.1 with the BasicSynthesizer.
+    if hasattr(args, "sg_factor") and args.sg_factor is None:
+        args.sg_factor = 0.5 if getattr(args, "synth", "mlp") == "ridge" else 0.1
     # Normalised targets answer the gradient-trained synthesizer's optimiser (docs/synthetic_gradients.md, cause
     # 1); the ridge fit does not depend on the targets' scale, and with them the 6-layer cDNI FCN diverged
     # (the same net without them: 95.4% after 2 epochs on the validation split).
