@@ -54,7 +54,7 @@ class SynthStats:
     """
 
     CAPACITY = 128
-    CARRY = 8
+    CARRY = 2  # each carried ring costs a re-fold (a few small ops) at each of the next folds
 
     def __init__(self) -> None:
         self.reset()
