@@ -393,7 +393,9 @@ def ptb_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None,
     s = [f"## Penn Treebank, {level} level (`ptb_lm --level {level}`): {name}\n",
          f"LSTM {c.get('layers')}x{c.get('hidden')}, embedding {c.get('emb')}, truncated BPTT with T steps, "
          f"without and with a synthetic gradient at each truncation (`BackwardInterface` with "
-         f"`BasicSynthesizer(n_hidden={c.get('synth_hidden')})` on `[h, c]`). Trained on the first "
+         + ("a `RidgeSynthesizer`" if c.get("synth") == "ridge" else
+            f"`BasicSynthesizer(n_hidden={c.get('synth_hidden')})`")
+         + " on `[h, c]`). Trained on the first "
          f"{fmt(ds[0]['runs'][0].get('train_tokens'), '{:,}')} training tokens (in {c.get('batch_size')} parallel "
          f"streams), validated and tested on the first "
          f"{fmt(c.get('eval_tokens'), '{:,}') if c.get('eval_tokens') else 'all'} tokens of each split.\n",
@@ -871,7 +873,59 @@ def copy_sg_table(diag: str) -> str:
                  + ["cos(S, g) at the boundary, end (T=" + ", ".join(map(str, ts)) + ")"], rows)
 
 
-def diagnosis(diag: str, doc: str, out: str) -> None:
+#: The language model's synthesizer and injection scale, chosen on the validation split (seed 1, 500k
+#: characters): the default before (ptb_basic_norm_s1.json: the seeded log of seed 1 as it was, BasicSynthesizer
+#: with normalised targets at 0.1, with BPTT beside it) and the ridge synthesizer at each factor.
+PTB_SG = (("BPTT", "ptb_basic_norm_s1", "bptt"),
+          ("DNI, BasicSynthesizer, normalised targets, 0.1 (the default before)", "ptb_basic_norm_s1", "dni"),
+          ("DNI, RidgeSynthesizer, --sg-factor 0.3", "ptb_ridge_sg03", "dni"),
+          ("DNI, RidgeSynthesizer, --sg-factor 0.5 (the default now)", "ptb_ridge_sg05", "dni"),
+          ("DNI, RidgeSynthesizer, --sg-factor 0.7", "ptb_ridge_sg07", "dni"),
+          ("DNI, RidgeSynthesizer, --sg-factor 1", "ptb_ridge_sg10", "dni"))
+
+
+def ptb_sg_table(diag: str) -> str:
+    """Validation bpc at the end, per T, and the mean over T, for each run of ``PTB_SG``."""
+    rows, ts = [], (2, 4, 8)
+    for label, name, method in PTB_SG:
+        path = os.path.join(diag, name + ".json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as fh:
+            runs = {r["bptt"]: r for r in json.load(fh)["runs"] if r["variant"].startswith(method + " ")}
+        vals = [runs[t].get("valid_metric") if t in runs else None for t in ts]
+        ok = [v for v in vals if v is not None]
+        rows.append([label] + [fmt(v, "{:.3f}") for v in vals]
+                    + [fmt(sum(ok) / len(ok) if len(ok) == len(ts) else None, "{:.3f}")])
+    if not rows:
+        return ""
+    return table(["run"] + [f"valid bpc, T={t}" for t in ts] + ["mean over T"], rows)
+
+
+def ptb_control_table(diag: str, results: str) -> str:
+    """T=2, per seed: test bpc of BPTT and DNI (the seeded logs) and of the shuffled control
+    (``ptb_ridge_shuffle_s<seed>.json``: the same run injecting another stream's synthetic gradient)."""
+    rows, cols = [], {"BPTT": [], "DNI": [], "control": []}
+    for seed in (1, 2, 3):
+        paths = (os.path.join(results, f"ptb_char_s{seed}.json"), os.path.join(diag, f"ptb_ridge_shuffle_s{seed}.json"))
+        if not all(os.path.exists(q) for q in paths):
+            continue
+        with open(paths[0]) as fh:
+            runs = {r["variant"]: r for r in json.load(fh)["runs"]}
+        with open(paths[1]) as fh:
+            ctl = next(r for r in json.load(fh)["runs"] if r["variant"] == "dni T=2")
+        vals = [runs["bptt T=2"]["test_metric"], runs["dni T=2"]["test_metric"], ctl["test_metric"]]
+        for k, v in zip(cols, vals):
+            cols[k].append(v)
+        rows.append([str(seed)] + [fmt(v, "{:.3f}") for v in vals])
+    if not rows:
+        return ""
+    rows.append(["mean ± std"] + [f"{statistics.fmean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
+                                  for v in cols.values()])
+    return table(["seed", "BPTT test bpc", "DNI test bpc", "DNI, shuffled control, test bpc"], rows)
+
+
+def diagnosis(diag: str, doc: str, out: str, runs_dir: Optional[str] = None) -> None:
     """Rewrite the generated blocks of ``doc`` (between ``<!-- diag:NAME -->`` and
     ``<!-- /diag -->``) from the logs in ``diag``, and its figures in ``out``."""
     from dni_fast import diagnostics as dd
@@ -880,7 +934,10 @@ def diagnosis(diag: str, doc: str, out: str) -> None:
     blocks = {"mlp_dni": lambda: diag_table(diag, "mlp", "dni"), "mlp_cdni": lambda: diag_table(diag, "mlp", "cdni"),
               "ptb": lambda: diag_table(diag, "ptb"), "copy": lambda: diag_table(diag, "copy"),
               "cnn": lambda: diag_table(diag, "cnn"), "fcn": lambda: diag_table(diag, "fcn"),
-              "fcn_deep": lambda: diag_table(diag, "fcn_deep"), "copy_sg": lambda: copy_sg_table(diag)}
+              "fcn_deep": lambda: diag_table(diag, "fcn_deep"), "copy_sg": lambda: copy_sg_table(diag),
+              "ptb_sg": lambda: ptb_sg_table(diag),
+              "ptb_control": lambda: ptb_control_table(
+                  diag, runs_dir or os.path.join(os.path.dirname(diag), "results"))}
 
     def runs(which, variant="", names=None):
         out_runs = []
@@ -935,7 +992,7 @@ def main(argv=None) -> None:
                    help="the diagnosis runs' logs (docs/synthetic_gradients.md's tables and figures)")
     args = p.parse_args(argv)
     if args.diag and os.path.isdir(args.diag):
-        diagnosis(args.diag, os.path.join(args.out, "synthetic_gradients.md"), args.out)
+        diagnosis(args.diag, os.path.join(args.out, "synthetic_gradients.md"), args.out, args.runs)
     logs = load_logs(args.runs)
     if not logs:
         raise SystemExit(f"no example logs in {args.runs}/ (run the examples with --log {args.runs}/NAME_s1.json)")

@@ -210,7 +210,7 @@ def run_ptb(opts, rest) -> dict:
             loss = F.cross_entropy(m.decoder(out).flatten(0, 1), y.flatten())
             return loss, m.pack(st)
 
-        return _rnn_rows(step, m.pack(state), chunks, opts.horizon, m.dni.synthesizer, args.sg_factor)
+        return _rnn_rows(step, m.pack(state), chunks, opts.horizon, m.dni.synthesizer, m.sg_factor)  # as injected
 
     return _rnn_report(m, rows, cap, run, {"test_bpc": run.get("test_metric")}, opts)
 

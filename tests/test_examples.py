@@ -325,6 +325,23 @@ def test_dni_pytorch_flag_restores_its_settings():
     assert args.sg_factor == 0.1
 
 
+@pytest.mark.parametrize("flags,want", [
+    ([], ("ridge", 0.5, "none")),  # the recommended default (docs/synthetic_gradients.md)
+    (["--synth", "mlp"], ("mlp", 0.1, "all")),  # the BasicSynthesizer's recommended setting before
+    (["--dni-pytorch"], ("mlp", 0.1, "none")),
+    (["--sg-factor", "0.3"], ("ridge", 0.3, "none")),
+    (["--normalize-targets"], ("ridge", 0.5, "all")),
+])
+def test_ptb_lm_recommended_settings(flags, want):
+    from dni_fast.examples import _common as C
+    from dni_fast.examples import ptb_lm
+
+    args = C.parse(ptb_lm.build_parser(), flags)
+    C.apply_presets(args)
+    norm = {True: "all", False: "none"}.get(args.normalize_targets, args.normalize_targets)
+    assert (args.synth, args.sg_factor, norm) == want
+
+
 def test_cosine_schedule_and_synth_lr_groups():
     from dni_fast.examples import _common as C
     from dni_fast.examples import mnist_mlp
@@ -405,6 +422,8 @@ def test_mnist_distributed_learning_rates_per_variant():
                                                      "--synth", "mlp"]),
                                            ("copy", ["--lags", "0", "5", "--", "--quick"]),  # RidgeSynthesizer
                                            ("ptb", ["--lags", "0", "--", "--quick", "--data", "synthetic"]),
+                                           ("ptb", ["--lags", "0", "--", "--quick", "--data", "synthetic",
+                                                    "--synth", "mlp"]),
                                            ("mlp", ["--", "--quick", "--data", "digits"]),  # RidgeSynthesizer
                                            ("mlp", ["--", "--quick", "--data", "digits", "--synth", "mlp"])])
 def test_sg_ceiling_script(tmp_path, example, extra):
@@ -417,7 +436,7 @@ def test_sg_ceiling_script(tmp_path, example, extra):
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads(log.read_text())["report"]
     blocks = [rep] if example in ("copy", "ptb") else [i for v in rep.values() for i in v["interfaces"].values()]
-    ridge = example in ("copy", "mlp") and "mlp" not in extra  # the examples whose default is --synth ridge
+    ridge = "mlp" not in extra  # every example here defaults to --synth ridge
     for b in blocks:
         if ridge:  # no ReLU units to die
             assert b["dead"] is None

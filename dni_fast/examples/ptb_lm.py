@@ -9,7 +9,9 @@ state of each chunk (the paper's Figure 3), exactly as dni-pytorch's
   it (the chunk's own loss plus the synthetic gradient injected at its end,
   i.e. a bootstrapped target) trains the synthesizer;
 * ``backward(final_state, factor)`` at the chunk's end injects the synthetic
-  gradient (scaled by ``--sg-factor``, 0.1 as in dni-pytorch);
+  gradient (scaled by ``--sg-factor``: 0.1 as in dni-pytorch with the
+  ``BasicSynthesizer``, ``--synth mlp``; 0.5 with the default
+  ``RidgeSynthesizer``, chosen on the validation split);
 * both inside ``dni.defer_backward()``, since real and synthetic gradients go
   through one graph.
 
@@ -197,8 +199,10 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
 def build_parser():
     p = C.base_parser(__doc__.split("\n")[0], epochs=1, batch_size=32, lr=1e-3,
                       data_choices=("auto", "ptb", "synthetic"))
-    # Recommended (docs/synthetic_gradients.md): normalised regression targets. With dni-pytorch's settings
-    # (--dni-pytorch) the synthesizer's output is its own optimiser's noise and diverged in 2 of 6 runs.
+    # Recommended (docs/synthetic_gradients.md, "Penn Treebank"): the ridge synthesizer, injected at 0.5,
+    # chosen on the validation split. With --synth mlp: normalised regression targets (with dni-pytorch's
+    # settings, --dni-pytorch, that synthesizer's output is its own optimiser's noise, and it diverged in 2 of
+    # 6 runs); the ridge synthesizer drops the normalisation unless --normalize-targets is given.
     p.set_defaults(n_evals=10, normalize_targets="all")
     p.add_argument("--level", choices=("char", "word"), default="char", help="character or word level")
     p.add_argument("--bptt", type=int, nargs="+", default=[2, 4, 8], help="truncation lengths T")
@@ -208,8 +212,10 @@ def build_parser():
     p.add_argument("--layers", type=int, default=1, help="LSTM layers")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout")
     p.add_argument("--synth-hidden", type=int, default=2, help="synthesizer hidden layers (--synth mlp)")
-    C.add_synth_options(p)
-    p.add_argument("--sg-factor", type=float, default=0.1, help="scale of the injected synthetic gradient")
+    C.add_synth_options(p, default="ridge")
+    p.add_argument("--sg-factor", type=float, default=None,
+                   help="scale of the injected synthetic gradient (default: 0.5 with --synth ridge, 0.1 with "
+                        "--synth mlp, dni-pytorch's)")
     p.add_argument("--sg-control", choices=("none", "shuffle"), default="none",
                    help="diagnosis control: 'shuffle' injects the synthetic gradient predicted from another stream's "
                         "state (the same magnitudes and distribution, no information about this state)")
