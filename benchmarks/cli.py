@@ -48,8 +48,7 @@ def _bench(args) -> int:
         return 0
     dtypes = [getattr(torch, d) for d in args.dtype]
     if args.sizes:
-        sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes]
-        sizes = [(s[0], s[1], s[1] if len(s) == 2 else s[2]) for s in sizes]
+        sizes = list(args.sizes)
     elif device.type == "cuda":
         head = (256, 1024, 1024)  # docs/design.md §5's headline size first: a run cut short still has it
         sizes = [head] + ([] if args.quick else
@@ -108,12 +107,25 @@ def _bench(args) -> int:
     return 0
 
 
+def _size(text: str):
+    """``B,D`` or ``B,D,H`` (positive integers) -> ``(B, D, H)``, ``H = D`` when omitted."""
+    try:
+        v = [int(x) for x in text.split(",")]
+    except ValueError:
+        v = []
+    if len(v) not in (2, 3) or min(v) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size is B,D or B,D,H (positive integers: batch rows, "
+                                         "trigger width, hidden width), e.g. 64,256")
+    return (v[0], v[1], v[1] if len(v) == 2 else v[2])
+
+
 def parser() -> argparse.ArgumentParser:
     b = argparse.ArgumentParser(prog="python -m dni_fast bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--device", choices=["cpu", "cuda"])
     b.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16", "float64"])
-    b.add_argument("--sizes", nargs="+", metavar="B,D[,H]", help="interface-step sizes (default per device)")
+    b.add_argument("--sizes", nargs="+", metavar="B,D[,H]", type=_size,
+                   help="interface-step sizes (default per device)")
     b.add_argument("--providers", nargs="+", help="default: every available provider")
     b.add_argument("--threads", nargs="+", type=int, default=[0], help="CPU thread counts; 0 = the default count")
     b.add_argument("--tf32", action="store_true", help="on CUDA, also measure fp32 with TF32 on (both paths)")

@@ -2,6 +2,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 import dni_fast as dni
@@ -126,3 +127,14 @@ def test_auto_picks_from_the_table_and_never_the_interpreter(monkeypatch, tmp_pa
           {"device": "cpu", "dtype": "float32", "backend": "primref"})
     assert bk.resolve("auto", synth, trig).name == "primref"  # the first usable rule wins
     bk.clear_cache()
+
+
+def test_bench_sizes_are_parsed_or_refused_by_name(capsys):
+    from benchmarks import cli
+
+    args = cli.parser().parse_args(["--sizes", "64,256", "8,16,32"])
+    assert args.sizes == [(64, 256, 256), (8, 16, 32)]
+    for bad in ("64", "64,x", "0,256", "1,2,3,4"):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args(["--sizes", bad])
+        assert "a size is B,D or B,D,H" in capsys.readouterr().err
