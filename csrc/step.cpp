@@ -47,6 +47,7 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
     ctx->saved_data["n_z"] = static_cast<int64_t>(zs.size());
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["overlap"] = overlap_threads;
+    ctx->saved_data["trigger_shape"] = trigger.sizes().vec();
     if (stats_slot.has_value()) ctx->saved_data["slot"] = *stats_slot;
     auto shape = trigger.sizes().vec();
     shape.back() = s.size(1);
@@ -60,7 +61,10 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto saved = ctx->get_saved_variables();
     // An unused output arrives undefined: the true gradient is then zero.
-    const Tensor g = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(saved[2]);
+    // (zeros of the trigger's shape: for a trigger of 3+ dims, S is its 2-D flattening)
+    const Tensor g = grad_outputs[0].defined() ? grad_outputs[0]
+                                                : at::zeros(ctx->saved_data["trigger_shape"].toIntVector(),
+                                                            saved[2].options());
     const int64_t n_z = ctx->saved_data["n_z"].toInt();
     const Tensor& x = saved[0];
     OptTensor c;

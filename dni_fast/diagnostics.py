@@ -371,7 +371,8 @@ def summarize(log: Union[str, os.PathLike, dict], points: Sequence[float] = (0.1
         hist = r.get("history", {})
         acc = {k: r[k] for k in r if k.endswith("_acc") and not k.startswith("best")}
         metric = {k: r[k] for k in ("test_metric", "valid_metric", "max_length") if k in r}
-        lines.append(f"{r['variant']}: " + ", ".join(f"{k} {v:.3f}" for k, v in {**acc, **metric}.items())
+        name = r.get("variant", r.get("method", "?"))  # mnist_distributed's records name a method
+        lines.append(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in {**acc, **metric}.items())
                      + (f", final_cos {r['final_cos']:.3f}" if r.get("final_cos") is not None else ""))
         for name, c in hist.get("interfaces", {}).items():
             n = len(c["cos"])

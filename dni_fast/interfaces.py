@@ -448,6 +448,19 @@ class BackwardInterface(UnidirectionalInterface):
             return False
         return ov
 
+    def _check_output_width(self, trigger: Tensor) -> None:
+        """A BackwardInterface's synthesizer predicts the gradient of its trigger:
+        its output must be as wide as the trigger (else S would broadcast
+        against the true gradient on reference, and fail obscurely at the
+        backward on the fused backends)."""
+        synth = self._modules["synthesizer"]
+        od, td = getattr(synth, "output_dim", None), getattr(synth, "trigger_dim", None)
+        # a trigger of the wrong width is the synthesizer's own check (it names trigger_dim)
+        if od is not None and trigger.dim() and od != trigger.shape[-1] and td in (None, trigger.shape[-1]):
+            raise ValueError(f"{self.label()}: the synthesizer predicts gradients of width {od} but the trigger has "
+                             f"shape {tuple(trigger.shape)}; a BackwardInterface's synthesizer needs output_dim == "
+                             f"the trigger's last dim ({trigger.shape[-1]})")
+
     def _check_empty(self, trigger: Tensor) -> None:
         """An empty batch does nothing, but a trigger of the wrong width, dtype or
         device is still named as such (it would fail on the next full batch)."""
@@ -471,6 +484,7 @@ class BackwardInterface(UnidirectionalInterface):
             return trigger
         if not isinstance(trigger, Tensor):
             raise TypeError(f"{self.label()}: the trigger must be a tensor, got {type(trigger).__name__}")
+        self._check_output_width(trigger)
         if trigger.numel() == 0:
             self._check_empty(trigger)
             return trigger.detach()
@@ -513,6 +527,7 @@ class BackwardInterface(UnidirectionalInterface):
             return
         if not isinstance(trigger, Tensor):
             raise TypeError(f"{self.label()}: the trigger must be a tensor, got {type(trigger).__name__}")
+        self._check_output_width(trigger)
         if trigger.numel() == 0:
             self._check_empty(trigger)
             return
@@ -529,6 +544,7 @@ class BackwardInterface(UnidirectionalInterface):
             return trigger
         if not isinstance(trigger, Tensor):
             raise TypeError(f"{self.label()}: the trigger must be a tensor, got {type(trigger).__name__}")
+        self._check_output_width(trigger)
         if trigger.numel() == 0:
             self._check_empty(trigger)
             return trigger
@@ -560,15 +576,21 @@ class BackwardInterface(UnidirectionalInterface):
         carrier = None
         if prev is not None:
             prev["stale"] = True  # a true gradient arriving for it from now on is applied at once
+        fuse = prev is not None and prev["g"] is not None
+        if fuse and (prev["x"].dtype != x.dtype or prev["x"].device != x.device):
+            # One fused launch computes in one dtype on one device (autocast switched on or off, a move): the
+            # pending update is applied on its own first, with the same (current) weights.
+            self._deliver(prev, prev["g"])
+            fuse = False
         with torch.no_grad(), no_autocast(x):
-            if prev is not None and prev["g"] is not None:
+            if fuse:
                 s, zs, grads, partials = prims.pipelined(x, c, plain, prev["x"], prev["c"], prev["zs"], prev["s"],
                                                          prev["g"], prev["scale"])
                 if self.track_stats:
                     self._stats.record(partials, prev["scale"])
             else:
                 s, zs = prims.forward(x, c, plain)
-        if prev is not None and prev["g"] is not None:
+        if fuse:
             carrier = grad_carrier(grads, params)
         self._pending = {"x": x, "c": c, "zs": zs, "s": s, "scale": BACKWARD_LOSS.scale(trigger.shape), "g": None,
                          "stale": False}

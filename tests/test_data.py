@@ -294,10 +294,24 @@ def test_truncated_idx_raises(tmp_path):
         data.read_idx(p)
 
 
-def test_auto_falls_back_to_embedded(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "nowhere"))
+def test_auto_falls_back_to_embedded_only_where_no_root_was_named(tmp_path, monkeypatch):
+    # nothing named and no ../shared/data: the embedded data
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "_repo_root", lambda: tmp_path / "checkout")
     assert data.load_images("auto", limit_train=10, limit_test=10).name == "digits"
     assert data.load_text("auto", "char").name == "synthetic-char"
+    # a root named by $DNI_FAST_DATA or the argument that does not exist is a typo: named, never skipped
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(data.DataNotFoundError, match="nowhere"):
+        data.load_images("auto")
+    with pytest.raises(data.DataNotFoundError, match="nowhere"):
+        data.load_text("auto", "char")
+    monkeypatch.delenv(data.ENV_VAR)
+    with pytest.raises(data.DataNotFoundError, match="elsewhere"):
+        data.load_images("auto", root=tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="unknown level 'bogus'"):
+        data.load_text("auto", "bogus")
 
 
 # -- embedded defaults ---------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_auto_decides_each_row_count_by_the_table_whatever_the_call_order():
 def test_an_empty_batch_of_the_wrong_width_is_named(backend, call):
     it = dni.BackwardInterface(dni.BasicSynthesizer(4), backend=backend)
     t = torch.randn(0, 7, requires_grad=True)
-    with pytest.raises(ValueError, match="trigger_dim=4"):
+    with pytest.raises(ValueError, match="width 4|trigger_dim=4"):
         it(t) if call == "forward" else getattr(it, call)(t)
 
 
@@ -150,3 +150,122 @@ def test_a_frozen_synthesizer_is_still_measured_by_every_backend(backend):
         assert torch.equal(h.grad, torch.ones_like(h))  # the true gradient passes through unchanged
     assert fi.stats()["count"] == 3 and bi.stats()["count"] == 3
     assert all(p.grad is None for p in bi.synthesizer.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(4, 6), (2, 2, 6)])
+def test_an_unused_interface_output_counts_as_a_zero_true_gradient(backend, shape):
+    # A downstream op that returns None for the interface's output: as on reference, g = 0 and the update runs.
+    def grads(b):
+        torch.manual_seed(0)
+        synth = dni.BasicSynthesizer(6, n_hidden=1)
+        with torch.no_grad():
+            for p in synth.parameters():
+                p.normal_(0, 0.3)
+        it = dni.BackwardInterface(synth, backend=b)
+        x = torch.randn(*shape, requires_grad=True)
+        w = torch.ones((), requires_grad=True)
+        z = it.make_trigger(x * 1)
+        _Drop.apply(z, w).sum().backward()  # a Function that returns None for z: the node gets no gradient
+        assert w.grad is not None
+        return [p.grad.clone() for p in synth.parameters()]
+
+    for a, b in zip(grads("reference"), grads(backend)):
+        torch.testing.assert_close(b, a)
+
+
+class _Drop(torch.autograd.Function):
+    """``t * w``, but no gradient for ``t`` (a gated or straight-through op)."""
+
+    @staticmethod
+    def forward(ctx, t, w):
+        return t * w
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g.sum().reshape(())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pipelined_mode_across_a_change_of_compute_dtype(backend):
+    # autocast switched on after an fp32 step: one fused launch cannot mix dtypes, so the pending update runs alone
+    def run(b):
+        torch.manual_seed(0)
+        synth = dni.BasicSynthesizer(6, n_hidden=1)
+        it = dni.BackwardInterface(synth, backend=b, pipelined=True)
+        for amp in (False, True, False):
+            x = torch.randn(3, 6, requires_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = it(x * 1)
+            (out.float() ** 2).sum().backward()
+        it.flush()
+        return [p.grad.clone() for p in synth.parameters()]
+
+    for a, b in zip(run("reference"), run(backend)):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)  # bf16 steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call", ["forward", "make_trigger", "backward"])
+def test_a_synthesizer_narrower_than_its_trigger_is_named(backend, call):
+    it = dni.BackwardInterface(dni.BasicSynthesizer(1, trigger_dim=6), backend=backend)
+    t = torch.randn(3, 6, requires_grad=True) * 1
+    with pytest.raises(ValueError, match="output_dim == the trigger's last dim"):
+        it(t) if call == "forward" else getattr(it, call)(t)
+
+
+@pytest.mark.parametrize("mode", [None, True, "injection"])
+def test_gradient_isolation_guard_accepts_an_interface_whose_injection_runs_on_the_worker(mode):
+    from dni_fast.local import AuxClassifier, GradientIsolated
+
+    class Good(nn.Module):  # module 1 feeds its input straight into a BackwardInterface: legitimate
+        def __init__(self):
+            super().__init__()
+            self.bi = dni.BackwardInterface(dni.BasicSynthesizer(5), backend="reference", overlap=mode)
+            self.lin = nn.Linear(5, 4)
+
+        def forward(self, h):
+            return self.lin(self.bi(h))
+
+    torch.manual_seed(0)
+    m0, m1 = nn.Sequential(nn.Linear(6, 5), nn.ReLU()), Good()
+    for p in m1.bi.parameters():
+        nn.init.normal_(p, std=0.1)
+    gi = GradientIsolated([m0, m1], [None, AuxClassifier(4, 3, kind="mlp", conv_layers=0)],
+                          lambda p: torch.optim.SGD(p, lr=0.1))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    for _ in range(2):
+        gi.step(x, y)
+    dni.synchronize()
+    assert m0[0].weight.grad is not None and m0[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("example,argv,message", [
+    ("quickstart", ["--normalize-targets"], "--normalize-targets is not implemented"),
+    ("mnist_full_unlock", ["--normalize-targets", "all"], "--normalize-targets is not implemented"),
+    ("copy_task", ["--valid", "500"], "--valid is not implemented"),
+    ("ptb_lm", ["--valid", "500"], "--valid is not implemented"),
+    ("mnist_mlp", ["--synth", "ridge", "--normalize-target", "all"], "unrecognized arguments"),  # no abbreviations
+    ("mnist_mlp", ["--threads", "-1"], "argument --threads"),
+    ("mnist_mlp", ["--batch-size", "0"], "argument --batch-size"),
+    ("mnist_mlp", ["--epochs", "-1"], "argument --epochs"),
+])
+def test_examples_refuse_options_they_would_ignore_or_misread(example, argv, message, capsys):
+    import importlib
+
+    mod = importlib.import_module(f"dni_fast.examples.{example}")
+    with pytest.raises(SystemExit):
+        mod.main(["--quick", "--no-progress"] + argv)
+    assert message in capsys.readouterr().err
+
+
+def test_summarize_reads_the_distributed_examples_logs():
+    import glob
+
+    from dni_fast.diagnostics import summarize
+
+    logs = sorted(glob.glob("docs/logs/distributed/*.json"))
+    if not logs:
+        pytest.skip("no distributed logs in this checkout")
+    for log in logs:  # their records name a method, not a variant
+        assert "test_acc" in summarize(log)

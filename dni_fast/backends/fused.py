@@ -80,12 +80,15 @@ class _TriggerUpdate(torch.autograd.Function):
         # message carries a graph and backward gets a zero-filled gradient for it.
         s_out = s.view(*trigger.shape[:-1], s.shape[-1])
         ctx.mark_non_differentiable(s_out)
-        ctx.set_materialize_grads(False)  # g is always defined: the clone is the only differentiable output
+        ctx.set_materialize_grads(False)  # S's gradient is never used: autograd must not materialise zeros for it
+        ctx.trigger_shape = trigger.shape
         return trigger.clone(), s_out
 
     @staticmethod
-    def backward(ctx, g: Tensor, _unused: Optional[Tensor]):
+    def backward(ctx, g: Optional[Tensor], _unused: Optional[Tensor]):
         x, c, (s,), zs, params = _unpack(ctx, 1)
+        if g is None:  # the output was not used downstream: the true gradient is zero (as on reference)
+            g = s.new_zeros(ctx.trigger_shape)
         g2 = g.reshape(-1, g.shape[-1])
         if g2.dtype != s.dtype:
             g2 = g2.to(s.dtype)

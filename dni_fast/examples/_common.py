@@ -27,18 +27,37 @@ except ImportError:  # pragma: no cover
 # ---------------------------------------------------------------------------
 # Command line and setup
 # ---------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """An argparse type: an integer > 0 (a bad value is an argparse error naming the option)."""
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return v
+
+
 def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                 data_choices: Iterable[str] = ("auto", "digits", "mnist"), seed: int = 1,
                 lr_schedule: str = "constant") -> argparse.ArgumentParser:
     """The options every example has."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # allow_abbrev=False: the presets read the command line for the flags given (--normalize-targets, the
+    # BasicSynthesizer-only options), and an abbreviation would slip past them
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
     choices = list(data_choices)
     p.add_argument("--data", choices=choices, default=choices[0],
                    help="data set; 'auto' uses the real one when the data folder has it "
                         "(see dni_fast.examples.data), else the embedded default")
     p.add_argument("--data-dir", default=None, help="data folder (default: $DNI_FAST_DATA, else ../shared/data)")
-    p.add_argument("--epochs", type=int, default=epochs, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="training batch size")
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help="training batch size")
     p.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=seed, help="random seed")
     p.add_argument("--backend", default=None, choices=list(dni.BACKENDS),
@@ -62,7 +81,7 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                    help="dni-pytorch's behaviour: no target normalisation, the synthesizers at the model's learning "
                         "rate, a constant learning rate, Adam's default eps, BasicSynthesizer's own init "
                         "(--synth-init default), mean loss, and (RNNs) --sg-factor 0.1; overrides those flags")
-    p.add_argument("--valid", type=int, default=0,
+    p.add_argument("--valid", type=non_negative_int, default=0,
                    help="hold out this many training images as a validation split and evaluate on it instead of the "
                         "test split (for choosing settings)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=lr_schedule,
@@ -71,7 +90,8 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                    help="the synthesizers' learning rate follows --lr-schedule ('same') or stays constant")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's eps for every parameter group")
     p.add_argument("--n-evals", type=int, default=20, help="evaluation points per run (learning curve)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=non_negative_int, default=None,
+                   help="torch.set_num_threads (default, or 0: torch's choice)")
     p.add_argument("--log", default=None, help="write a JSON log of the run here (e.g. runs/name.json)")
     p.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (for CI)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -258,6 +278,7 @@ class RunLog:
             "summary": {},
         }
         self.path = args.log
+        self.save()  # now: a path that cannot be written fails before any training, not after the first variant
 
     def add(self, record: dict) -> None:
         self.data["runs"].append(record)

@@ -200,7 +200,9 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = C.parse(build_parser(), argv)
+    parser = build_parser()
+    args = C.parse(parser, argv)
+    C.refuse_unused(parser, args, used=set(C.TUNING_OPTIONS) - {"valid"})  # no held-out split (a held-out seed is)
     if args.quick:
         args.bptt = args.bptt if argv and "--bptt" in argv else [2]
         args.hidden, args.timesteps, args.window, args.synth_hidden = 16, 600, 4, min(args.synth_hidden, 1)

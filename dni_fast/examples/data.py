@@ -139,6 +139,15 @@ def find_data_root(root: Optional[PathLike] = None) -> Optional[Path]:
     return None
 
 
+def _auto_root(root: Optional[PathLike]) -> Optional[Path]:
+    """The data root for an ``"auto"`` choice: ``None`` (use the embedded data) only where no root was named;
+    a root named by the argument or ``$DNI_FAST_DATA`` must exist (a typo must not silently train on the
+    embedded data)."""
+    if root is not None or os.environ.get(ENV_VAR):
+        return data_root(root)
+    return find_data_root(root)
+
+
 def data_root(root: Optional[PathLike] = None) -> Path:
     """The data root: ``root``, else ``$DNI_FAST_DATA``, else ``../shared/data``
     (from the current directory or from the checkout). Raises
@@ -405,7 +414,7 @@ def load_images(name: str = "auto", root: Optional[PathLike] = None, limit_train
     ``"auto"`` (MNIST when a data root with ``mnist/`` exists, else digits).
     Pixels are normalised by the training set's mean and std."""
     if name == "auto":
-        r = find_data_root(root)
+        r = _auto_root(root)
         name = "mnist" if r is not None and (r / "mnist").is_dir() else "digits"
     if name == "mnist":
         (xtr, ytr), (xte, yte) = load_mnist("train", root), load_mnist("test", root)
@@ -540,8 +549,10 @@ def load_text(name: str = "auto", level: str = "word", root: Optional[PathLike] 
               max_lines: Optional[int] = None) -> Corpus:
     """``name``: ``"ptb"`` (needs the files), ``"synthetic"`` (embedded) or
     ``"auto"`` (PTB when the data root has it, else synthetic)."""
+    if level not in PTB_FILES:
+        raise ValueError(f"unknown level {level!r}; choose {' or '.join(map(repr, PTB_FILES))}")
     if name == "auto":
-        r = find_data_root(root)
+        r = _auto_root(root)
         name = "ptb" if r is not None and (r / PTB_FILES[level][0]).is_dir() else "synthetic"
     if name == "ptb":
         return load_ptb(level, root, max_lines)

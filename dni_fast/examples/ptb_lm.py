@@ -228,7 +228,9 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = C.parse(build_parser(), argv)
+    parser = build_parser()
+    args = C.parse(parser, argv)
+    C.refuse_unused(parser, args, used=set(C.TUNING_OPTIONS) - {"valid"})  # the corpus has its own valid split
     if args.quick:
         args.bptt = args.bptt if argv and "--bptt" in argv else [2]
         args.hidden, args.train_tokens, args.eval_tokens, args.n_evals = 32, 3000, 1000, 2

@@ -69,7 +69,9 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = C.parse(build_parser(), argv)
+    parser = build_parser()
+    args = C.parse(parser, argv)
+    C.refuse_unused(parser, args, used=set(C.TUNING_OPTIONS) - {"normalize_targets"})
     C.setup(args)
     data = C.load_image_data(args)
     args.epochs = C.default_epochs(args, data, mnist=2, digits=40)

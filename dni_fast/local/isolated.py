@@ -19,6 +19,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from dni_fast import _overlap
 from dni_fast.interfaces import BackwardInterface
 
 __all__ = ["GradientIsolated", "BoundaryCrossingError"]
@@ -111,6 +112,9 @@ class GradientIsolated(nn.Module):
         # the loss-None guard: inputs of the BackwardInterface calls in flight,
         # per module
         self._iface_inputs: List[List[Tensor]] = [[] for _ in modules]
+        # inputs of interfaces whose injection runs later on the overlap worker (overlap="injection"): still
+        # legitimate senders of a gradient until the step's synchronisation point
+        self._offloaded: List[List[Tensor]] = [[] for _ in modules]
         self._guard_hooks = []
         for j, m in enumerate(modules):
             if j > 0 and losses[j - 1] is None:
@@ -175,7 +179,9 @@ class GradientIsolated(nn.Module):
 
     def _leave_iface(self, j: int):
         def hook(module, args, output):
-            self._iface_inputs[j].pop()
+            t = self._iface_inputs[j].pop()
+            if t is not None and getattr(module, "_overlapping", lambda: False)() == _overlap.INJECTION:
+                self._offloaded[j].append(t)
         return hook
 
     def _guard(self, i: int, h: Tensor) -> None:
@@ -187,7 +193,7 @@ class GradientIsolated(nn.Module):
         ref = weakref.ref(h)  # not h itself: h -> hook -> h would be a cycle that delays freeing h
 
         def hook(grad):
-            if not any(t is ref() for t in self._iface_inputs[i + 1]):
+            if not any(t is ref() for t in self._iface_inputs[i + 1] + self._offloaded[i + 1]):
                 raise BoundaryCrossingError(
                     f"a gradient reached module {i}'s output from outside a BackwardInterface of module {i + 1}. "
                     f"Module {i}'s loss is None, so module {i + 1} must feed its input straight into a "
@@ -297,7 +303,11 @@ class GradientIsolated(nn.Module):
                 out_losses[i] = value.detach()
                 h = out.detach()
             del out
-        self._step_optimizers(trained)
+        try:
+            self._step_optimizers(trained)  # a synchronisation point: the offloaded injections have run
+        finally:
+            for lst in self._offloaded:
+                lst.clear()
         return out_losses
 
     @torch.no_grad()
