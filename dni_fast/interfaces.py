@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import numbers
 import os
 import sys
 from typing import Optional, Union
@@ -521,8 +522,11 @@ class BackwardInterface(UnidirectionalInterface):
         if isinstance(factor, Tensor):
             if not bool(torch.isfinite(factor).all()):
                 raise ValueError(f"{self.label()}.backward: factor has NaN or inf values")
-        elif not isinstance(factor, (int, float)) or not math.isfinite(factor):
+        elif not isinstance(factor, numbers.Real) or not math.isfinite(factor):
+            # numbers.Real: numpy scalars too (dni-pytorch multiplies by whatever it is given)
             raise ValueError(f"{self.label()}.backward: factor must be a finite number, got {factor!r}")
+        elif not isinstance(factor, (int, float)):
+            factor = float(factor)  # a numpy scalar times a tensor would give a numpy array
         if not self.training:
             return
         if not isinstance(trigger, Tensor):

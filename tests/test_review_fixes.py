@@ -3,6 +3,7 @@ before a backward, bad input accepted), one test each; each fails without
 its fix."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -269,3 +270,22 @@ def test_summarize_reads_the_distributed_examples_logs():
         pytest.skip("no distributed logs in this checkout")
     for log in logs:  # their records name a method, not a variant
         assert "test_acc" in summarize(log)
+
+
+@pytest.mark.parametrize("factor", [np.float32(0.5), np.int64(2), np.float64(0.25)])
+def test_backward_accepts_a_numpy_scalar_factor(factor):
+    # dni-pytorch multiplies by whatever factor it is given
+    def grad(f):
+        torch.manual_seed(0)
+        synth = dni.BasicSynthesizer(4)
+        with torch.no_grad():
+            for p in synth.parameters():
+                p.normal_(0, 0.3)
+        it = dni.BackwardInterface(synth, backend="reference")
+        x = torch.randn(3, 4, requires_grad=True)
+        it.backward(x * 1, f)
+        return x.grad
+
+    torch.testing.assert_close(grad(factor), grad(float(factor)))
+    with pytest.raises(ValueError, match="finite number"):
+        grad(np.float32("nan"))
