@@ -384,6 +384,13 @@ class BackwardInterface(UnidirectionalInterface):
         super().__init__(synthesizer, backend=backend, warmup_steps=warmup_steps, track_stats=track_stats,
                          check_finite=check_finite, name=name)
         overlap = None if overlap is None else _overlap.mode(overlap)  # a bad value is named before anything else
+        # The synthesizer predicts the gradient of its trigger, so it must be as wide as its trigger (else S would
+        # broadcast against the true gradient on reference, and fail obscurely at the backward on fused backends).
+        od, td = getattr(synthesizer, "output_dim", None), getattr(synthesizer, "trigger_dim", None)
+        if od is not None and td is not None and od != td:
+            raise ValueError(f"BackwardInterface: the synthesizer predicts gradients of width output_dim={od} for "
+                             f"triggers of width trigger_dim={td}; a BackwardInterface's synthesizer needs "
+                             f"output_dim == the trigger's last dim (trigger_dim)")
         if normalize_targets and pipelined:
             raise ValueError("BackwardInterface: normalize_targets=True is not supported with pipelined=True")
         if not 0.0 <= target_momentum < 1.0:
@@ -449,19 +456,6 @@ class BackwardInterface(UnidirectionalInterface):
             return False
         return ov
 
-    def _check_output_width(self, trigger: Tensor) -> None:
-        """A BackwardInterface's synthesizer predicts the gradient of its trigger:
-        its output must be as wide as the trigger (else S would broadcast
-        against the true gradient on reference, and fail obscurely at the
-        backward on the fused backends)."""
-        synth = self._modules["synthesizer"]
-        od, td = getattr(synth, "output_dim", None), getattr(synth, "trigger_dim", None)
-        # a trigger of the wrong width is the synthesizer's own check (it names trigger_dim)
-        if od is not None and trigger.dim() and od != trigger.shape[-1] and td in (None, trigger.shape[-1]):
-            raise ValueError(f"{self.label()}: the synthesizer predicts gradients of width {od} but the trigger has "
-                             f"shape {tuple(trigger.shape)}; a BackwardInterface's synthesizer needs output_dim == "
-                             f"the trigger's last dim ({trigger.shape[-1]})")
-
     def _check_empty(self, trigger: Tensor) -> None:
         """An empty batch does nothing, but a trigger of the wrong width, dtype or
         device is still named as such (it would fail on the next full batch)."""
@@ -485,7 +479,6 @@ class BackwardInterface(UnidirectionalInterface):
             return trigger
         if not isinstance(trigger, Tensor):
             raise TypeError(f"{self.label()}: the trigger must be a tensor, got {type(trigger).__name__}")
-        self._check_output_width(trigger)
         if trigger.numel() == 0:
             self._check_empty(trigger)
             return trigger.detach()
@@ -531,7 +524,6 @@ class BackwardInterface(UnidirectionalInterface):
             return
         if not isinstance(trigger, Tensor):
             raise TypeError(f"{self.label()}: the trigger must be a tensor, got {type(trigger).__name__}")
-        self._check_output_width(trigger)
         if trigger.numel() == 0:
             self._check_empty(trigger)
             return
@@ -548,7 +540,6 @@ class BackwardInterface(UnidirectionalInterface):
             return trigger
         if not isinstance(trigger, Tensor):
             raise TypeError(f"{self.label()}: the trigger must be a tensor, got {type(trigger).__name__}")
-        self._check_output_width(trigger)
         if trigger.numel() == 0:
             self._check_empty(trigger)
             return trigger

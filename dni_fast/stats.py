@@ -63,8 +63,9 @@ class SynthStats:
         self._ring: Optional[Tensor] = None  # (CAPACITY, 4) fp32
         self._scales: List[float] = []
         self._late = False  # a row of the current ring was reserved for a later write
-        self._set_aside: List[tuple] = []  # full (ring, scales, late) not folded yet (see can_wait)
-        self._carried: List[list] = []  # [ring, scales, rows counted (bool, device), folds left]
+        # Rings that left the current slot, oldest first, as [ring, scales, rows counted so far (bool, device;
+        # None: never folded), folds left]: set aside full (see can_wait), or carried for their late rows.
+        self._rings: List[list] = []
         # (8,): sums of (loss, cos, rel_err, s_norm, g_norm), count, nonfinite, count with g != 0
         self._sum: Optional[Tensor] = None
         self._last: Optional[Tensor] = None  # (5,) last finite (loss, cos, rel_err, s_norm, g_norm)
@@ -75,9 +76,7 @@ class SynthStats:
         fold (reserved at forward time)."""
         if self._ring is None or self._ring.device != device or len(self._scales) == self.CAPACITY:
             if can_wait is not None and not can_wait():
-                if self._scales:
-                    self._set_aside.append((self._ring, self._scales, self._late))
-                self._ring, self._scales = None, []
+                self._retire_current()
             else:
                 self._fold()
             # A new ring rather than reuse: a row reserved by a step whose
@@ -93,29 +92,26 @@ class SynthStats:
     def record(self, partials: Tensor, scale: float) -> None:
         self.reserve(scale, partials.device, late=False).copy_(partials)
 
+    def _retire_current(self) -> None:
+        """Move the current ring to ``_rings``: folded once, or ``1 + CARRY`` times
+        when a row of it may still be written."""
+        if self._scales and self._ring is not None:
+            self._rings.append([self._ring, self._scales, None, 1 + (self.CARRY if self._late else 0)])
+        self._ring, self._scales = None, []
+
     def _fold(self, final: bool = False) -> None:
-        """Fold every ring (the carried ones first: they are older) into the sums.
-        ``final``: a read, which syncs anyway: drop the carried rings that are
-        complete."""
-        current = [(self._ring, self._scales, self._late)] if self._scales and self._ring is not None else []
-        if not (self._set_aside or current or self._carried):
+        """Fold every ring into the sums, oldest first, counting each row once.
+        ``final``: a read, which syncs anyway: drop the rings that are complete."""
+        self._retire_current()
+        if not self._rings:
             return
         if before_read is not None:
             before_read()
-        carried, self._carried = self._carried, []
-        for ring, scales, counted, left in carried:
+        rings, self._rings = self._rings, []
+        for ring, scales, counted, left in rings:
             counted = self._fold_one(ring, scales, counted)
-            if left > 1:
-                self._carried.append([ring, scales, counted, left - 1])
-        for ring, scales, late in self._set_aside + current:
-            counted = self._fold_one(ring, scales, None)
-            if late:  # rows may still be written
-                self._carried.append([ring, scales, counted, self.CARRY])
-        self._set_aside = []
-        self._scales = []
-        self._ring = None
-        if final and self._carried:
-            self._carried = [c for c in self._carried if not bool(c[2].all())]
+            if left > 1 and not (final and bool(counted.all())):
+                self._rings.append([ring, scales, counted, left - 1])
 
     def _fold_one(self, ring: Tensor, scales: List[float], counted: Optional[Tensor]) -> Tensor:
         """Add the rows of ``ring`` written and not ``counted`` before; returns the rows counted now."""

@@ -878,22 +878,10 @@ def test_close_finishes_the_batches_in_flight_and_training_goes_on(then):
     assert_state_equal(run("sequential"), run("threads"))
 
 
-class _Exploding(nn.Module):
-    def __init__(self, d, at):
-        super().__init__()
-        self.lin, self.at, self.calls = nn.Linear(d, d), at, 0
-
-    def forward(self, h):
-        self.calls += 1
-        if self.calls == self.at:
-            raise FloatingPointError("stage blew up")
-        return self.lin(h)
-
-
 @pytest.mark.parametrize("seen_by", ["state_dict", "forward", "synchronize"])
 def test_a_worker_error_first_seen_outside_step_breaks_the_model_and_load_checkpoint_recovers(seen_by):
     torch.manual_seed(0)
-    stages = [nn.Linear(12, 16), nn.Linear(16, 16), _Exploding(16, at=5)]
+    stages = [nn.Linear(12, 16), nn.Linear(16, 16), Exploding(16, at=5)]
     synths = [dni.BasicSynthesizer(16), dni.BasicSynthesizer(16)]
     m = DecoupledSequential(stages, synths, adam, executor="threads", threads_per_stage=1)
     ck = m.checkpoint()

@@ -134,7 +134,7 @@ def test_auto_decides_each_row_count_by_the_table_whatever_the_call_order():
 def test_an_empty_batch_of_the_wrong_width_is_named(backend, call):
     it = dni.BackwardInterface(dni.BasicSynthesizer(4), backend=backend)
     t = torch.randn(0, 7, requires_grad=True)
-    with pytest.raises(ValueError, match="width 4|trigger_dim=4"):
+    with pytest.raises(ValueError, match="trigger_dim=4"):
         it(t) if call == "forward" else getattr(it, call)(t)
 
 
@@ -207,12 +207,12 @@ def test_pipelined_mode_across_a_change_of_compute_dtype(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("call", ["forward", "make_trigger", "backward"])
-def test_a_synthesizer_narrower_than_its_trigger_is_named(backend, call):
-    it = dni.BackwardInterface(dni.BasicSynthesizer(1, trigger_dim=6), backend=backend)
-    t = torch.randn(3, 6, requires_grad=True) * 1
+@pytest.mark.parametrize("synth", ["basic", "ridge"])
+def test_a_synthesizer_narrower_than_its_trigger_is_named(backend, synth):
+    # S would broadcast against the true gradient (reference) or fail obscurely at the backward: refused at once
+    make = dni.BasicSynthesizer if synth == "basic" else dni.RidgeSynthesizer
     with pytest.raises(ValueError, match="output_dim == the trigger's last dim"):
-        it(t) if call == "forward" else getattr(it, call)(t)
+        dni.BackwardInterface(make(1, trigger_dim=6), backend=backend)
 
 
 @pytest.mark.parametrize("mode", [None, True, "injection"])

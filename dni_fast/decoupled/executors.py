@@ -278,6 +278,12 @@ def _shutdown(sh: _Shared, threads: List[threading.Thread]) -> None:
             t.join(timeout=60)
 
 
+def default_threads(n: int) -> List[int]:
+    """The ``threads`` executor's intra-op thread count per stage by default: the
+    caller's count shared among the ``n`` workers."""
+    return [max(1, torch.get_num_threads() // n)] * n
+
+
 class ThreadsExecutor(Executor):
     """One worker thread per stage on the CPU (module docstring).
 
@@ -293,7 +299,7 @@ class ThreadsExecutor(Executor):
                  graphs: Optional[tuple] = None) -> None:
         super().__init__(stages, graphs)
         n = self.n
-        self.threads = threads_per_stage or [max(1, torch.get_num_threads() // n)] * n
+        self.threads = threads_per_stage or default_threads(n)
         self.sh = _Shared(n)
         self.losses = self.sh.losses  # one dict: the last worker writes it, the caller reads it, under the lock
         self.submitted = 0

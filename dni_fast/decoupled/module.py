@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from dni_fast.backends import get_backend
-from dni_fast.decoupled.executors import EXECUTORS, Batch, executor_class, pick_executor
+from dni_fast.decoupled.executors import EXECUTORS, Batch, default_threads, executor_class, pick_executor
 from dni_fast.decoupled.schedule import Stage, StageEvent, check_delay, check_update_prob, module_device
 
 __all__ = ["DecoupledSequential"]
@@ -125,7 +125,7 @@ class DecoupledSequential(nn.Module):
         self._threads_given = self._threads is not None
         if self._threads is None and executor == "threads":
             # fixed now: the executor is rebuilt later (load_checkpoint, .to()), at other counts maybe
-            self._threads = [max(1, torch.get_num_threads() // n)] * n
+            self._threads = default_threads(n)
         self._stages = [Stage(k, n, stages[k], synthesizers[k] if k < n - 1 else None, optimizer,
                               delay=self.delay, update_prob=update_prob, seed=seed, regression=regression)
                         for k in range(n)]
@@ -168,8 +168,7 @@ class DecoupledSequential(nn.Module):
                 self.executor, self._cls = picked, executor_class(picked)
                 self.delay = check_delay(delay, picked)
                 if not self._threads_given:  # the default count belongs to the executor that was picked
-                    self._threads = [max(1, torch.get_num_threads() // len(self._stages))] * len(
-                        self._stages) if picked == "threads" else None
+                    self._threads = default_threads(len(self._stages)) if picked == "threads" else None
                 for st in self._stages:
                     st.delay = self.delay
         self._cls.check(self._stages, self.delay, self._threads)
