@@ -9,13 +9,18 @@ regression and update) can be read off directly. On the CPU it prints the
 Triton launch counter of the interpreter instead (the profiler sees no kernels).
 """
 import argparse
+import os
+import sys
 from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dni_fast as dni
-from benchmarks import harness as bench
+
+# `python benchmarks/profile_launches.py` puts benchmarks/ on sys.path, not the repository root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import harness as bench  # noqa: E402
 
 
 def count_cuda(fn):

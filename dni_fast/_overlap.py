@@ -42,7 +42,10 @@ the process: ``synchronize()`` on any thread delivers every thread's pending
 updates, and an exception leaving an ``overlap()`` scope discards them all.
 Train with overlap from one thread at a time. The worker sets its own
 intra-op thread count with ``torch.set_num_threads``, which also sets the
-count that threads created afterwards start with.
+count that threads created afterwards start with. On the CPU the worker
+needs a core the caller's intra-op threads leave free; where they use every
+core it only competes with them, and the first CPU job warns once
+(:class:`PerformanceWarning`).
 
 Under CUDA graph capture (``torch.cuda.graph`` around a whole training
 step, ``Adam(capturable=True)``, ``track_stats=False``) the caller launches
@@ -82,7 +85,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import os
 import threading
+import warnings
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
@@ -321,9 +326,43 @@ def uses_native_worker() -> None:
         _native = _ext.get_ext()
 
 
-def worker_threads() -> int:
-    """Intra-op threads of the worker: the caller's count, halved (they share the cores)."""
-    return max(1, torch.get_num_threads() // 2)
+class PerformanceWarning(UserWarning):
+    """A set-up that works but is likely slower than the alternative the message names."""
+
+
+def worker_threads(warn: bool = True) -> int:
+    """Intra-op threads of the worker: the caller's count, halved (they share the cores).
+    ``warn`` (a job that computes on the CPU): warn once if the caller's threads leave no core free."""
+    n = torch.get_num_threads()
+    if warn and not _no_free_core_warned:
+        _warn_if_no_free_core(n)
+    return max(1, n // 2)
+
+
+_no_free_core_warned = False
+
+
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _warn_if_no_free_core(threads: int) -> None:
+    """Once per process: the CPU worker shares the cores with the caller's intra-op threads, so when those
+    already use every core it only competes with them (measured slower than no overlap: docs/decoupled.md,
+    "At the default two threads")."""
+    global _no_free_core_warned
+    _no_free_core_warned = True
+    cores = _cores()
+    if threads >= cores:
+        warnings.warn(f"dni_fast overlap: the worker thread computes on the CPU, but this thread's {threads} "
+                      f"intra-op threads already use all {cores} cores, so the worker competes with them and the "
+                      f"step is usually slower than without overlap. Leave it a core: "
+                      f"torch.set_num_threads({max(1, cores - 1)}) (docs/decoupled.md).", PerformanceWarning,
+                      stacklevel=4)
 
 
 def _native_pending() -> int:
@@ -357,7 +396,7 @@ def submit(compute: Callable[[], Sequence[Optional[Tensor]]], params: Sequence[T
             # the overlap when the graph replays.
             _worker.run_here(_Job(compute, params, 0, cuda))
             return
-    _worker.submit(_Job(compute, params, worker_threads(), cuda))
+    _worker.submit(_Job(compute, params, worker_threads(warn=cuda is None), cuda))
 
 
 def _leaves(root: Tensor) -> Optional[List[Tensor]]:
@@ -426,9 +465,14 @@ def discard() -> None:
 
 
 def wait_computed() -> None:
-    """Block until the workers have computed every submitted update (statistics rows included)."""
+    """Block until the workers have computed every submitted update (statistics rows included). On CUDA the
+    host only knows the side stream's work was launched: the current stream then waits for it (its events),
+    so that what reads the rows next on it (a statistics fold) sees them written."""
     if _worker.pending:
         _worker.wait()
+        for job in list(_worker.pending):
+            if job.cuda is not None:
+                torch.cuda.current_stream(job.cuda["device"]).wait_event(job.cuda["done"])
     if _native_pending():
         _native_wait()
 
@@ -476,7 +520,13 @@ def synchronize() -> None:
     groups, current, seen = [], [], set()
     for job in jobs:
         if job.cuda is not None:
-            torch.cuda.current_stream(job.cuda["device"]).wait_event(job.cuda["done"])
+            main = torch.cuda.current_stream(job.cuda["device"])
+            main.wait_event(job.cuda["done"])
+            for g in job.grads or ():
+                if isinstance(g, Tensor) and g.is_cuda:
+                    # made on the side stream, used and freed on this one: the allocator must not hand the
+                    # block back to the side stream before this stream's work with it is done
+                    g.record_stream(main)
         live = [(g, p) for g, p in zip(job.grads, job.params) if g is not None and p.requires_grad]
         if any(id(p) in seen for _, p in live):
             groups.append(current)

@@ -285,6 +285,22 @@ class UnidirectionalInterface(nn.Module):
         return s
 
 
+_overrides_cache: dict = {}
+
+
+def _overrides(obj: nn.Module, base: type, names: tuple) -> bool:
+    """Whether ``type(obj)`` overrides any of ``base``'s methods ``names``. dni-pytorch's ``forward`` calls
+    them (``backward`` and ``make_trigger``, ``send`` and ``receive``), so a subclass overriding one of them
+    changes what ``forward`` does: ``forward`` then composes them as dni-pytorch does instead of taking the
+    fused shortcut. Cached per class (this runs every step)."""
+    cls = type(obj)
+    key = (cls, base)
+    hit = _overrides_cache.get(key)
+    if hit is None:
+        hit = _overrides_cache[key] = any(getattr(cls, n) is not getattr(base, n) for n in names)
+    return hit
+
+
 class ForwardInterface(UnidirectionalInterface):
     """Synthesizes a message (an activation) from a trigger: forward unlock.
 
@@ -296,6 +312,9 @@ class ForwardInterface(UnidirectionalInterface):
     def forward(self, message: Tensor, trigger: Tensor) -> Tensor:
         if not self.training:
             return message
+        if _overrides(self, ForwardInterface, ("send", "receive")):
+            self.send(message, trigger)
+            return self.receive(trigger)
         return self._send(message, trigger)
 
 
@@ -404,6 +423,8 @@ class BackwardInterface(UnidirectionalInterface):
         if pipelined and not isinstance(synthesizer, BasicSynthesizer):
             raise TypeError("BackwardInterface(pipelined=True) needs a BasicSynthesizer; custom synthesizers run "
                             "through autograd, which cannot split the update from its own forward")
+        if pipelined:
+            self._check_pipelined(synthesizer)
         if pipelined and overlap:
             raise ValueError("BackwardInterface: pipelined=True and overlap=True cannot be combined: the pipelined "
                              "mode already runs the update in the next step's fused call")
@@ -482,6 +503,9 @@ class BackwardInterface(UnidirectionalInterface):
         if trigger.numel() == 0:
             self._check_empty(trigger)
             return trigger.detach()
+        if _overrides(self, BackwardInterface, ("backward", "make_trigger", "receive")):
+            self.backward(trigger)
+            return self.make_trigger(trigger.detach())
         if self.pipelined:
             return self._forward_pipelined(trigger)
         engine = self._engine(trigger)
@@ -512,6 +536,10 @@ class BackwardInterface(UnidirectionalInterface):
     def backward(self, trigger: Tensor, factor: float = 1) -> None:
         """Inject ``factor * S(trigger)`` into ``trigger``'s graph (no update).
         A no-op in eval mode."""
+        if not self.training:
+            return  # a no-op in eval mode, whatever the factor (as in dni-pytorch)
+        if not isinstance(factor, (Tensor, numbers.Real)) and getattr(factor, "ndim", None) == 0:
+            factor = factor.item()  # a 0-d numpy array (np.array(0.1))
         if isinstance(factor, Tensor):
             if not bool(torch.isfinite(factor).all()):
                 raise ValueError(f"{self.label()}.backward: factor has NaN or inf values")
@@ -520,8 +548,6 @@ class BackwardInterface(UnidirectionalInterface):
             raise ValueError(f"{self.label()}.backward: factor must be a finite number, got {factor!r}")
         elif not isinstance(factor, (int, float)):
             factor = float(factor)  # a numpy scalar times a tensor would give a numpy array
-        if not self.training:
-            return
         if not isinstance(trigger, Tensor):
             raise TypeError(f"{self.label()}: the trigger must be a tensor, got {type(trigger).__name__}")
         if trigger.numel() == 0:
@@ -559,11 +585,20 @@ class BackwardInterface(UnidirectionalInterface):
         return out
 
     # -- pipelined mode ------------------------------------------------------
+    @staticmethod
+    def _check_pipelined(synth: nn.Module) -> None:
+        why = synth.fused_blocker()
+        if why is not None:
+            raise TypeError(f"BackwardInterface(pipelined=True) runs the synthesizer's fused primitives, which read "
+                            f"its layers' parameters without calling its modules, but {why}; use "
+                            f"pipelined=False")
+
     def _forward_pipelined(self, trigger: Tensor) -> Tensor:
         if not torch.is_grad_enabled():  # no graph, no update: leave the pending update alone
             return trigger
-        prims = self._engine(trigger).primitives
         synth = self._modules["synthesizer"]
+        self._check_pipelined(synth)  # a hook added since construction counts
+        prims = self._engine(trigger).primitives
         x, c = flatten_inputs(synth, trigger, current_context())
         params = synth.flat_params()
         plain = [p.detach() for p in params]
@@ -681,6 +716,9 @@ class BidirectionalInterface(nn.Module):
     def forward(self, message: Tensor, trigger: Tensor) -> Tensor:
         if not self.training:
             return message
+        if _overrides(self, BidirectionalInterface, ("send", "receive")):
+            self.send(message, trigger)
+            return self.receive(trigger)
         synthetic = self.forward_interface._send(message, trigger)
         self.backward_interface.backward(message)
         return self.backward_interface.make_trigger(synthetic)

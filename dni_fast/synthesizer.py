@@ -1,15 +1,20 @@
 """``BasicSynthesizer``: dni-pytorch's MLP synthesizer, layer for layer."""
 from __future__ import annotations
 
+import operator
 from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _mm
 
 from dni_fast._autocast import autocast_on
 
 __all__ = ["BasicSynthesizer", "check_trigger_context"]
+
+
+_LINEAR_FORWARD = nn.Linear.forward
 
 
 class BasicSynthesizer(nn.Module):
@@ -43,10 +48,21 @@ class BasicSynthesizer(nn.Module):
         context_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
-        for name, v in (("output_dim", output_dim), ("n_hidden", n_hidden), ("hidden_dim", hidden_dim),
-                        ("trigger_dim", trigger_dim), ("context_dim", context_dim)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "n_hidden" else 1)):
-                raise ValueError(f"BasicSynthesizer: {name} must be a {'non-negative' if name == 'n_hidden' else 'positive'} int, got {v!r}")
+        sizes = {}
+        for name, raw in (("output_dim", output_dim), ("n_hidden", n_hidden), ("hidden_dim", hidden_dim),
+                          ("trigger_dim", trigger_dim), ("context_dim", context_dim)):
+            v = raw
+            if raw is not None:
+                try:  # numpy integers too (np.prod(shape), y.max() + 1), as nn.Linear takes them
+                    v = None if isinstance(raw, bool) else operator.index(raw)
+                except TypeError:
+                    v = None
+                if v is None or v < (0 if name == "n_hidden" else 1):
+                    kind = "non-negative" if name == "n_hidden" else "positive"
+                    raise ValueError(f"BasicSynthesizer: {name} must be a {kind} int, got {raw!r}")
+            sizes[name] = v
+        output_dim, n_hidden, hidden_dim = sizes["output_dim"], sizes["n_hidden"], sizes["hidden_dim"]
+        trigger_dim, context_dim = sizes["trigger_dim"], sizes["context_dim"]
         hidden_dim = output_dim if hidden_dim is None else hidden_dim
         trigger_dim = output_dim if trigger_dim is None else trigger_dim
         self.output_dim, self.n_hidden, self.hidden_dim = output_dim, n_hidden, hidden_dim
@@ -70,6 +86,44 @@ class BasicSynthesizer(nn.Module):
     def extra_repr(self) -> str:
         return (f"output_dim={self.output_dim}, n_hidden={self.n_hidden}, hidden_dim={self.hidden_dim}, "
                 f"trigger_dim={self.trigger_dim}, context_dim={self.context_dim}")
+
+    # -- what the fused backends may do with it ----------------------------------
+    def fused_blocker(self) -> Optional[str]:
+        """Why the fused backends cannot compute exactly what :meth:`forward`
+        computes, or ``None``. They read the layers' parameters
+        (:meth:`flat_params`) and never call the modules, so an overridden
+        ``forward``, a module hook (old-style ``weight_norm`` is one) or a
+        layer that is not a plain ``nn.Linear`` with a bias would be skipped
+        silently: ``auto`` then runs the synthesizer on ``reference`` (through
+        its modules, as dni-pytorch does) and a named fused backend refuses.
+        Parametrized layers (``torch.nn.utils.parametrize``) fuse. Checked at
+        every step (a few attribute reads): a hook added later counts."""
+        cls = type(self)
+        if cls.forward is not _BASIC_FORWARD:
+            return f"{cls.__name__} overrides forward()"
+        if _mm._global_forward_hooks or _mm._global_forward_pre_hooks or _mm._global_backward_hooks or \
+                _mm._global_backward_pre_hooks:
+            return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
+        if self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks:
+            return "the synthesizer has a module hook"
+        mods = self._modules
+        ctx = mods.get("input_context")
+        for i, m in enumerate((mods["input_trigger"], *(() if ctx is None else (ctx,)),
+                               *mods["layers"]._modules.values())):
+            d = m.__dict__  # plain dict reads: this runs every step
+            if d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or \
+                    d["_backward_pre_hooks"] or type(m).forward is not _LINEAR_FORWARD or \
+                    d["_parameters"].get("bias", 0) is None:
+                return self._blocker_of(m)
+        return None
+
+    def _blocker_of(self, m: nn.Module) -> str:
+        name = next(n for n, x in self.named_modules() if x is m)
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return f"{name} has a module hook"
+        if not isinstance(m, nn.Linear) or type(m).forward is not _LINEAR_FORWARD:
+            return f"{name} is a {type(m).__name__}, not an nn.Linear"
+        return f"{name} has no bias"
 
     # -- the flat parameter list the fused backends take (kernels/synth_ref.py) --
     def flat_params(self) -> List[Tensor]:
@@ -170,3 +224,6 @@ def check_trigger_context(owner: str, state: str, trigger: Any, context: Any, tr
         raise ValueError(f"{owner}: context leading dims {tuple(context.shape[:-1])} do not broadcast "
                          f"against the trigger's {tuple(trigger.shape[:-1])}")
     return context
+
+
+_BASIC_FORWARD = BasicSynthesizer.forward

@@ -85,6 +85,7 @@ takes about 10 ops per k forward and 15 backward.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -230,6 +231,27 @@ def _check_float(name: str, t: Tensor, dim: int) -> None:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.numel() == 0:
+        # the loss is a mean over positions: none would give NaN on one path and 0 on another
+        raise ValueError(f"{name} has shape {tuple(t.shape)}: InfoNCE needs a non-empty batch and grid")
+
+
+def _no_autocast(t: Tensor):
+    """Autocast off for ``t``'s device type: the references compute in fp32 (or fp64), and the fused forward
+    must compute its scores as its backward (which runs outside autocast) recomputes them."""
+    try:
+        return torch.autocast(t.device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast
+        return contextlib.nullcontext()
+
+
+def _ref_dtype(*ts: Optional[Tensor]) -> torch.dtype:
+    """fp32 for fp32 / fp16 / bf16 inputs, fp64 if any is fp64 (so that gradcheck can run on the references)."""
+    dt = torch.float32
+    for t in ts:
+        if t is not None:
+            dt = torch.promote_types(dt, t.dtype)
+    return dt
 
 
 def _check_vision(z: Tensor, c: Optional[Tensor], weights: Sequence[Tensor]) -> None:
@@ -285,22 +307,30 @@ def infonce_ref(z: Tensor, c: Optional[Tensor], weights: Sequence[Tensor], neg_i
         skip: offsets are ``o = k + skip``.
 
     Returns:
-        the fp32 scalar loss ``mean_k mean_p (logsumexp_j s_pj - s_p0)``.
+        the fp32 scalar loss ``mean_k mean_p (logsumexp_j s_pj - s_p0)``
+        (fp64 for fp64 inputs; autocast is off inside).
 
     Materialises, per k, the gathered negatives (P_k, N, C) and the scores
     (P_k, 1+N), as GIM does.
     """
     _check_vision(z, c, weights)
+    with _no_autocast(z):
+        return _infonce_ref(z, c, weights, neg_idx, skip)
+
+
+def _infonce_ref(z: Tensor, c: Optional[Tensor], weights: Sequence[Tensor], neg_idx: Sequence[Tensor],
+                 skip: int) -> Tensor:
     B, C, H, W = z.shape
     K = len(weights)
     P = vision_positions(H, W, B, K, skip)
     neg_idx = check_neg_idx(neg_idx, P, P, z.device)
-    z32 = z.float()
-    c32 = z32 if c is None else c.float()
+    dt = _ref_dtype(z, c)
+    z32 = z.to(dt)
+    c32 = z32 if c is None else c.to(dt)
     total = z32.new_zeros(())
     for k in range(1, K + 1):
         o = k + skip
-        w = weights[k - 1].float().reshape(C, C, 1, 1)
+        w = weights[k - 1].to(dt).reshape(C, C, 1, 1)
         f = F.conv2d(z32[:, :, o:, :], w).permute(2, 3, 0, 1).reshape(-1, C)  # (P_k, C), (y, x, b) rows
         ctx = c32[:, :, :H - o, :].permute(2, 3, 0, 1).reshape(-1, C)  # (P_k, C)
         pos = (ctx * f).sum(1, keepdim=True)  # (P_k, 1)
@@ -320,18 +350,25 @@ def sequence_infonce_ref(z: Tensor, c: Tensor, weights: Sequence[Tensor], neg_id
             (b, t)-flattened z (values in [0, B L)).
 
     Returns:
-        the fp32 scalar loss (mean over positions, then over k).
+        the fp32 scalar loss (mean over positions, then over k; fp64 for fp64
+        inputs; autocast is off inside).
     """
     _check_sequence(z, c, weights)
+    with _no_autocast(z):
+        return _sequence_infonce_ref(z, c, weights, neg_idx)
+
+
+def _sequence_infonce_ref(z: Tensor, c: Tensor, weights: Sequence[Tensor], neg_idx: Sequence[Tensor]) -> Tensor:
     B, L, Cz = z.shape
     K = len(weights)
     P = sequence_positions(L, B, K)
     neg_idx = check_neg_idx(neg_idx, P, [B * L] * K, z.device)
-    z32, c32 = z.float(), c.float()
+    dt = _ref_dtype(z, c)
+    z32, c32 = z.to(dt), c.to(dt)
     zf = z32.reshape(B * L, Cz)
     total = z32.new_zeros(())
     for k in range(1, K + 1):
-        pred = (c32[:, :L - k] @ weights[k - 1].float().t()).reshape(-1, Cz)  # (B(L-k), Cz), (b, t) rows
+        pred = (c32[:, :L - k] @ weights[k - 1].to(dt).t()).reshape(-1, Cz)  # (B(L-k), Cz), (b, t) rows
         pos = (pred * z32[:, k:].reshape(-1, Cz)).sum(1, keepdim=True)
         neg = torch.einsum("pc,pnc->pn", pred, zf[neg_idx[k - 1]])
         total = total - F.log_softmax(torch.cat([pos, neg], 1), 1)[:, 0].mean()
@@ -700,15 +737,19 @@ class _InfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: _Geom, impl: str, chunk_bytes, skip_rows, src: Tensor, other: Tensor, idx: Tensor,
                 *weights: Tensor):
-        proj = _project(g, skip_rows, src, weights)
-        A, Tt = (proj, other) if g.seq else (other, proj)
-        lse, nll = _engine_fwd(impl, A, Tt, idx, g, chunk_bytes)
+        # Autocast off: under it the chunked engine's bmm would score in bf16 and save that LSE, while the
+        # backward (outside autocast) recomputes the scores in the inputs' dtype: mismatched softmax weights.
+        with _no_autocast(src):
+            proj = _project(g, skip_rows, src, weights)
+            A, Tt = (proj, other) if g.seq else (other, proj)
+            lse, nll = _engine_fwd(impl, A, Tt, idx, g, chunk_bytes)
         ctx.save_for_backward(src, other, idx, proj, lse, *weights)
         ctx.g, ctx.impl, ctx.chunk_bytes, ctx.skip_rows = g, impl, chunk_bytes, skip_rows
         ctx.same = other is src
         return nll.sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward is not itself differentiable: refuse double backward
     def backward(ctx, go: Tensor):
         src, other, idx, proj, lse, *weights = ctx.saved_tensors
         g = ctx.g

@@ -53,7 +53,10 @@ if triton is not None:
         bm, bn, bk = names
 
         def prune(configs, named_args, **kwargs):
-            es = named_args["x"].element_size()
+            # Triton's autotuner names only the positional arguments in named_args; the launchers pass
+            # everything by keyword, which arrives in kwargs.
+            x = {**named_args, **kwargs}.get("x")
+            es = x.element_size() if x is not None else 4
             keep = []
             for cfg in configs:
                 kw = cfg.kwargs

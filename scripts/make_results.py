@@ -404,6 +404,7 @@ def ptb_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None,
         s.append("DNI with *dni-pytorch settings*: " + schedule(baseline) + "\n")
     by = by_method_T(ds)
     bb = by_method_T(baseline) if baseline else {}
+    true_cos = _has_true_cos(ds)
     rows = []
     for T, v in sorted(by.items()):
         bpt = [r["test_metric"] for r in v.get("bptt", [])]
@@ -411,8 +412,10 @@ def ptb_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None,
         row = [str(T), pm(bpt, "{:.3f}"), pm(dn, "{:.3f}")]
         if bb:
             row.append(pm([r["test_metric"] for r in bb.get(T, {}).get("dni", [])], "{:.3f}"))
-        row += [pm([r.get("final_cos") for r in v.get("dni", [])], "{:.3f}"),
-                compare(bpt, dn, True, "BPTT", "DNI")]
+        row += [pm([r.get("final_cos") for r in v.get("dni", [])], "{:.3f}")]
+        if true_cos:
+            row.append(pm([r.get("final_true_cos") for r in v.get("dni", [])], "{:.3f}"))
+        row.append(compare(bpt, dn, True, "BPTT", "DNI"))
         if bb:
             bd = bb.get(T, {})
             row += [pm([r.get("final_cos") for r in bd.get("dni", [])], "{:.3f}"),
@@ -421,7 +424,7 @@ def ptb_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None,
                     " ".join(f"{r['test_metric']:.3f}" for r in bd.get("dni", []))]
         rows.append(row)
     hdr = ["T", f"BPTT test {unit}", f"DNI test {unit}"] + ([f"DNI test {unit} (dni-pytorch settings)"] if bb else []) \
-        + ["DNI cos(SG, g) at the boundary", "DNI vs BPTT"] \
+        + ["DNI cos(SG, g) at the boundary"] + ([TRUE_COS_HEADER] if true_cos else []) + ["DNI vs BPTT"] \
         + (["cos, dni-pytorch settings", "dni-pytorch settings vs BPTT", "dni-pytorch settings, per seed"] if bb else [])
     s.append(table(hdr, rows))
     if control:
@@ -479,6 +482,15 @@ def ptb_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None,
     return "\n".join(s) + "\n"
 
 
+#: The column of the RNN sections for ``final_true_cos`` (the examples' BoundaryProbe: S against the chunk's own
+#: gradient, without the carried synthetic part of the regression target).
+TRUE_COS_HEADER = "DNI cos(SG, true g) at the boundary"
+
+
+def _has_true_cos(ds: List[dict]) -> bool:
+    return any(r.get("final_true_cos") is not None for d in ds for r in d["runs"])
+
+
 def copy_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None) -> str:
     c = ds[0]["config"]
     s = ["## Copy task (`copy_task`): longest sequence solved\n",
@@ -490,6 +502,7 @@ def copy_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None
         s.append("DNI with *dni-pytorch settings*: " + schedule(baseline) + "\n")
     by = by_method_T(ds)
     bb = by_method_T(baseline) if baseline else {}
+    true_cos = _has_true_cos(ds)
     rows = []
     for T, v in sorted(by.items()):
         bpt = [r["max_length"] for r in v.get("bptt", [])]
@@ -497,12 +510,14 @@ def copy_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None
         row = [str(T), pm(bpt, "{:.1f}"), pm(dn, "{:.1f}")]
         if bb:
             row.append(pm([r["max_length"] for r in bb.get(T, {}).get("dni", [])], "{:.1f}"))
-        row += [pm([r.get("final_cos") for r in v.get("dni", [])], "{:.3f}"),
-                compare(bpt, dn, False, "BPTT", "DNI"),
-                " ".join(f"{a}/{b}" for a, b in zip(bpt, dn))]
+        row.append(pm([r.get("final_cos") for r in v.get("dni", [])], "{:.3f}"))
+        if true_cos:
+            row.append(pm([r.get("final_true_cos") for r in v.get("dni", [])], "{:.3f}"))
+        row += [compare(bpt, dn, False, "BPTT", "DNI"), " ".join(f"{a}/{b}" for a, b in zip(bpt, dn))]
         rows.append(row)
     s.append(table(["T", "BPTT longest L", "DNI longest L"] + (["DNI longest L (dni-pytorch settings)"] if bb else [])
-                   + ["DNI cos(SG, g) at the boundary", "DNI vs BPTT", "per seed (BPTT/DNI)"], rows))
+                   + ["DNI cos(SG, g) at the boundary"] + ([TRUE_COS_HEADER] if true_cos else [])
+                   + ["DNI vs BPTT", "per seed (BPTT/DNI)"], rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     Ts = sorted(by)
     for d in ds:
@@ -567,10 +582,14 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
             rs = v.get("dni", [])
             if not rs:
                 continue
-            mu = mean_std([r.get("final_cos") for r in rs])[0]
-            rows.append([f"{label}: cos(SG, g) at the truncation boundary, T={T}", ">= 0.2",
-                         pm([r.get("final_cos") for r in rs], "{:.3f}"), _verdict(None if mu is None else mu >= 0.2),
-                         "" if mu is None or mu >= 0.2 else f"short by {0.2 - mu:.3f}"])
+            for key, what in (("final_cos", "cos(SG, g)"), ("final_true_cos", "cos(SG, true g)")):
+                vals = [r.get(key) for r in rs]
+                if all(x is None for x in vals):
+                    continue  # logs from before the boundary probe
+                mu = mean_std(vals)[0]
+                rows.append([f"{label}: {what} at the truncation boundary, T={T}", ">= 0.2", pm(vals, "{:.3f}"),
+                             _verdict(None if mu is None else mu >= 0.2),
+                             "" if mu is None or mu >= 0.2 else f"short by {0.2 - mu:.3f}"])
     ds = g.get("mnist_mlp", [])
     if ds:
         bp = {d["_seed"]: r["test_acc"] for d in ds for r in d["runs"] if r["variant"] == "backprop"}
@@ -664,7 +683,11 @@ def build(logs: List[dict], out: str) -> str:
              "are on the test split after the last step (settings were chosen on a validation split held out of "
              "the training set, never on the test split); `cos(SG, g)` is the mean cosine similarity between the "
              "synthetic and the true gradient over the last evaluation interval (`interface.stats()`), averaged "
-             "over the interfaces.\n",
+             "over the interfaces. At an RNN's truncation boundary that \"true gradient\" is the synthesizer's "
+             "bootstrapped regression target (the chunk's own gradient plus the synthetic gradient injected at the "
+             "chunk's end, carried back); `cos(SG, true g)` compares the synthetic gradient with the chunk's own "
+             "gradient alone (the examples' `BoundaryProbe`; docs/synthetic_gradients.md, \"The true gradient at "
+             "the boundary\").\n",
              REF_NOTE + "\n"]
     if "quickstart" in g:
         parts.append(quickstart_section(g["quickstart"]))
@@ -925,6 +948,37 @@ def ptb_control_table(diag: str, results: str) -> str:
     return table(["seed", "BPTT test bpc", "DNI test bpc", "DNI, shuffled control, test bpc"], rows)
 
 
+#: The boundary probe (dni_fast.examples._common.BoundaryProbe) on one DNI run of each RNN example, with the
+#: recommended settings: copy task seed 100 (held out), language model seed 1 (the validation runs' seed).
+BOUNDARY = (("copy task", "copy_probe_s100"), ("PTB char", "ptb_probe_s1"))
+
+
+def boundary_table(diag: str) -> str:
+    """Per example and T, at the end (the last evaluation interval): cos(S, g) against the bootstrapped
+    target, cos(S, g_own) against the chunk's own (true) gradient, |c| / |g_own| and cos(g_own, c), where
+    c is the carried synthetic part of the target."""
+    rows = []
+    for label, name in BOUNDARY:
+        path = os.path.join(diag, name + ".json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as fh:
+            runs = sorted((r for r in json.load(fh)["runs"] if r["dni"]), key=lambda r: r["bptt"])
+        for r in runs:
+            h = r["history"]
+            h = h.get("curves", h)  # copy_task keeps its curves under history["curves"]
+            own, carried = _last(h.get("true_g_norm")), _last(h.get("true_carried_norm"))
+            result = (str(r["max_length"]) if "max_length" in r else fmt(r.get("valid_metric"), "{:.3f}"))
+            rows.append([label, str(r["bptt"]), result, fmt(r.get("final_cos"), "{:.3f}"),
+                         fmt(r.get("final_true_cos"), "{:.3f}"),
+                         fmt(carried / own if own and carried is not None else None, "{:.3f}"),
+                         fmt(_last(h.get("true_cos_own_carried")), "{:.3f}")])
+    if not rows:
+        return ""
+    return table(["example", "T", "longest L / valid bpc", "cos(S, g): the bootstrapped target",
+                  "cos(S, g_own): the true gradient", "|c| / |g_own|", "cos(g_own, c)"], rows)
+
+
 def diagnosis(diag: str, doc: str, out: str, runs_dir: Optional[str] = None) -> None:
     """Rewrite the generated blocks of ``doc`` (between ``<!-- diag:NAME -->`` and
     ``<!-- /diag -->``) from the logs in ``diag``, and its figures in ``out``."""
@@ -935,7 +989,7 @@ def diagnosis(diag: str, doc: str, out: str, runs_dir: Optional[str] = None) -> 
               "ptb": lambda: diag_table(diag, "ptb"), "copy": lambda: diag_table(diag, "copy"),
               "cnn": lambda: diag_table(diag, "cnn"), "fcn": lambda: diag_table(diag, "fcn"),
               "fcn_deep": lambda: diag_table(diag, "fcn_deep"), "copy_sg": lambda: copy_sg_table(diag),
-              "ptb_sg": lambda: ptb_sg_table(diag),
+              "ptb_sg": lambda: ptb_sg_table(diag), "boundary": lambda: boundary_table(diag),
               "ptb_control": lambda: ptb_control_table(
                   diag, runs_dir or os.path.join(os.path.dirname(diag), "results"))}
 

@@ -186,3 +186,30 @@ def test_every_subpackage_is_in_the_wheel():
              for p in (REPO / "dni_fast").rglob("__init__.py")}
     found = {f.replace("dni_fast..", "dni_fast").rstrip(".") for f in found} | {"dni_fast.kernels"}
     assert found == listed, f"pyproject.toml packages differ from the tree: missing {found - listed}, extra {listed - found}"
+
+
+def test_the_gpu_scripts_parse_and_pass_only_options_that_exist():
+    """The GPU jobs run once, unattended, on a borrowed machine: a syntax error or an option a CLI does not
+    have would waste the run. Each script parses (bash -n), and every `python -m dni_fast bench` in it
+    parses its arguments (shell substitutions replaced by a number)."""
+    import re
+    import shlex
+
+    from benchmarks import cli
+
+    scripts = sorted((REPO / "benchmarks").glob("gpu_*.sh"))
+    assert scripts
+    bench_calls = 0
+    for sh in scripts:
+        p = subprocess.run(["bash", "-n", str(sh)], capture_output=True, text=True)
+        assert p.returncode == 0, f"{sh.name}: {p.stderr}"
+        text = re.sub(r"\\\n\s*", " ", sh.read_text())  # join continued lines
+        for line in text.splitlines():
+            if line.lstrip().startswith("#") or "-m dni_fast bench" not in line:
+                continue
+            args = line.split("-m dni_fast bench", 1)[1]
+            args = re.split(r"\s(?:2>&1|\||>>?|&&|\|\|)", args)[0]
+            args = re.sub(r"\$\([^)]*\)\)?|\$\{?\w+\}?", "60", args.replace('"', ""))
+            cli.parser().parse_args(shlex.split(args))  # SystemExit on an unknown option or a bad value
+            bench_calls += 1
+    assert bench_calls >= 4

@@ -138,3 +138,24 @@ def test_bench_sizes_are_parsed_or_refused_by_name(capsys):
         with pytest.raises(SystemExit):
             cli.parser().parse_args(["--sizes", bad])
         assert "a size is B,D or B,D,H" in capsys.readouterr().err
+
+
+SCRIPTS = ["bench_decoupled", "bench_distributed", "bench_infonce", "bench_local_memory", "bench_synthesizers",
+           "compare_revisions", "profile_launches", "throughput_model"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_script_starts_from_anywhere(script, tmp_path):
+    """`python benchmarks/<script>.py` (as benchmarks/gpu_run.sh calls them) from another directory: each
+    finds its imports (profile_launches did not: `benchmarks` was not importable) and parses --help."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, str(repo / "benchmarks" / f"{script}.py"), "--help"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "usage" in p.stdout

@@ -208,6 +208,95 @@ def test_lstm_dni_trigger_round_trip():
     assert torch.equal(h, h2) and torch.equal(c, c2)
 
 
+def _probe_run(probe: bool, steps: int = 3):
+    import torch.nn.functional as F
+
+    import dni_fast as dni
+    from dni_fast.examples import _common as C
+    from dni_fast.examples.ptb_lm import LSTMLM
+
+    torch.manual_seed(0)
+    m = LSTMLM(7, 4, 5, use_dni=True, sg_factor=0.5)
+    with torch.no_grad():  # dni-pytorch zero-initialises the output layer: S would be 0
+        for p in m.dni.synthesizer.parameters():
+            p.normal_(0, 0.3)
+    m.probe = C.BoundaryProbe() if probe else None
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    state = (torch.randn(1, 4, 5, generator=g), torch.randn(1, 4, 5, generator=g))
+    for _ in range(steps):
+        x = torch.randint(0, 7, (3, 4), generator=g)
+        state = tuple(s.detach() for s in state)
+        opt.zero_grad()
+        with dni.defer_backward():
+            logits, state = m(x, state)
+            loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())
+            if probe:
+                m.probe.measure(loss)
+            dni.backward(loss)
+        opt.step()
+    return m, state
+
+
+def test_boundary_probe_leaves_training_unchanged():
+    """The probe's extra backward and its hook change nothing: same parameters, bit for bit."""
+    with_probe, _ = _probe_run(True)
+    without, _ = _probe_run(False)
+    a, b = with_probe.state_dict(), without.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_boundary_probe_separates_the_bootstrapped_target():
+    """cos(S, g_own), |g_own|, |c| and cos(g_own, c), with the chunk's own
+    gradient and the carried synthetic one computed by hand."""
+    import copy
+
+    import torch.nn.functional as F
+
+    m, state = _probe_run(True, steps=2)
+    m.probe.read()
+    ref = copy.deepcopy(m)
+    ref.probe = None
+    m, _ = _probe_step(m, state)
+    got = m.probe.read()
+    # by hand, on the model as it was before that step
+    x = torch.randint(0, 7, (3, 4), generator=torch.Generator().manual_seed(5))
+    flat0 = ref.pack(tuple(s.detach() for s in state)).requires_grad_()
+    out, end = ref.rnn(ref.encoder(x), ref.unpack(flat0))
+    loss = F.cross_entropy(ref.decoder(out).flatten(0, 1), x.flatten())
+    s0 = ref.dni.receive(flat0.detach()).double()
+    s_end = ref.dni.receive(ref.pack(end).detach())
+    (own,) = torch.autograd.grad(loss, flat0, retain_graph=True)
+    (total,) = torch.autograd.grad(loss + (ref.pack(end) * (0.5 * s_end)).sum(), flat0)
+    own, carried = own.double(), (total - own).double()
+
+    def cos(a, b):
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    assert carried.norm() > 0 and abs(cos(s0, own)) > 1e-3  # the check means something
+    assert math.isclose(got["cos"], cos(s0, own), rel_tol=1e-4, abs_tol=1e-6)
+    assert math.isclose(got["g_norm"], float(own.norm()), rel_tol=1e-4)
+    assert math.isclose(got["carried_norm"], float(carried.norm()), rel_tol=1e-4)
+    assert math.isclose(got["cos_own_carried"], cos(own, carried), rel_tol=1e-4, abs_tol=1e-6)
+    assert m.probe.read() == {k: None for k in m.probe.KEYS}  # read() resets
+
+
+def _probe_step(m, state):
+    import torch.nn.functional as F
+
+    import dni_fast as dni
+
+    x = torch.randint(0, 7, (3, 4), generator=torch.Generator().manual_seed(5))
+    with dni.defer_backward():
+        logits, state = m(x, tuple(s.detach() for s in state))
+        loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())
+        m.probe.measure(loss)
+        dni.backward(loss)
+    return m, state
+
+
 def test_zero_synthesizer_output():
     import dni_fast as dni
     from dni_fast.examples import _common as C

@@ -508,3 +508,66 @@ def test_chunked_peak_memory_far_below_reference():
     fused = run(lambda *a: K.infonce(*a, impl="chunked", chunk_bytes=64 << 10))
     grads = (z.numel() + sum(w.numel() for w in wl)) * 4
     assert grads < fused < 0.5 * ref, (fused, ref)
+
+
+# ----------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_does_not_change_the_fused_result(impl):
+    """Under autocast the fused forward computes as its backward recomputes (autocast off inside): the loss
+    and every gradient equal the fp32 run's (before, the chunked path saved a bf16 LSE and its gradients
+    were 26% off)."""
+    z, c, ws, neg = vision_case(4, 64, 7, 7, 5, 16)
+    z = z * 3  # large scores: a bf16 LSE would be far off
+    plain, g_plain = loss_and_grads(lambda z_, *w: K.infonce(z_, None, w, neg, impl=impl), [z, *ws])
+
+    def under_autocast(z_, *w):
+        with torch.autocast(torch.device(DEV).type, dtype=torch.bfloat16):
+            return K.infonce(z_, None, w, neg, impl=impl)
+
+    loss, g = loss_and_grads(under_autocast, [z, *ws])
+    assert_close(loss, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g, g_plain):
+        assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_references_compute_in_fp32_under_autocast_and_fp64_for_fp64():
+    z, c, ws, neg = vision_case(2, 8, 5, 4, 2, 3, with_c=True)
+    want = K.infonce_ref(z, c, ws, neg)
+    with torch.autocast(torch.device(DEV).type, dtype=torch.bfloat16):
+        got = K.infonce_ref(z, c, ws, neg)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    zd = z.double().requires_grad_()
+    wd = [w.double().requires_grad_() for w in ws]
+    assert K.infonce_ref(zd, None, wd, neg).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda z_, *w: K.infonce_ref(z_, None, list(w), neg), [zd, *wd])
+    sz, sc, sws, sneg = seq_case(2, 6, 4, 3, 2, 3)
+    args = [sz.double().requires_grad_(), sc.double().requires_grad_()] + [w.double().requires_grad_() for w in sws]
+    assert torch.autograd.gradcheck(lambda z_, c_, *w: K.sequence_infonce_ref(z_, c_, list(w), sneg), args)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_through_the_fused_op_is_refused(impl):
+    """Its backward is not differentiable: a second-order gradient must fail, not come out silently wrong."""
+    z, c, ws, neg = vision_case(2, 8, 5, 4, 2, 3, with_c=True)
+    z = z.requires_grad_()
+    wl = [w.clone().requires_grad_() for w in ws]
+    loss = K.infonce(z, c, wl, neg, impl=impl)
+    gw = torch.autograd.grad(loss, wl, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(sum((g ** 2).sum() for g in gw), z)
+
+
+@pytest.mark.parametrize("backend", _module_backends())
+def test_empty_batch_and_integer_context_are_refused_on_every_backend(backend):
+    m = InfoNCE(8, k_steps=2, negatives=3, backend=backend).to(DEV)
+    with pytest.raises(ValueError, match="non-empty batch and grid"):
+        m(torch.randn(0, 8, 5, 5, device=DEV))
+    with pytest.raises(ValueError, match="non-empty batch and grid"):
+        m(torch.randn(0, 8, 5, 5, device=DEV), neg_idx=[torch.zeros(0, 3, dtype=torch.long, device=DEV)] * 2)
+    with pytest.raises(TypeError, match="c must be a floating-point tensor"):
+        m(torch.randn(2, 8, 5, 5, device=DEV), c=torch.ones(2, 8, 5, 5, dtype=torch.long, device=DEV))
+    s = SequenceInfoNCE(3, 4, k_steps=2, negatives=3, backend=backend).to(DEV)
+    with pytest.raises(ValueError, match="non-empty batch and grid"):
+        s(torch.randn(0, 6, 4, device=DEV), torch.randn(0, 6, 3, device=DEV))
+    with pytest.raises(TypeError, match="c must be a floating-point tensor"):
+        s(torch.randn(2, 6, 4, device=DEV), torch.ones(2, 6, 3, dtype=torch.long, device=DEV))

@@ -436,3 +436,55 @@ def test_gim_example_quick(tmp_path):
     assert gim["steps"] == cpc["steps"] == 2 and rnd["steps"] == 0
     assert len(gim["final_infonce"]) == 3 and len(cpc["final_infonce"]) == 1  # one loss per module
     assert all(math.isfinite(v) and v > 0 for v in gim["final_infonce"] + cpc["final_infonce"])
+
+
+# ----------------------------------------------------------------------------- review fixes
+def test_step_refuses_to_train_where_it_could_not_isolate():
+    """Under no_grad, or with an interface it relies on in eval mode (which passes its input through, so the
+    next module's gradient would train this one), step() refuses by name."""
+    stages, heads = make_net()
+    gi = GradientIsolated(stages, [dni.BackwardInterface(randomized_synth(8)), heads[1], heads[2]], sgd())
+    x, y = data()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="needs autograd"):
+        gi.step(x, y)
+    gi.eval()
+    before = params_of(stages)
+    with pytest.raises(RuntimeError, match=r"losses\[0\] is in eval mode"):
+        gi.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, params_of(stages)))  # nothing trained
+    gi.train()
+    gi.step(x, y)
+    # the interface inside the next module (module 0's loss is None)
+    stages, heads = make_net()
+    m1 = nn.Sequential(dni.BackwardInterface(randomized_synth(8)), stages[1])
+    gi = GradientIsolated([stages[0], m1, stages[2]], [None, heads[1], heads[2]], sgd())
+    m1[0].eval()
+    with pytest.raises(RuntimeError, match="of module 1 is in eval mode"):
+        gi.step(x, y)
+
+
+def test_step_detaches_its_input():
+    """Module 0's loss must not reach whatever computed x (docs/local.md: each module runs on a detached input)."""
+    stages, heads = make_net()
+    gi = GradientIsolated(stages, heads, sgd())
+    up = nn.Linear(6, 6)
+    x, y = data()
+    h = up(x)
+    gi.step(h, y)
+    assert up.weight.grad is None
+    h.sum().backward()  # the upstream graph is intact
+    assert up.weight.grad is not None
+
+
+def test_a_parameter_in_two_modules_turns_or_missing_from_a_shared_optimizer_is_refused():
+    stages, heads = make_net()
+    with pytest.raises(ValueError, match="belongs to module 0's turn and module 1's"):
+        GradientIsolated(stages[:2], [heads[1], heads[1]], sgd())  # one head, two modules: stepped twice
+    stages, heads = make_net()
+    opt = torch.optim.SGD([p for s in stages for p in s.parameters()], lr=0.1)  # the heads left out
+    with pytest.raises(ValueError, match="does not hold .* parameter"):
+        GradientIsolated(stages, heads, opt)
+    shared = torch.optim.SGD([p for m in stages + heads for p in m.parameters()], lr=0.1)
+    GradientIsolated(stages, heads, shared)  # every parameter held: fine
+    GradientIsolated(stages[:2], [heads[1], heads[1]], torch.optim.SGD(  # shared optimizer: steps each once
+        [p for m in stages[:2] + [heads[1]] for p in m.parameters()], lr=0.1))

@@ -503,3 +503,34 @@ def test_a_caller_running_a_taken_job_that_fills_the_stats_ring_does_not_hang():
     assert done.wait(60), "training with overlap='injection' hung when a statistics ring filled"
     assert not errors, errors
     assert lower.stats()["count"] == SynthStats.CAPACITY + 1  # the ring set aside inside the job is folded later
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlap_warns_once_when_the_callers_threads_leave_no_core_free(backend, monkeypatch):
+    """The CPU worker shares the cores with the caller's intra-op threads: when those use every core it only
+    competes with them (slower than no overlap, docs/decoupled.md), and a PerformanceWarning says so, once."""
+    import warnings
+
+    threads = torch.get_num_threads()
+    model = _mlp(backend, overlap=True)
+
+    def step():
+        F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 5, (8,))).backward()
+        dni.synchronize()
+
+    try:
+        for cores, warned in ((threads + 1, False), (threads, True)):
+            monkeypatch.setattr(ov, "_no_free_core_warned", False)
+            monkeypatch.setattr(ov, "_cores", lambda c=cores: c)
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                step()
+                step()  # once per process, not once per job
+            hits = [x for x in w if issubclass(x.category, dni.PerformanceWarning)]
+            assert len(hits) == int(warned), [str(x.message) for x in w]
+            if warned:
+                msg = str(hits[0].message)
+                assert f"{threads} intra-op threads already use all {cores} cores" in msg
+                assert f"torch.set_num_threads({max(1, cores - 1)})" in msg
+    finally:
+        torch.set_num_threads(threads)

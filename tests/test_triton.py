@@ -217,3 +217,19 @@ def test_kernels_compile_for_sm90():
     if r.returncode != 0 and ("ptxas" in r.stderr and "No such file" in r.stderr):
         pytest.skip("no ptxas in this triton installation")
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-4000:]
+
+
+def test_the_autotune_prune_finds_x_among_keyword_arguments():
+    """Triton's autotuner passes the prune function only the positional arguments as named_args; our launchers
+    pass everything by keyword (kwargs). The prune found x in named_args only, which raised KeyError on every
+    autotuned launch on a GPU. A 4-byte x keeps only the configs whose pipelined tiles fit shared memory."""
+    for configs, names in ((T._FWD_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+                           (T._UPD_CONFIGS, ("BLOCK_N", "BLOCK_H", "BLOCK_K"))):
+        prune = T._prune(names)["early_config_prune"]
+        for dtype in (torch.float32, torch.bfloat16):
+            kept = prune(configs, {}, x=torch.zeros(2, dtype=dtype), other=1)
+            es = torch.zeros(0, dtype=dtype).element_size()
+            assert kept and all(
+                c.num_stages * es * (c.kwargs[names[0]] * c.kwargs[names[2]] + c.kwargs[names[2]] * c.kwargs[names[1]]
+                                     + c.kwargs[names[0]] * c.kwargs[names[1]]) <= 200 * 1024 for c in kept)
+        assert prune(configs, {"x": torch.zeros(2)}) == prune(configs, {}, x=torch.zeros(2))

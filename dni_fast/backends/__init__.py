@@ -158,7 +158,9 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
     """The backend to run ``synthesizer`` on ``trigger`` with.
 
     Custom synthesizers (anything but a ``BasicSynthesizer``) always get
-    ``reference``. An explicitly requested backend that cannot run this call
+    ``reference``, and so does, under ``auto``, a ``BasicSynthesizer`` the
+    fused paths cannot compute exactly (``fused_blocker()``: an overridden
+    ``forward``, module hooks, a replaced layer). An explicitly requested backend that cannot run this call
     raises ``BackendUnavailableError`` saying why and how to get it."""
     ref = _REGISTRY["reference"]
     if not isinstance(synthesizer, BasicSynthesizer):
@@ -166,6 +168,13 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
     name = requested if requested is not None else get_backend()
     if name == "reference":
         return ref
+    why = synthesizer.fused_blocker()
+    if why is not None:  # the fused paths would skip it silently: run the modules, or refuse a named backend
+        if name == "auto":
+            return ref
+        raise BackendUnavailableError(f"dni_fast backend {name!r} cannot run this BasicSynthesizer: {why}, and "
+                                      f"the fused backends read its layers' parameters without calling its "
+                                      f"modules; use backend='reference' or 'auto'")
     if not isinstance(trigger, Tensor):
         synthesizer.check_inputs(trigger, None)  # raises: the trigger must be a tensor
     device, dtype = trigger.device, compute_dtype(trigger)

@@ -108,7 +108,8 @@ class _TriggerUpdate(torch.autograd.Function):
                     row.copy_(partials)
                 return grads
 
-            _overlap.submit(compute, params, (x, c, s, g2, *zs, *params), s.device)
+            # the row too: written on the side stream, it must outlive a ring dropped meanwhile (reset_stats)
+            _overlap.submit(compute, params, (x, c, s, g2, *zs, *params, row), s.device)
             return (None, None, None, None, g_in, None, None, *([None] * len(params)))
         grads, partials = prims.update(x, c, params, zs, s, g2, scale, None)
         if ctx.stats is not None:

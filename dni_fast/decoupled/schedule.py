@@ -224,7 +224,9 @@ class _Synth:
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(optimizer, params, label) if params else None
         self.stats = SynthStats()
-        self.fused = isinstance(module, BasicSynthesizer)
+        # The fused primitives read the layers' parameters without calling the modules: only where that computes
+        # exactly what forward() does (no overridden forward, module hook or replaced layer; checked here, once)
+        self.fused = isinstance(module, BasicSynthesizer) and module.fused_blocker() is None
 
     def predict(self, trigger: Tensor, context: Any, requested: Optional[str]) -> Tuple[Tensor, _Record]:
         """``S(trigger, context)`` with the current weights, detached, in the

@@ -488,6 +488,83 @@ class CurveRecorder:
         return sum(vals) / len(vals) if vals else None
 
 
+class BoundaryProbe:
+    """The synthetic gradient against the true gradient at a truncation boundary.
+
+    An RNN interface's statistics (``stats()``) compare ``S(h)`` at a chunk's
+    first state with what the synthesizer regresses on, ``g``: the gradient of
+    the chunk's own loss, ``g_own``, plus the synthetic gradient injected at
+    the chunk's end carried back through the chunk, ``c`` (the bootstrapped
+    target). The probe separates the two: ``g_own`` is the true gradient, what
+    the previous chunk's truncation cut off over the next ``T`` steps. Per
+    step, over the whole batch, it records cos(S, g_own) (``cos``), |g_own|,
+    |c| and cos(g_own, c) (the two parts of the target against each other).
+
+    It costs one more backward through the chunk (``torch.autograd.grad``,
+    which writes no ``.grad`` and reaches neither the interface nor its
+    statistics) and a tensor hook that reads ``g``: the run trains exactly as
+    without it. The examples leave its time out of their training time.
+    docs/synthetic_gradients.md, "The true gradient at the boundary".
+
+    Use: the model calls :meth:`take` with the interface's output (the
+    trigger, ``(B, D)``) and ``interface.receive`` of it; the loop calls
+    :meth:`measure` with the chunk's loss before its backward, and
+    :meth:`read` at each evaluation point."""
+
+    KEYS = ("cos", "g_norm", "carried_norm", "cos_own_carried")
+
+    def __init__(self) -> None:
+        self._rows: Optional[tuple] = None
+        self._own: Optional[tuple] = None
+        self._sums: Dict[str, List[float]] = {k: [] for k in self.KEYS}
+
+    def take(self, trigger: torch.Tensor, s: torch.Tensor) -> None:
+        self._rows = (trigger, s.detach())
+        self._own = None
+        trigger.register_hook(self._on_target)  # reads g; returns None, so g passes on unchanged
+
+    @staticmethod
+    def _cos(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
+        aa, bb, ab = float((a * a).sum()), float((b * b).sum()), float((a * b).sum())
+        if not (math.isfinite(aa) and math.isfinite(bb)) or bb == 0:
+            return None  # as stats(): an undefined step is left out
+        return ab / math.sqrt(aa * bb) if aa > 0 else 0.0
+
+    def measure(self, loss: torch.Tensor) -> None:
+        """One step: ``g_own = d loss / d trigger``, and cos(S, g_own)."""
+        if self._rows is None:
+            raise RuntimeError("BoundaryProbe.measure: no trigger taken in this step's forward")
+        trigger, s = self._rows
+        self._rows = None
+        (g,) = torch.autograd.grad(loss, trigger, retain_graph=True)
+        g = g.detach().double()
+        norm = float(g.norm())
+        if not math.isfinite(norm):
+            return  # as stats(): a non-finite step is left out of every mean
+        self._sums["g_norm"].append(norm)  # a chunk with no loss (g_own = 0) counts, as in stats()' g_norm
+        c = self._cos(s.double(), g)
+        if c is not None:
+            self._sums["cos"].append(c)
+        self._own = (g,)
+
+    def _on_target(self, target: torch.Tensor) -> None:
+        if self._own is None:
+            return
+        (g,) = self._own
+        self._own = None
+        carried = target.detach().double() - g
+        self._sums["carried_norm"].append(float(carried.norm()))
+        c = self._cos(carried, g) if float(g.norm()) > 0 else None
+        if c is not None:
+            self._sums["cos_own_carried"].append(c)
+
+    def read(self) -> Dict[str, Optional[float]]:
+        """Means since the last read of each of :attr:`KEYS` (None where no step counted); resets."""
+        out = {k: (sum(v) / len(v) if v else None) for k, v in self._sums.items()}
+        self._sums = {k: [] for k in self.KEYS}
+        return out
+
+
 def fit_classifier(model: nn.Module, data, *, epochs: int, batch_size: int, lr: float, seed: int,
                    desc: str = "", n_evals: int = 20, show_progress: bool = True,
                    max_steps: Optional[int] = None, loss_sum: bool = True,

@@ -45,6 +45,7 @@ class CopyRNN(nn.Module):
         if use_dni and synthesizer is None:
             synthesizer = dni.BasicSynthesizer(2 * hidden, n_hidden=synth_hidden)
         self.dni = dni.BackwardInterface(synthesizer, **(interface_kwargs or {})) if use_dni else None
+        self.probe: Optional[C.BoundaryProbe] = None  # set by train_one: S against the true gradient
 
     def init_state(self, batch: int):
         z = self.readout.weight.new_zeros(1, batch, self.hidden)
@@ -54,6 +55,8 @@ class CopyRNN(nn.Module):
         use_dni = self.dni is not None and self.training
         if use_dni:
             flat = self.dni.make_trigger(torch.cat(state, -1)[0])
+            if self.probe is not None:
+                self.probe.take(flat, self.dni.receive(flat.detach()))
             state = tuple(s.unsqueeze(0).contiguous() for s in flat.split(self.hidden, -1))
         out, state = self.rnn(self.embed(x), state)
         if use_dni:
@@ -85,6 +88,12 @@ class EpisodeStream:
         return out
 
 
+def _probe_point(curve: dict, probe: Optional[C.BoundaryProbe]) -> None:
+    p = probe.read() if probe is not None else {}
+    for k in C.BoundaryProbe.KEYS:
+        curve["true_" + k].append(p.get(k))
+
+
 def train_one(args, T: int, use_dni: bool, name: str) -> dict:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -95,6 +104,7 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
         C.zero_synthesizer_output(model)
     opt = C.make_optimizer(model, args)
     rec = C.CurveRecorder(model, opt)
+    model.probe = probe = C.BoundaryProbe() if use_dni else None
     own = C.own_parameters(model)
     stream = EpisodeStream(args.batch_size, args.n_symbols, g)
     state = model.init_state(args.batch_size)
@@ -102,7 +112,8 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
     wrong: dict = {}
     finished = set()
     hist = {"timesteps": [], "length": [], "time": []}
-    curve = {"timesteps": [], "cos": [], "length": []}  # the interface's curves, n_evals points
+    # the interface's curves, n_evals points; true_cos: S against the chunk's own gradient (C.BoundaryProbe)
+    curve = {"timesteps": [], "cos": [], "length": [], **{"true_" + k: [] for k in C.BoundaryProbe.KEYS}}
     steps, timesteps, train_time = 0, 0, 0.0
     total = args.timesteps // T
     eval_every = max(total // max(args.n_evals, 1), 1)
@@ -119,6 +130,10 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
             logits, state = model(x, state)
             # summed over the chunk's recall steps; per sequence, times the batch size with --loss sum
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum") / x.shape[1]
+            if probe is not None:
+                t1 = time.perf_counter()
+                probe.measure(loss * scale)
+                t0 += time.perf_counter() - t1
             dni.backward(loss * scale)
         if args.clip:
             nn.utils.clip_grad_norm_(own, args.clip * scale)
@@ -138,6 +153,7 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
             curve["timesteps"].append(timesteps)
             curve["cos"].append(rec.record())
             curve["length"].append(solved)
+            _probe_point(curve, probe)
         # curriculum bookkeeping: wrong symbols per episode
         with torch.no_grad():
             bad = ((logits.argmax(-1) != y) & (y >= 0)).sum(1).tolist()
@@ -165,14 +181,16 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
         curve["timesteps"].append(timesteps)
         curve["cos"].append(last)
         curve["length"].append(solved)
+        _probe_point(curve, probe)
     hist["curves"] = curve
     if rec.curves:
         hist["interfaces"] = rec.curves
     hist["adam_step_ratio"] = rec.ratio
     final_cos = next((c for c in reversed(curve["cos"]) if c is not None), None)
+    final_true_cos = next((c for c in reversed(curve["true_cos"]) if c is not None), None)
     return {"variant": name, "bptt": T, "dni": use_dni, "max_length": solved, "timesteps": timesteps,
             "steps": steps, "train_time_s": train_time, "ms_per_step": 1000.0 * train_time / max(steps, 1),
-            "final_cos": final_cos, "history": hist}
+            "final_cos": final_cos, "final_true_cos": final_true_cos, "history": hist}
 
 
 def build_parser():

@@ -69,6 +69,8 @@ def encoder_modules(widths: Sequence[int] = (32, 64, 128)) -> List[nn.Module]:
 # patch grid: the block each 8x8 patch covers, and the patch stride, in that
 # module's resolution
 _POOL = [(4, 2), (2, 1), (1, 1)]
+GRID = 7  # rows (and columns) of every module's patch grid
+MAX_K_STEPS = GRID - 2  # the context at row y predicts row y + k + skip, skip = 1: k <= 7 - 1 - 1
 
 
 def patch_grid(i: int, h: torch.Tensor) -> torch.Tensor:
@@ -182,17 +184,18 @@ def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Ten
 def build_parser():
     p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=32, lr=1e-3)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to train")
-    p.add_argument("--widths", nargs=3, type=int, default=[32, 64, 128], metavar=("A", "B", "C"),
+    p.add_argument("--widths", nargs=3, type=C.positive_int, default=[32, 64, 128], metavar=("A", "B", "C"),
                    help="channels of the three modules")
-    p.add_argument("--k-steps", type=int, default=5, help="InfoNCE prediction steps (rows ahead, GIM: 5)")
-    p.add_argument("--negatives", type=int, default=16, help="InfoNCE negatives per position (GIM: 16)")
+    p.add_argument("--k-steps", type=C.positive_int, default=5,
+                   help=f"InfoNCE prediction steps (rows ahead, GIM: 5; at most {MAX_K_STEPS} on the 7x7 patch grid)")
+    p.add_argument("--negatives", type=C.positive_int, default=16, help="InfoNCE negatives per position (GIM: 16)")
     p.add_argument("--infonce-backend", default=None, choices=["auto", "reference", "chunked", "triton"],
                    help="InfoNCE backend (default: auto)")
-    p.add_argument("--train-images", type=int, default=None,
+    p.add_argument("--train-images", type=C.positive_int, default=None,
                    help="images for the unsupervised training (default: 20000 on MNIST, all on digits)")
-    p.add_argument("--probe-images", type=int, default=None,
+    p.add_argument("--probe-images", type=C.positive_int, default=None,
                    help="labelled training images for the linear probe (default: 10000 on MNIST, all on digits)")
-    p.add_argument("--probe-epochs", type=int, default=None, help="linear probe epochs (default 30; 5 with --quick)")
+    p.add_argument("--probe-epochs", type=C.positive_int, default=None, help="linear probe epochs (default 30; 5 with --quick)")
     p.epilog = "Default epochs: 2 on MNIST, 20 on digits, 1 with --quick."
     return p
 
@@ -201,6 +204,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
     args = C.parse(parser, argv)
     C.refuse_unused(parser, args, used=())
+    if args.k_steps > MAX_K_STEPS:
+        parser.error(f"--k-steps {args.k_steps}: at most {MAX_K_STEPS}, since the patch grid has 7 rows and row y "
+                     f"predicts row y + k + 1 (InfoNCE's skip of 1)")
     C.setup(args)
     data = C.load_image_data(args)
     if tuple(data.x_train.shape[-2:]) != (28, 28):

@@ -53,6 +53,7 @@ class LSTMLM(nn.Module):
         super().__init__()
         self.layers, self.hidden, self.sg_factor = layers, hidden, sg_factor
         self.sg_control = "none"
+        self.probe: Optional[C.BoundaryProbe] = None  # set by train_one: S against the true gradient
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(n_tokens, emb)
         self.rnn = nn.LSTM(emb, hidden, layers, dropout=dropout if layers > 1 else 0.0)
@@ -79,7 +80,10 @@ class LSTMLM(nn.Module):
         """``tokens (T, B)`` -> logits ``(T, B, V)``, final state."""
         use_dni = self.dni is not None and self.training
         if use_dni:
-            state = self.unpack(self.dni.make_trigger(self.pack(state)))
+            flat = self.dni.make_trigger(self.pack(state))
+            if self.probe is not None:
+                self.probe.take(flat, self.dni.receive(flat.detach()))
+            state = self.unpack(flat)
         out, state = self.rnn(self.drop(self.encoder(tokens)), state)
         if use_dni:
             flat = self.pack(state)
@@ -128,6 +132,7 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
         C.zero_synthesizer_output(model)
     opt = C.make_optimizer(model, args)
     rec = C.CurveRecorder(model, opt)
+    model.probe = probe = C.BoundaryProbe() if use_dni else None
     own = C.own_parameters(model)
     train = corpus.train[:args.train_tokens] if args.train_tokens else corpus.train
     valid = corpus.valid[:args.eval_tokens] if args.eval_tokens else corpus.valid
@@ -138,7 +143,9 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
     total = steps_per_epoch * args.epochs
     eval_every = max(total // max(args.n_evals, 1), 1)
     sched = C.make_schedule(opt, args, total)
-    hist = {"step": [], "tokens": [], "train_loss": [], "valid_loss": [], "valid_metric": [], "cos": [], "time": []}
+    # true_cos: S against the chunk's own gradient (C.BoundaryProbe), DNI only
+    hist = {"step": [], "tokens": [], "train_loss": [], "valid_loss": [], "valid_metric": [], "cos": [], "time": [],
+            **{"true_" + k: [] for k in C.BoundaryProbe.KEYS}}
     bar = C.progress(total=total, desc=name, disable=args.no_progress)
     step, train_time, run_loss, run_n = 0, 0.0, 0.0, 0
     model.train()
@@ -153,6 +160,10 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
             with dni.defer_backward():
                 logits, state = model(x, state)
                 loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                if probe is not None:
+                    t1 = time.perf_counter()
+                    probe.measure(loss * scale)
+                    t0 += time.perf_counter() - t1
                 dni.backward(loss * scale)
             if args.clip:  # the same threshold for the mean loss's gradient either way
                 nn.utils.clip_grad_norm_(own, args.clip * scale)
@@ -178,6 +189,9 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
                 hist["valid_loss"].append(vl)
                 hist["valid_metric"].append(metric(vl, args.level))
                 hist["cos"].append(cos)
+                p = probe.read() if probe is not None else {}
+                for k in C.BoundaryProbe.KEYS:
+                    hist["true_" + k].append(p.get(k))
                 hist["time"].append(train_time)
                 run_loss, run_n = 0.0, 0
                 bar.set_postfix(valid=f"{metric(vl, args.level):.3f}")
@@ -192,7 +206,8 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
         "test_loss": test_loss, "test_metric": metric(test_loss, args.level),
         "valid_metric": hist["valid_metric"][-1], "best_valid_metric": hist["valid_metric"][best],
         "train_time_s": train_time, "ms_per_step": 1000.0 * train_time / max(step, 1), "steps": step,
-        "train_tokens": int(train_b.numel()), "final_cos": hist["cos"][-1], "history": hist,
+        "train_tokens": int(train_b.numel()), "final_cos": hist["cos"][-1],
+        "final_true_cos": hist["true_cos"][-1], "history": hist,
     }
 
 

@@ -61,6 +61,14 @@ def resolve_backend(requested: Optional[str], z: Tensor) -> str:
     return name
 
 
+def _check_context(c: Optional[Tensor]) -> None:
+    """Before the fused paths cast ``c`` to z's dtype: an integer context is an error on every backend (the
+    reference's own check would never see it after a cast)."""
+    if c is not None and not (isinstance(c, Tensor) and c.is_floating_point()):
+        raise TypeError(f"c must be a floating-point tensor, got "
+                        f"{c.dtype if isinstance(c, Tensor) else type(c).__name__}")
+
+
 class InfoNCE(nn.Module):
     """Greedy InfoMax's vision InfoNCE on an encoded patch grid.
 
@@ -117,6 +125,7 @@ class InfoNCE(nn.Module):
                              f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
         if z.shape[1] != self.channels:
             raise ValueError(f"z has {z.shape[1]} channels, but this InfoNCE was built for {self.channels}")
+        _K._check_float("z", z, 4)  # dtype, and a non-empty grid before negatives are drawn from it
         w0 = self.W[0].weight
         if w0.device != z.device:
             raise ValueError(f"z is on {z.device}, but the InfoNCE weights W are on {w0.device}; move one of them "
@@ -130,6 +139,7 @@ class InfoNCE(nn.Module):
         weights = [m.weight for m in self.W]
         if backend == "reference":
             return _K.infonce_ref(z, c, weights, neg_idx, self.skip)
+        _check_context(c)
         if c is not None and c.dtype != z.dtype:
             c = c.to(z.dtype)
         return _K.infonce(z, c, weights, neg_idx, self.skip, impl=backend, check_range=False)
@@ -152,6 +162,10 @@ class SequenceInfoNCE(nn.Module):
     ``forward(z, c, neg_idx=None)``: z (B, L, Cz), c (B, L, Cc), ``neg_idx[k-1]``
     a LongTensor (B (L-k), N) of rows of the (b, t)-flattened z; positions are
     flattened in (b, t) order. Returns the fp32 scalar loss.
+
+    It takes two inputs, so as a :class:`~dni_fast.local.GradientIsolated`
+    loss (called as ``loss(h)``) wrap it in a :class:`~dni_fast.local.LocalLoss`
+    that computes ``z`` and ``c`` from the module's output.
     """
 
     needs_target = False
@@ -185,6 +199,9 @@ class SequenceInfoNCE(nn.Module):
                                  f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
             if t.shape[2] != width:
                 raise ValueError(f"{name} has width {t.shape[2]}, but this SequenceInfoNCE was built for {width}")
+        _check_context(c)
+        _K._check_float("z", z, 3)  # dtype, and a non-empty batch before negatives are drawn from it
+        _K._check_float("c", c, 3)
         w0 = self.W[0].weight
         if w0.device != z.device:
             raise ValueError(f"z is on {z.device}, but the SequenceInfoNCE weights W are on {w0.device}")
@@ -197,6 +214,7 @@ class SequenceInfoNCE(nn.Module):
         weights = [m.weight for m in self.W]
         if backend == "reference":
             return _K.sequence_infonce_ref(z, c, weights, neg_idx)
+        _check_context(c)
         if c.dtype != z.dtype:
             c = c.to(z.dtype)
         return _K.sequence_infonce(z, c, weights, neg_idx, impl=backend, check_range=False)

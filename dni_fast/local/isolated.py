@@ -78,8 +78,13 @@ class GradientIsolated(nn.Module):
     join the same step.
 
     ``forward(x, upto=None)`` runs modules ``[0, upto)`` as a plain network
-    (no losses; interfaces are not called). ``cache_outputs`` serves the
-    module-by-module schedule.
+    (no losses; the interfaces given as ``losses`` are not called, those
+    inside a module are, as that module calls them). ``cache_outputs``
+    serves the module-by-module schedule.
+
+    ``step`` refuses to run under ``torch.no_grad()`` and with an interface
+    it relies on in eval mode (which would let a gradient cross a module
+    boundary).
     """
 
     def __init__(self, modules: Sequence[nn.Module], losses: Sequence[LossSpec], optimizer: OptimizerSpec,
@@ -125,7 +130,26 @@ class GradientIsolated(nn.Module):
         # optimizers
         self.shared_optimizer: Optional[torch.optim.Optimizer] = None
         self.optimizers: List[Optional[torch.optim.Optimizer]] = []
+        owner: dict = {}
+        for i in range(len(modules)):
+            for p in self.module_parameters(i):
+                j = owner.setdefault(id(p), i)
+                if j != i and not isinstance(optimizer, torch.optim.Optimizer):
+                    # Two per-module optimizers would both step it: twice the learning rate, two Adam states.
+                    raise ValueError(f"a parameter ({tuple(p.shape)}) belongs to module {j}'s turn and module {i}'s "
+                                     f"(a shared loss module or tied weights): each module's optimizer would step "
+                                     f"it. Give each module its own loss module, or pass one torch.optim.Optimizer "
+                                     f"shared by all")
         if isinstance(optimizer, torch.optim.Optimizer):
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            for i in range(len(modules)):
+                missing = [p for p in self.module_parameters(i) if id(p) not in held]
+                if missing:
+                    raise ValueError(f"the shared optimizer does not hold {len(missing)} parameter(s) of module {i} "
+                                     f"or its loss (first: {tuple(missing[0].shape)}): they would never train. Build "
+                                     f"it over every parameter (e.g. over GradientIsolated(...).parameters() of a "
+                                     f"model holding the modules and losses), or set requires_grad=False on those "
+                                     f"meant to stay fixed")
             self.shared_optimizer = optimizer
         elif callable(optimizer):
             for i in range(len(modules)):
@@ -221,7 +245,9 @@ class GradientIsolated(nn.Module):
 
     def forward(self, x: Tensor, upto: Optional[int] = None) -> Tensor:
         """Modules ``[0, upto)`` (all by default) applied to ``x``, as one
-        network: no losses, no interfaces, gradients as autograd makes them."""
+        network: no losses and none of the interfaces given as losses (an
+        interface inside a module runs as part of it: in train mode it
+        injects), gradients as autograd makes them."""
         upto = len(self.stages) if upto is None else upto
         for m in list(self.stages)[:upto]:
             x = m(x)
@@ -256,6 +282,23 @@ class GradientIsolated(nn.Module):
             if self.optimizers[i] is not None:
                 self.optimizers[i].step()
 
+    def _check_can_train(self, trained: Sequence[int]) -> None:
+        """Refuse, by name, the set-ups in which the step could not isolate the modules' gradients."""
+        if not torch.is_grad_enabled():
+            raise RuntimeError("GradientIsolated.step trains, so it needs autograd: it was called under "
+                               "torch.no_grad() or torch.inference_mode(); use forward() to only evaluate")
+        for i in trained:
+            # An interface in eval mode passes its input through: module i+1's true gradient would train module i.
+            ifaces = [(f"losses[{i}]", self._losses[i])] if isinstance(self._losses[i], BackwardInterface) else []
+            if self._losses[i] is None and i + 1 < len(self.stages):
+                ifaces += [(f"the BackwardInterface {name or '(module itself)'} of module {i + 1}", m)
+                           for name, m in self.stages[i + 1].named_modules() if isinstance(m, BackwardInterface)]
+            for what, m in ifaces:
+                if not m.training:
+                    raise RuntimeError(f"GradientIsolated.step: {what} is in eval mode, where it passes its input "
+                                       f"through undetached and injects nothing, so module {i + 1}'s gradient would "
+                                       f"train module {i}; call .train() on the model before step()")
+
     def step(self, x: Tensor, y: Optional[Tensor] = None, start: int = 0) -> List[Optional[Tensor]]:
         """Train on one batch.
 
@@ -281,8 +324,10 @@ class GradientIsolated(nn.Module):
         trained = list(range(first, last + 1))
         if self._losses[last] is None or isinstance(self._losses[last], BackwardInterface):
             raise ValueError(f"module {last} runs last in this step but has no local loss to train it")
+        self._check_can_train(trained)
         out_losses: List[Optional[Tensor]] = [None] * n
-        h = x
+        # Detached: module `start`'s loss must not reach whatever computed x (an upstream model's graph).
+        h = x.detach() if isinstance(x, Tensor) else x
         if first > start:  # frozen prefix (train_module)
             with self._frozen(list(self.stages)[start:first]):
                 for i in range(start, first):
