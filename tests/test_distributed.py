@@ -270,9 +270,86 @@ def scenario_packets(rank, world, q):
             "reopened": bool(torch.equal(again, big))}
 
 
+def _steps(st, rank, world, data):
+    for x, y in data:
+        last = rank == world - 1
+        st.step(x=x if rank == 0 else None, target=y if last else None, loss_fn=F.cross_entropy if last else None)
+
+
+def scenario_lifecycle(rank, world, q):
+    """state_dict() after finish() leaves the channels closed; a second stage on the group while the first
+    still has its channels open is refused on every rank; a refused checkpoint changes nothing."""
+    from dni_fast.distributed import DecoupledStage
+
+    out = {}
+    data = batches(6)
+    st, mod, syn, _ = _train(rank, world, data[:3])
+    st.finish()
+    saved = st.state_dict()
+    out["closed_after_state_dict"] = not st.transport.is_open
+    st2, _, _, _ = _train(rank, world, data[:2])  # not finished: its receivers stay posted
+    stages, synths = make_net(world)
+    try:
+        DecoupledStage(stages[rank], rank, world, synths[rank] if rank < world - 1 else None, adam, timeout=10)
+        out["second"] = None
+    except ValueError as e:
+        out["second"] = str(e)
+    st2.finish()
+    stages, synths = make_net(world)
+    st3 = DecoupledStage(stages[rank], rank, world, synths[rank] if rank < world - 1 else None, adam, timeout=10,
+                         delay=2)
+    before = {k: v.clone() for k, v in st3.modules().state_dict().items()}
+    try:
+        st3.load_state_dict(saved)  # taken with delay 1
+        out["refused"] = None
+    except ValueError as e:
+        out["refused"] = str(e)
+    after = st3.modules().state_dict()
+    out["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+    st3.finish()
+    return out
+
+
+def scenario_late_peer(rank, world, q):
+    """Stage 1 raises at its first step and its process moves on; stage 0 starts late (after stage 1's
+    report could still be read): its send fails at once, and it must name stage 1, not report a raw
+    connection error as its own."""
+    from dni_fast.distributed import DecoupledStage
+
+    stages, synths = make_net(world)
+    st = DecoupledStage(stages[rank], rank, world, synths[rank] if rank < world - 1 else None, adam, timeout=10)
+    if rank == 0:
+        time.sleep(6.5)  # longer than stage 1 lingers after its report (5 s)
+    for x, y in batches(2):
+        st.step(x=x if rank == 0 else None)  # the last stage forgets its target
+
+
+def scenario_step_mismatch(rank, world, q):
+    """Only rank 0 loads its checkpoint: the stages are at different step counts, said at once (not after
+    the timeout, blaming a healthy stage)."""
+    from dni_fast.distributed import DecoupledStage
+
+    data = batches(8)
+    st, _, _, _ = _train(rank, world, data[:4])
+    saved = st.state_dict()
+    st.finish()
+    stages, synths = make_net(world)
+    st = DecoupledStage(stages[rank], rank, world, synths[rank] if rank < world - 1 else None, adam, timeout=20)
+    if rank == 0:
+        st.load_state_dict(saved)
+    t0 = time.monotonic()
+    try:
+        _steps(st, rank, world, data[4:])
+    except Exception as e:
+        return {"type": type(e).__name__, "msg": str(e), "stage": getattr(e, "stage", None),
+                "seconds": time.monotonic() - t0}
+    return {"type": None}
+
+
 SCENARIOS = {f.__name__[len("scenario_"):]: f for f in (scenario_equal, scenario_bad_config, scenario_missing_target,
                                                          scenario_shape_mismatch, scenario_kill, scenario_hang,
-                                                         scenario_raise, scenario_packets)}
+                                                         scenario_raise, scenario_packets, scenario_lifecycle,
+                                                         scenario_late_peer, scenario_step_mismatch)}
 
 
 def _plain(obj):
@@ -382,13 +459,14 @@ def _assert_weights_equal(got, expected, what):
 # scenarios that leave their processes usable share one spawn per world size.
 # ---------------------------------------------------------------------------
 TIMEOUT, MARGIN = 3.0, 2.5  # the fault time is taken 0.3 s before the fault itself
-TWO = ["bad_config", "equal", "missing_target", "shape_mismatch", "packets"]
+TWO = ["bad_config", "equal", "missing_target", "shape_mismatch", "packets", "lifecycle", "late_peer",
+       "step_mismatch"]
 THREE = ["equal", "raise"]
 
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return spawn(TWO, 2)[0]
+    return spawn(TWO, 2, deadline_s=150.0)[0]
 
 
 @pytest.fixture(scope="module")
@@ -513,3 +591,31 @@ def test_requires_an_initialised_group():
         pytest.skip("a process group is initialised in this process")
     with pytest.raises(RuntimeError, match="never initialises one"):
         DecoupledStage(nn.Linear(2, 2), 0, 1)
+
+
+def test_state_dict_after_finish_a_second_stage_and_a_refused_checkpoint(two_ranks):
+    for r in range(2):
+        status, out = two_ranks["lifecycle"][r]
+        assert status == "ok", out
+        assert out["closed_after_state_dict"], "state_dict() after finish() reopened the channels"
+        assert out["second"] is not None and "still has its channels open" in out["second"], out
+        assert out["refused"] is not None and "delay" in out["refused"], out
+        assert out["unchanged"], "a refused checkpoint changed the weights"
+
+
+def test_a_send_to_a_peer_that_raised_and_left_names_that_peer(two_ranks):
+    status, e = two_ranks["late_peer"][0]
+    assert status == "error" and e["type"] == "PeerFailure" and e["stage"] == 1, e
+    status, e = two_ranks["late_peer"][1]
+    assert status == "error" and e["type"] == "ValueError" and "needs target=" in e["msg"], e
+
+
+def test_stages_at_different_step_counts_are_named_at_once(two_ranks):
+    outs = [two_ranks["step_mismatch"][r] for r in range(2)]
+    for status, out in outs:
+        assert status == "ok" and out["type"] is not None, out
+        assert out["seconds"] < 10, f"took {out['seconds']:.1f} s (the timeout is 20 s)"
+    behind = outs[1][1]  # rank 1 starts at batch 0, rank 0 sends batch 4
+    assert behind["type"] == "StepMismatch" and "different step counts" in behind["msg"], behind
+    ahead = outs[0][1]
+    assert ahead["type"] == "PeerFailure" and ahead["stage"] == 1 and "different step counts" in ahead["msg"], ahead

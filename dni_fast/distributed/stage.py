@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from typing import Any, Callable, Dict, Optional
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from dni_fast.backends import get_backend
 from dni_fast.decoupled.schedule import Stage, check_delay
+from dni_fast.distributed import transport as _transport
 from dni_fast.distributed.transport import TAG_ACT, TAG_GRAD, TAG_X, PeerFailure, Transport
 
 __all__ = ["DecoupledStage", "PeerFailure"]
@@ -69,13 +71,20 @@ class DecoupledStage:
             raise RuntimeError("DecoupledStage needs an initialised process group: call "
                                "torch.distributed.init_process_group first (torchrun sets up its variables for it); "
                                "DecoupledStage never initialises one")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)
         self.backend = str(dist.get_backend(self.group)).lower()
+        if self.backend == "undefined":  # init_process_group() without a backend: one per device type
+            try:
+                self.backend = str(dist.get_backend_config(self.group)).lower()  # e.g. "cpu:gloo,cuda:nccl"
+            except Exception:  # pragma: no cover - older torch
+                pass
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current device, by index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.timeout = float(timeout)
         self.index, self.num_stages = stage_index, num_stages
         self._failed: Optional[BaseException] = None
@@ -102,6 +111,10 @@ class DecoupledStage:
 
     # -- construction ---------------------------------------------------------------------
     def _check_local(self, stage_index: int, num_stages: int) -> None:
+        if any(t.group is self.group and t.is_open for t in list(_transport.OPEN)):
+            raise RuntimeError("another DecoupledStage in this process still has its channels open on this "
+                               "process group: its receiver threads would take this stage's messages. Call "
+                               "finish() on it first")
         if self.world != num_stages:
             raise ValueError(f"num_stages={num_stages} but the process group has {self.world} ranks: one stage per "
                              "rank")
@@ -177,7 +190,7 @@ class DecoupledStage:
 
     def _groups(self):
         """The groups headers and payloads travel on (module docstring of transport.py)."""
-        if "nccl" not in self.backend:
+        if "nccl" not in self.backend or self.device.type != "cuda":  # a CPU stage sends everything over gloo
             return self.group, {}
         ranks = dist.get_process_group_ranks(self.group)
         ctrl = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
@@ -320,8 +333,10 @@ class DecoupledStage:
         still on their way, so that take the state of every rank after the
         same number of steps and nothing in flight is lost). Deep copies."""
         def run():
-            self._ensure_open()
-            for b in self.stage.pending():
+            pending = self.stage.pending()
+            if pending:  # (after finish() nothing is: the channels stay closed)
+                self._ensure_open()
+            for b in pending:
                 self._receive_target(b)
             return {"format": _FORMAT, "stage_index": self.index, "num_stages": self.num_stages,
                     "weights": copy.deepcopy(self.modules().state_dict()), "schedule": self.stage.state()}
@@ -335,8 +350,16 @@ class DecoupledStage:
         if state["stage_index"] != self.index or state["num_stages"] != self.num_stages:
             raise ValueError(f"state of stage {state['stage_index']}/{state['num_stages']} loaded into stage "
                              f"{self.index}/{self.num_stages}")
-        self.modules().load_state_dict(state["weights"])
-        self.stage.load_state(state["schedule"])
+        # All or nothing: a checkpoint refused half-way (another delay, other optimizers) leaves the stage as
+        # it was.
+        weights, schedule = copy.deepcopy(self.modules().state_dict()), copy.deepcopy(self.stage.state())
+        try:
+            self.modules().load_state_dict(state["weights"])
+            self.stage.load_state(state["schedule"])
+        except BaseException:
+            self.modules().load_state_dict(weights)
+            self.stage.load_state(schedule)
+            raise
 
     @property
     def steps(self) -> int:

@@ -43,6 +43,7 @@ import collections
 import math
 import threading
 import time
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -65,6 +66,10 @@ _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
            torch.int8, torch.uint8, torch.bool]
 
 
+class StepMismatch(RuntimeError):
+    """Two neighbouring stages are at different step counts (it names both)."""
+
+
 class PeerFailure(RuntimeError):
     """Another stage died, hung past the timeout, or raised. ``stage`` is the
     index of the stage at fault; ``kind`` is ``"died"``, ``"timeout"``,
@@ -73,6 +78,11 @@ class PeerFailure(RuntimeError):
     def __init__(self, message: str, stage: int, kind: str) -> None:
         super().__init__(message)
         self.stage, self.kind = stage, kind
+
+
+#: The transports with their channels open, in this process: a second one on the same group would have its
+#: messages taken by the first one's receiver threads (DecoupledStage refuses to build one).
+OPEN: "weakref.WeakSet[Transport]" = weakref.WeakSet()
 
 
 class Transport:
@@ -104,6 +114,7 @@ class Transport:
         self._sends: "collections.deque" = collections.deque()
         self._send_cv = threading.Condition()
         self._reaper: Optional[threading.Thread] = None
+        self._in_flight = 0  # sends taken by the reaper and not yet completed
         self._send_cap: Dict[Tuple[int, int], int] = {}  # the receive capacity of each outgoing channel
         self._send_lock = threading.Lock()  # a GROW and its packet leave in order
         self.is_open = False
@@ -126,6 +137,7 @@ class Transport:
         self._reaper = threading.Thread(target=self._reap, daemon=True, name=f"dni_fast-stage{self.rank}-send")
         self._reaper.start()
         self.is_open = True
+        OPEN.add(self)
 
     def _data_group(self, tag: int):
         return self.data.get(tag, self.group)
@@ -133,6 +145,8 @@ class Transport:
     # -- the receiver threads ------------------------------------------------------------
     def _receive(self, peer: int, tag: int) -> None:
         try:
+            if self.device.type == "cuda":  # a new thread starts on device 0: receive on the stage's
+                torch.cuda.set_device(self.device)
             cap = _CAP0
             while True:
                 packet = torch.empty(cap, dtype=torch.uint8)
@@ -220,9 +234,25 @@ class Transport:
             if packet.numel() > cap:
                 cap = max(packet.numel(), 2 * cap)
                 grow = self._pack(self._header(_GROW, 0, self.rank, extra=cap))
-                self._post(dist.isend(grow, group=self.ctrl, group_dst=peer, tag=tag), grow, peer, what)
+                self._post(self._isend(grow, self.ctrl, peer, tag, what), grow, peer, what)
                 self._send_cap[key] = cap
-            self._post(dist.isend(packet, group=self.ctrl, group_dst=peer, tag=tag), packet, peer, what)
+            self._post(self._isend(packet, self.ctrl, peer, tag, what), packet, peer, what)
+
+    def _isend(self, t: Tensor, group, peer: int, tag: int, what: str):
+        """``dist.isend``; when it raises at once (gloo: the peer's process is gone), the failure is the
+        peer's: the report it sent before it went (its receiver here may still be reading it), else that
+        it died, never an error of this stage's."""
+        try:
+            return dist.isend(t, group=group, group_dst=peer, tag=tag)
+        except Exception as e:
+            with self.cv:
+                self.cv.wait_for(lambda: self.failure is not None, timeout=min(2.0, self.timeout))
+                if self.failure is not None:
+                    raise self.failure from e
+            failure = PeerFailure(f"stage {peer} died or closed its connection: stage {self.rank} could not send "
+                                  f"it {what} ({_first_line(e)})", stage=peer, kind="died")
+            self._fail(failure)
+            raise failure from e
 
     def _post(self, work, keep, peer: int, what: str) -> None:
         with self._send_cv:
@@ -237,6 +267,8 @@ class Transport:
                 while not self._sends:
                     self._send_cv.wait()
                 item = self._sends.popleft()
+                if item is not None:
+                    self._in_flight += 1
             if item is None:
                 return
             work, _keep, peer, what = item
@@ -247,6 +279,7 @@ class Transport:
                                        f"send it {what} ({_first_line(e)})", stage=peer, kind="died"))
             finally:
                 with self._send_cv:
+                    self._in_flight -= 1
                     self._send_cv.notify_all()
 
     def send(self, peer: int, tag: int, t: Tensor, seq: int) -> None:
@@ -261,7 +294,7 @@ class Transport:
             self._send_packet(peer, tag, self._pack(hdr, t), what)
         else:  # NCCL: the header on the gloo side group, the payload on the channel's NCCL group
             self._send_packet(peer, tag, self._pack(hdr), what)
-            self._post(dist.isend(t, group=self._data_group(tag), group_dst=peer, tag=tag), t, peer, what)
+            self._post(self._isend(t, self._data_group(tag), peer, tag, what), t, peer, what)
 
     def _send_header(self, peer: int, tag: int, hdr: Tensor, what: str) -> None:
         try:
@@ -302,9 +335,9 @@ class Transport:
         """Wait until every send so far has completed (at most ``wait`` s)."""
         deadline = time.monotonic() + wait
         with self._send_cv:
-            while self._sends and time.monotonic() < deadline:
+            while (self._sends or self._in_flight) and time.monotonic() < deadline:
                 self._send_cv.wait(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
-            return not self._sends
+            return not (self._sends or self._in_flight)
 
     # -- receiving -------------------------------------------------------------------------
     def _root(self, peer: int) -> int:
@@ -328,6 +361,13 @@ class Transport:
                         return box.pop(seq)
                     if self.failure is not None:
                         raise self.failure
+                    if box and max(box) > seq:
+                        # A channel's messages leave in batch order: a later batch here means this one was
+                        # never sent. The two stages are at different step counts.
+                        raise StepMismatch(f"stage {peer} sent {what.split(' of batch')[0]} of batch {max(box)} "
+                                           f"while stage {self.rank} waits for {what}: the stages are at different "
+                                           f"step counts (a checkpoint loaded on some ranks only, or taken at "
+                                           f"different steps?)")
                     if key in self.closed:
                         raise PeerFailure(f"stage {peer} finished (closed its channels) while stage {self.rank} "
                                           f"waits for {what}: did it call finish() early, or fewer steps?",
@@ -386,6 +426,7 @@ class Transport:
                 self._send_cv.notify_all()
             self._reaper = None
         self.is_open = False
+        OPEN.discard(self)
 
 
 _KINDS = ["raised", "died", "timeout", "finished"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue
 import socket
 import sys
 import time
@@ -401,8 +402,23 @@ def spawn_local(target, world: int, *args, what: str = "mnist_distributed", join
         p.start()
     out, errors = None, []
     try:
-        for _ in range(world):
-            rank, status, payload = q.get(timeout=3600)
+        reported: set = set()
+        while len(reported) < world:
+            try:
+                rank, status, payload = q.get(timeout=1.0)
+            except queue.Empty:
+                # A rank that died without reporting (killed, out of memory, a crash in C++) never will:
+                # poll the processes instead of waiting on the queue for good.
+                dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
+                if dead and q.empty():
+                    time.sleep(1.0)  # its report may still be in the pipe
+                    if q.empty():
+                        for r in dead:
+                            errors.append(f"rank {r}: the process exited with code {procs[r].exitcode} "
+                                          f"without reporting")
+                            reported.add(r)
+                continue
+            reported.add(rank)
             if status == "error":
                 errors.append(f"rank {rank}:\n{payload}")
             elif rank == 0:
