@@ -7,7 +7,7 @@ PyTorch engine that does the same on any device (the CPU path), the
 the pure-PyTorch fp32 twins :func:`infonce_ref` / :func:`sequence_infonce_ref`
 that every path is tested against.
 
-The math (DESIGN.md section 7)
+The math (docs/design.md section 7)
 ------------------------------
 Vision (:func:`infonce`): ``z`` (B, C, H, W), context ``c`` of the same shape
 (``c = z`` when not given), K bias-free 1x1 maps ``W_k`` (C, C). For step

@@ -20,7 +20,7 @@ in one network with :class:`GradientIsolated`.
   detached output; ``train_module=i``; ``cache_outputs`` for the
   module-by-module schedule.
 
-The math and the names are DESIGN.md §7; docs/local.md has the measurements.
+The math and the names are docs/design.md §7; docs/local.md has the measurements.
 """
 from dni_fast.local.auxiliary import AuxClassifier, LocalLoss
 from dni_fast.local.infonce import BACKENDS, InfoNCE, SequenceInfoNCE, resolve_backend

@@ -1,4 +1,4 @@
-"""InfoNCE losses of Greedy InfoMax (vision) and CPC (sequences), DESIGN.md §7.
+"""InfoNCE losses of Greedy InfoMax (vision) and CPC (sequences), docs/design.md §7.
 
 The math, the shapes and the fused paths live in :mod:`dni_fast.kernels.infonce`;
 this module holds the ``nn.Module`` s (their ``W`` weights, the negative
