@@ -95,7 +95,8 @@ def _cuda_toolkit_problem(cuda_home) -> str:
     incs = [os.path.join(cuda_home, "include")] + glob.glob(os.path.join(cuda_home, "targets", "*", "include"))
     if not any(os.path.exists(os.path.join(d, "cuda_runtime_api.h")) for d in incs):
         return (f"nvcc was found ({nvcc}) but not the CUDA runtime headers (cuda_runtime_api.h under "
-                f"{cuda_home}/include): install the full CUDA toolkit")
+                f"{cuda_home}/include): install the full CUDA toolkit, or set CUDA_HOME to a complete one (an nvcc "
+                f"on PATH may be a wrapper script around a toolkit elsewhere, such as /usr/local/cuda-<version>)")
     libs = [os.path.join(cuda_home, d) for d in ("lib64", "lib")] + glob.glob(
         os.path.join(cuda_home, "targets", "*", "lib"))
     if not any(glob.glob(os.path.join(d, "libcudart.so*")) for d in libs):

@@ -1,6 +1,10 @@
 // The drop-in overlap's C++ worker: a thread that runs fused synthesizer
 // updates off the main path without ever taking the GIL (dni_fast/_overlap.py
-// holds the design; docs/design.md §4).
+// holds the design; docs/design.md §4). It never drops the last reference to a
+// tensor that has a Python object (the parameters, the saved inputs, the
+// statistics row): releasing one takes the GIL, which stalled the worker while
+// the main thread ran Python and aborted the process at exit. A finished job's
+// closure goes to a graveyard that collect() empties on the calling thread.
 //
 // Why in C++: a Python worker thread needs the GIL between the update's calls,
 // and the main thread holds it through the forward's Python code, so on the
@@ -12,6 +16,8 @@
 #include "overlap.h"
 
 #include <ATen/Parallel.h>
+
+#include <pthread.h>
 
 #include <condition_variable>
 #include <deque>
@@ -64,6 +70,7 @@ class Worker {
 
   // Waits for every job submitted so far; returns them and forgets them.
   std::vector<std::shared_ptr<Job>> collect() {
+    std::vector<std::function<TensorVec()>> dead;  // destroyed here, on the calling thread, after the lock
     std::unique_lock<std::mutex> lock(mu_);
     done_cv_.wait(lock, [this] {
       for (auto& j : pending_) if (!j->done) return false;
@@ -71,6 +78,8 @@ class Worker {
     });
     std::vector<std::shared_ptr<Job>> out(pending_.begin(), pending_.end());
     pending_.clear();
+    dead.swap(graveyard_);
+    lock.unlock();
     return out;
   }
 
@@ -89,13 +98,17 @@ class Worker {
         // Intra-op threads are per thread: this worker's own count.
         if (at::get_num_threads() != job->threads) at::set_num_threads(job->threads);
         job->grads = job->compute();
+      } catch (const c10::Error& e) {
+        job->error = e.what_without_backtrace();  // the message, not ten lines of C++ frames
       } catch (const std::exception& e) {
         job->error = e.what();
       }
-      job->compute = nullptr;  // drop the saved tensors now
       {
         std::lock_guard<std::mutex> lock(mu_);
+        graveyard_.push_back(std::move(job->compute));  // destroyed by collect(), not on this thread
+        job->compute = nullptr;
         job->done = true;
+        job.reset();  // pending_ still holds it: this is never the last reference
       }
       done_cv_.notify_all();
     }
@@ -104,13 +117,23 @@ class Worker {
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
   std::deque<std::shared_ptr<Job>> queue_, pending_;
+  std::vector<std::function<TensorVec()>> graveyard_;
   std::thread thread_;
   bool stop_ = false;
 };
 
+Worker* g_worker = nullptr;
+
+// After fork() the child has no worker thread, but the inherited Worker says it has one (and its mutex may
+// be held by a thread that does not exist there): the child starts over with a new Worker. The old one is
+// leaked, never touched again.
+void reset_in_child() { g_worker = nullptr; }
+
 Worker& worker() {
-  static Worker* w = new Worker();  // never destroyed: no join at static destruction
-  return *w;
+  static std::once_flag once;
+  std::call_once(once, [] { pthread_atfork(nullptr, nullptr, reset_in_child); });
+  if (g_worker == nullptr) g_worker = new Worker();  // never destroyed: no join at static destruction
+  return *g_worker;
 }
 
 }  // namespace

@@ -28,6 +28,11 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+constexpr const char* kModifiedInputs =
+    "the trigger or the context of an overlapped synthesizer update was modified in place after the backward "
+    "that queued the update, before the update ran: change them only after a synchronisation point "
+    "(dni.synchronize(), optimizer.step()), or train without overlap";
+
 struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
   // Inputs, in autograd's order: trigger, x, c (optional), params (list), scale, stats_slot (optional),
   // overlap_threads (0: the update runs in this backward; n > 0: on the overlap worker with n threads).
@@ -59,6 +64,12 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // The fused update is computed below autograd: under create_graph its parameter gradients would not be
+    // differentiable, and a gradient penalty through them would be silently wrong.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "dni_fast: backward with create_graph=True (double backward, a gradient penalty) through a "
+                "BackwardInterface on a fused backend: the synthesizer's update is computed outside autograd, so "
+                "its gradients would not be differentiable; use backend='reference'");
     auto saved = ctx->get_saved_variables();
     // An unused output arrives undefined: the true gradient is then zero.
     // (zeros of the trigger's shape: for a trigger of 3+ dims, S is its 2-D flattening)
@@ -96,9 +107,16 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
     if (overlap_threads > 0) {
       // Off the main path: the worker computes the gradients; Python delivers
       // them through autograd at the next synchronisation point.
+      // The worker reads x and c later: a legal in-place change of either after this backward returns
+      // (a reused context buffer) would give a silently different update. Their versions are checked
+      // before and after the update runs; a change raises at the synchronisation point.
+      const int64_t vx = x._version(), vc = c.has_value() ? c->_version() : 0;
       overlap::submit(
           [=]() {
+            auto unchanged = [&] { return x._version() == vx && (!c.has_value() || c->_version() == vc); };
+            TORCH_CHECK(unchanged(), kModifiedInputs);
             auto [gr, partials] = dispatch::synth_update(x, c, params, zs, s, g2, scale, std::nullopt);
+            TORCH_CHECK(unchanged(), kModifiedInputs);
             if (slot.has_value()) slot->copy_(partials);
             return gr;
           },

@@ -82,6 +82,7 @@ point; nothing from the failed batch of updates is delivered.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import functools
@@ -324,6 +325,17 @@ def uses_native_worker() -> None:
         from dni_fast import _ext
 
         _native = _ext.get_ext()
+        atexit.register(_drain_native_at_exit)
+
+
+def _drain_native_at_exit() -> None:
+    """At interpreter exit, let the native worker finish its queued updates (dropped, never delivered) while
+    the runtime is whole, rather than compute through the process's teardown."""
+    if _native is not None and _native._overlap_pending():
+        try:
+            _native._overlap_collect()
+        except Exception:
+            pass
 
 
 class PerformanceWarning(UserWarning):

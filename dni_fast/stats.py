@@ -82,7 +82,10 @@ class SynthStats:
             # A new ring rather than reuse: a row reserved by a step whose
             # backward has not run yet may still be written later. Filled once
             # per CAPACITY steps instead of once per row (~3 us a step).
-            self._ring = torch.full((self.CAPACITY, 4), _UNWRITTEN, dtype=torch.float32, device=device)
+            # Never an inference tensor (a ring first needed inside torch.inference_mode): the rows are
+            # written by updates that run outside it.
+            with torch.inference_mode(False):
+                self._ring = torch.full((self.CAPACITY, 4), _UNWRITTEN, dtype=torch.float32, device=device)
             self._late = False
         row = self._ring[len(self._scales)]
         self._scales.append(scale)

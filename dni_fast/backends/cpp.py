@@ -40,7 +40,9 @@ class CppBackend(FusedBackend):
             # (the same fused calls), which launches it on a side stream ordered with events.
             return super().trigger(synth, trigger, context, stats, scale, inject_into, overlap)
         x, c = flatten_inputs(synth, trigger, context)
-        slot = None if stats is None else stats.reserve(scale, trigger.device)
+        # No row for a forward that builds no graph (no_grad, inference_mode): no update will write it, and a
+        # ring first allocated under inference_mode would be an inference tensor that training cannot write.
+        slot = None if stats is None or not torch.is_grad_enabled() else stats.reserve(scale, trigger.device)
         step = self.__dict__.get("_step") or (self.primitives and self._step)
         # One native call: forward, autograd node, and the injection (GIL released).
         # With overlap the node's backward queues the update on the C++ worker

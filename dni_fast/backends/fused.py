@@ -63,6 +63,18 @@ def _unpack(ctx, n_mid: int):
     return saved[0], c, mid, zs, list(saved[i + n_mid + ctx.n_z:])
 
 
+_CREATE_GRAPH = ("dni_fast: backward with create_graph=True (double backward, a gradient penalty) through a "
+                 "synthesizer on a fused backend: its update is computed outside autograd, so its gradients would "
+                 "not be differentiable; use backend='reference'")
+_MODIFIED = ("dni_fast overlap: the trigger or the context of an overlapped synthesizer update was modified in place "
+             "after the backward that queued the update, before the update ran: change them only after a "
+             "synchronisation point (dni.synchronize(), optimizer.step()), or train without overlap")
+
+
+def _versions(*ts: Optional[Tensor]) -> tuple:
+    return tuple(t._version for t in ts if t is not None)
+
+
 class _TriggerUpdate(torch.autograd.Function):
     """Forward: ``S = synth(x, c)`` in one fused call; returns ``(trigger.clone(), S)``.
     Backward: the true gradient ``g`` passes to the trigger unchanged, and one
@@ -86,6 +98,8 @@ class _TriggerUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Optional[Tensor], _unused: Optional[Tensor]):
+        if torch.is_grad_enabled():  # create_graph=True: the fused update below is not differentiable
+            raise RuntimeError(_CREATE_GRAPH)
         x, c, (s,), zs, params = _unpack(ctx, 1)
         if g is None:  # the output was not used downstream: the true gradient is zero (as on reference)
             g = s.new_zeros(ctx.trigger_shape)
@@ -100,10 +114,17 @@ class _TriggerUpdate(torch.autograd.Function):
             # torch.autograd.grad or backward(inputs=...) the engine decides where
             # the gradients go: inline, below, as without overlap.)
             row = None if ctx.stats is None else ctx.stats.reserve(scale, s.device)
+            # The worker reads x and c later: a legal in-place change after this backward (a reused context
+            # buffer) would silently change the update. Checked before and after it runs.
+            versions = _versions(x, c)
 
             def compute():
+                if _versions(x, c) != versions:
+                    raise RuntimeError(_MODIFIED)
                 with torch.no_grad():
                     grads, partials = prims.update(x, c, params, zs, s, g2, scale, None)
+                if _versions(x, c) != versions:
+                    raise RuntimeError(_MODIFIED)
                 if row is not None:
                     row.copy_(partials)
                 return grads
@@ -137,6 +158,8 @@ class _SendRegression(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _unused: Optional[Tensor]):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_CREATE_GRAPH)
         x, c, (m, s), zs, params = _unpack(ctx, 2)
         grads, partials = ctx.prims.update(x, c, params, zs, s, m, ctx.scale, grad_loss.detach())
         if ctx.stats is not None:
