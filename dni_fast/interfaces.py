@@ -164,6 +164,9 @@ class UnidirectionalInterface(nn.Module):
                             f"got {type(synthesizer).__name__}")
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+        if warmup_steps and not isinstance(self, BackwardInterface):
+            raise ValueError(f"{type(self).__name__}(warmup_steps={warmup_steps}): the warm-up holds back a "
+                             "synthetic gradient (BackwardInterface); a forward interface has none to hold back")
         self.synthesizer = synthesizer
         self.backend = None if backend is None else _check_name(backend, f"{type(self).__name__}(backend=...)")
         self.warmup_steps = warmup_steps
@@ -285,6 +288,13 @@ class UnidirectionalInterface(nn.Module):
         return s
 
 
+def _trainable(synth: nn.Module) -> bool:
+    """Whether the synthesizer learns this step: a parameter that requires grad, or a closed-form fit."""
+    if getattr(synth, "fitting", None) is not None:
+        return bool(synth.fitting)
+    return any(p.requires_grad for p in synth.parameters())
+
+
 _overrides_cache: dict = {}
 
 
@@ -338,6 +348,10 @@ class _PipelineCapture(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         p = ctx.pending
+        if ctx.owner._checking() and not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"dni_fast: {ctx.owner.label()}: the true gradient arriving has NaN or inf "
+                                     "values; the synthesizer was not updated (pipelined mode: it is not kept "
+                                     "for the next step)")
         g2 = g.detach().reshape(-1, g.shape[-1])
         g2 = g2 if g2.dtype == p["s"].dtype else g2.to(p["s"].dtype)
         if p["g"] is None and not p["stale"]:
@@ -487,6 +501,8 @@ class BackwardInterface(UnidirectionalInterface):
     @_compiler_disable  # a host-side counter: torch.compile must not guard on (and recompile for) it
     def _take_injection(self, trigger: Tensor) -> bool:
         """Count one injection; whether it applies (not in warm-up, and there is a graph to inject into)."""
+        if not torch.is_grad_enabled():  # no graph: nothing trains, so no warm-up step is used up
+            return False
         rt = self._rt
         rt.steps += 1
         return rt.steps > self.warmup_steps and trigger.requires_grad
@@ -519,7 +535,13 @@ class BackwardInterface(UnidirectionalInterface):
         # first be checked or scaled, the injection is deferred, or it goes to
         # the overlap worker.
         now = inject and not check and not norm and not deferring and not offload
-        out, s = engine.trigger(self._modules["synthesizer"], trigger.detach(), current_context(),
+        synth = self._modules["synthesizer"]
+        t = trigger.detach()
+        if self.track_stats and torch.is_grad_enabled() and not _trainable(synth):
+            # A frozen synthesizer (or a RidgeSynthesizer not fitting) is still measured against the true
+            # gradient: a leaf that requires grad makes the backward reach the interface's node.
+            t = t.requires_grad_()
+        out, s = engine.trigger(synth, t, current_context(),
                                 self._stats_sink(), BACKWARD_LOSS.scale(trigger.shape), trigger if now else None,
                                 ov)
         if norm:
@@ -652,6 +674,43 @@ class BackwardInterface(UnidirectionalInterface):
             carrier = grad_carrier(grads, params)
         if carrier.requires_grad:  # else the synthesizer was frozen since
             _backward(carrier)
+
+    # Pipelined mode: the pending update (the last step's prediction and its true gradient) is part of the
+    # state, so that a save and load resumes bit for bit; saved only while one is pending (the default keys
+    # stay dni-pytorch's). A state without it clears the pending update: a rolled-back model must not fuse an
+    # update from the trajectory it left.
+    _PENDING = "pipelined_pending."
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        p = self._pending
+        if self.pipelined and p is not None and p["g"] is not None:
+            k = prefix + self._PENDING
+            destination[k + "x"] = p["x"].detach().clone()
+            destination[k + "s"] = p["s"].detach().clone()
+            destination[k + "g"] = p["g"].detach().clone()
+            destination[k + "scale"] = torch.tensor(float(p["scale"]), dtype=torch.float64)
+            if p["c"] is not None:
+                destination[k + "c"] = p["c"].detach().clone()
+            for i, z in enumerate(p["zs"]):
+                destination[k + f"z{i}"] = z.detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        k = prefix + self._PENDING
+        mine = {key[len(k):]: state_dict.pop(key) for key in [q for q in state_dict if q.startswith(k)]}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not self.pipelined:
+            if mine and strict:
+                unexpected_keys.extend(k + q for q in mine)
+            return
+        if mine:
+            zs = [mine[f"z{i}"] for i in range(len([q for q in mine if q.startswith("z")]))]
+            self._pending = {"x": mine["x"], "c": mine.get("c"), "zs": zs, "s": mine["s"], "g": mine["g"],
+                             "scale": float(mine["scale"]), "stale": True}
+        else:
+            self._pending = None
 
     def flush(self) -> None:
         """Pipelined mode: apply the pending update (the last step's true

@@ -60,12 +60,20 @@ class SynthStats:
         self.reset()
 
     def reset(self) -> None:
+        """Forget every step recorded so far. A row reserved at forward time and written after the reset (a
+        step whose backward comes after it) still counts, as on the backends that record at backward time."""
+        carried = []
+        if self.__dict__.get("_ring") is not None and self._scales and self._late:
+            self._retire_current()
+        for ring, scales, _counted, left in self.__dict__.get("_rings", []):
+            if left > 1:  # may still get late rows: what is written now is forgotten, later rows count
+                carried.append([ring, scales, ring[:len(scales), 2] != _UNWRITTEN, left])
         self._ring: Optional[Tensor] = None  # (CAPACITY, 4) fp32
         self._scales: List[float] = []
         self._late = False  # a row of the current ring was reserved for a later write
         # Rings that left the current slot, oldest first, as [ring, scales, rows counted so far (bool, device;
         # None: never folded), folds left]: set aside full (see can_wait), or carried for their late rows.
-        self._rings: List[list] = []
+        self._rings: List[list] = carried
         # (8,): sums of (loss, cos, rel_err, s_norm, g_norm), count, nonfinite, count with g != 0
         self._sum: Optional[Tensor] = None
         self._last: Optional[Tensor] = None  # (5,) last finite (loss, cos, rel_err, s_norm, g_norm)

@@ -918,3 +918,119 @@ def test_dropout_under_a_concurrent_executor_warns_that_it_is_not_reproducible()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DecoupledSequential(*make_net(), adam, executor="sequential").close()
+
+
+# -- review, third round ---------------------------------------------------------------------------------------------
+def _params(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_module_given_twice_is_refused():
+    stages, synths = make_net()
+    with pytest.raises(ValueError, match="is in synthesizer 0 and in synthesizer 1"):
+        DecoupledSequential(stages, [synths[0], synths[0]], sgd, executor="sequential")
+    stages, synths = make_net()
+    stages[2] = stages[1][0]  # a Linear of stage 1 again as the last stage (tied)
+    with pytest.raises(ValueError, match="is in stage 1 and in stage 2"):
+        DecoupledSequential(stages, synths, sgd, executor="sequential")
+
+
+@pytest.mark.parametrize("executor", CPU_EXECUTORS)
+def test_reused_input_buffers_train_like_fresh_ones(executor):
+    """x, y and the context are copied at step(): a buffer the caller refills for the next batch must not
+    change the batches still in flight (read delay steps later)."""
+    def run(reuse):
+        stages, synths = make_net(context_dim=5, unlock_at=0)
+        m = DecoupledSequential(stages, synths, sgd, executor=executor, delay=2)
+        xb, yb, cb = torch.empty(8, 12), torch.empty(8, dtype=torch.long), torch.empty(8, 5)
+        for x, y in batches(8):
+            c = F.one_hot(y, 5).float()
+            if reuse:
+                xb.copy_(x), yb.copy_(y), cb.copy_(c)
+                x, y, c = xb, yb, cb
+            m.step(x, y, F.cross_entropy, context=c)
+        m.flush()
+        return _params(m)
+
+    assert _same(run(True), run(False))
+
+
+def test_eval_and_zero_grad_between_steps_wait_for_the_work_in_flight():
+    """train()/eval() and zero_grad() are synchronisation points: a BatchNorm switched to eval while a worker
+    runs an earlier batch's forward changed that batch (threads then differed from sequential)."""
+    def run(executor):
+        torch.manual_seed(0)
+        stages = [nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(24), nn.ReLU()),
+                  nn.Sequential(nn.Linear(24, 24), nn.BatchNorm1d(24), nn.Tanh()), nn.Linear(24, 5)]
+        _, synths = make_net()
+        m = DecoupledSequential(stages, synths, sgd, executor=executor, delay=1)
+        for j, (x, y) in enumerate(batches(9)):
+            m.step(x, y, F.cross_entropy)
+            if j % 3 == 2:
+                m.eval()
+                m(torch.randn(4, 12))
+                m.train()
+        m.flush()
+        return _params(m)
+
+    assert _same(run_with_deadline(lambda: run("threads")), run("sequential"))
+
+
+def test_the_threads_executor_runs_under_the_callers_autocast():
+    def run(executor):
+        stages, synths = make_net()
+        m = DecoupledSequential(stages, synths, sgd, executor=executor, delay=1)
+        dtypes = []
+        m.stages[1].register_forward_hook(lambda mod, i, o: dtypes.append(o.dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for x, y in batches(4):
+                m.step(x, y, F.cross_entropy)
+            m.flush()
+        return _params(m), dtypes
+
+    (pt, dt), (ps, ds) = run_with_deadline(lambda: run("threads")), run("sequential")
+    assert set(dt) == set(ds) == {torch.bfloat16}
+    assert _same(pt, ps)
+
+
+def test_a_hook_that_waits_for_the_workers_raises_instead_of_hanging():
+    stages, synths = make_net()
+    m = DecoupledSequential(stages, synths, sgd, executor="threads", delay=1)
+    m.register_hook(lambda ev: m.stats() if ev.kind == "regress" and ev.stage == 0 else None)
+
+    def train():
+        for x, y in batches(4):
+            m.step(x, y, F.cross_entropy)
+        m.flush()
+
+    with pytest.raises(RuntimeError, match="worker thread"):
+        run_with_deadline(train, 60)
+
+
+@pytest.mark.parametrize("option", [dict(warmup_steps=5), dict(check_finite=True), dict(track_stats=False)])
+def test_interface_options_the_schedule_cannot_honour_are_refused(option):
+    stages, synths = make_net()
+    synths[0] = dni.BackwardInterface(synths[0], **option)
+    with pytest.raises(ValueError, match=next(iter(option))):
+        DecoupledSequential(stages, synths, sgd, executor="sequential")
+
+
+def test_a_stage_whose_output_is_detached_is_refused():
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(24, 24)
+
+        def forward(self, h):
+            return self.l(h).detach()
+
+    stages, synths = make_net()
+    stages[1] = Detached()
+    m = DecoupledSequential(stages, synths, sgd, executor="sequential")
+    x, y = batches(1)[0]
+    with pytest.raises(ValueError, match="stage 1's output does not require grad"):
+        m.step(x, y, F.cross_entropy)

@@ -551,3 +551,105 @@ def test_exiting_with_native_overlap_updates_pending_is_clean(backend, tmp_path)
     for _ in range(3):
         p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- the options' review
+def _pipe_model():
+    torch.manual_seed(0)
+    return nn.ModuleList([nn.Linear(3, 4), dni.BackwardInterface(dni.BasicSynthesizer(4, n_hidden=1),
+                                                                 pipelined=True), nn.Linear(4, 2)])
+
+
+def _pipe_step(m, x, opt):
+    opt.zero_grad()
+    (m[2](m[1](m[0](x))) ** 2).sum().backward()
+    opt.step()
+
+
+def test_pipelined_mode_resumes_bit_for_bit_and_a_rollback_drops_the_pending_update():
+    xs = [torch.randn(5, 3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    a = _pipe_model()
+    oa = torch.optim.SGD(a.parameters(), lr=0.1)
+    for x in xs:
+        _pipe_step(a, x, oa)
+    b = _pipe_model()
+    ob = torch.optim.SGD(b.parameters(), lr=0.1)
+    for x in xs[:2]:
+        _pipe_step(b, x, ob)
+    saved = b.state_dict()
+    assert any("pipelined_pending" in k for k in saved)
+    c = _pipe_model()
+    c.load_state_dict(saved)
+    oc = torch.optim.SGD(c.parameters(), lr=0.1)
+    for x in xs[2:]:
+        _pipe_step(c, x, oc)
+    for p, q in zip(a.parameters(), c.parameters()):
+        assert torch.equal(p, q)
+    # a rollback to a state without a pending update: the live model's pending update is dropped
+    fresh = _pipe_model().state_dict()
+    b.load_state_dict(fresh)
+    assert b[1]._pending is None
+    # without pipelined=True the keys are dni-pytorch's
+    plain = dni.BackwardInterface(dni.BasicSynthesizer(4, n_hidden=1))
+    assert not any("pipelined" in k for k in plain.state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pipelined_mode_checks_the_true_gradient_when_asked(backend):
+    it = dni.BackwardInterface(dni.BasicSynthesizer(4, n_hidden=1), pipelined=True, check_finite=True,
+                               backend=backend)
+    with pytest.raises(FloatingPointError, match="true gradient arriving has NaN or inf"):
+        it(torch.randn(3, 4, requires_grad=True)).backward(torch.full((3, 4), float("nan")))
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_forward_without_a_graph_does_not_use_up_the_warm_up(pipelined):
+    it = dni.BackwardInterface(dni.BasicSynthesizer(4, n_hidden=1), warmup_steps=3, pipelined=pipelined)
+    with torch.no_grad():
+        for _ in range(3):
+            it(torch.randn(2, 4))
+    assert it.n_steps == 0 and it.in_warmup
+    h = torch.randn(2, 4, requires_grad=True)
+    it(h * 1)
+    assert it.n_steps == 1 and h.grad is None  # still warming up: nothing injected
+
+
+def test_a_forward_interface_refuses_a_warm_up():
+    with pytest.raises(ValueError, match="a forward interface has none to hold back"):
+        dni.ForwardInterface(dni.BasicSynthesizer(4, trigger_dim=3), warmup_steps=100)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reset_stats_between_a_forward_and_its_backward_keeps_that_step(backend):
+    it = dni.BackwardInterface(dni.BasicSynthesizer(4, n_hidden=1), backend=backend)
+    out = it(torch.randn(2, 4, requires_grad=True) * 1)
+    it.reset_stats()
+    out.backward(torch.ones(2, 4))
+    assert it.stats()["count"] == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("synth", ["basic", "ridge"])
+def test_a_frozen_synthesizer_is_measured_through_forward_too(backend, synth):
+    s = dni.BasicSynthesizer(4).requires_grad_(False) if synth == "basic" else dni.RidgeSynthesizer(4)
+    if synth == "ridge":
+        s.fitting = False
+    it = dni.BackwardInterface(s, backend=backend)
+    lin, head = nn.Linear(3, 4), nn.Linear(4, 2)
+    head(it(lin(torch.randn(2, 3)))).sum().backward()
+    assert lin.weight.grad is not None  # the injection still reached the layer below
+    h = torch.randn(2, 4, requires_grad=True)
+    it.make_trigger(h * 1).sum().backward()
+    assert it.stats()["count"] == 2
+
+
+def test_bf16_in_the_triton_interpreter_is_refused():
+    b = bk.get("triton")
+    if not b.interpreted(torch.device("cpu")) or not b.status(torch.device("cpu"))[0]:
+        pytest.skip("the Triton interpreter is not in use here")
+    it = dni.BackwardInterface(dni.BasicSynthesizer(16, n_hidden=1), backend="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(dni.BackendUnavailableError,
+                                                                     match="interpreter"):
+        it(nn.Linear(16, 16)(torch.randn(4, 16)))
+    assert bk.resolve("auto", dni.BasicSynthesizer(16, n_hidden=1),
+                      torch.randn(4, 16, dtype=torch.bfloat16)).name != "triton"

@@ -150,6 +150,12 @@ def available_backends(device: torch.device | str = "cpu") -> List[str]:
 _cache: Dict[tuple, Backend] = {}
 
 
+def _interpreted_bf16(backend: Backend, device: torch.device, dtype: torch.dtype) -> bool:
+    """bf16 in the Triton interpreter: its tl.dot is wrong for bf16 (numbers off by 1e9, measured)."""
+    interpreted = getattr(backend, "interpreted", None)
+    return dtype == torch.bfloat16 and interpreted is not None and bool(interpreted(device))
+
+
 def _fuses(backend: Backend, synth) -> bool:
     return backend.max_hidden is None or synth.n_hidden <= backend.max_hidden
 
@@ -191,7 +197,8 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
 
         def usable(n: str) -> bool:
             b = _REGISTRY.get(n)
-            return b is not None and _fuses(b, synthesizer) and dtype in b.dtypes and b.status(device)[0]
+            return (b is not None and _fuses(b, synthesizer) and dtype in b.dtypes and b.status(device)[0]
+                    and not _interpreted_bf16(b, device, dtype))
 
         pick = _REGISTRY[auto.pick(device, dtype, rows, max(synthesizer.output_dim, synthesizer.hidden_dim), usable)]
     else:
@@ -204,6 +211,10 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
         if dtype not in pick.dtypes:
             raise BackendUnavailableError(f"dni_fast backend {name!r} does not support dtype {dtype} (it supports "
                                           f"{pick.dtype_names()}); use backend='reference' or 'auto'")
+        if _interpreted_bf16(pick, device, dtype):
+            raise BackendUnavailableError(f"dni_fast backend {name!r} runs in the Triton interpreter here "
+                                          f"(TRITON_INTERPRET=1), whose bf16 tl.dot gives wrong results; use "
+                                          f"float32/float16, or backend='reference' or 'auto', or a GPU")
         if not _fuses(pick, synthesizer):
             raise BackendUnavailableError(
                 f"dni_fast backend {name!r} fuses BasicSynthesizers with n_hidden <= {pick.max_hidden}, this one "

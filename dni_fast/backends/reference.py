@@ -127,8 +127,10 @@ class ReferenceBackend(Backend):
             s = self.receive(synth, trigger, context)
             if inject_into is not None:
                 _backward(inject_into, s)
-            if not getattr(synth, "fitting", True):
-                return trigger, s
+            if not getattr(synth, "fitting", True):  # not learning: measured only
+                if stats is None or not trigger.requires_grad:
+                    return trigger, s
+                return _RefUpdater.apply(stats, scale, None, trigger, s, None), s
             anchor = s.new_empty(0).requires_grad_()
             return _RefFitter.apply(stats, scale, synth, _detached(context), trigger, s, anchor), s
         s = self._synth_graph(synth, trigger, context)

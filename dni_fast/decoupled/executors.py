@@ -27,6 +27,7 @@ every pending regression, oldest first (``flush``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -47,6 +48,33 @@ class ExecutorUnavailableError(RuntimeError):
     """The executor asked for cannot run here (``streams`` without CUDA, ...)."""
 
 
+def autocast_state() -> tuple:
+    """This thread's enabled autocast, ``((device type, dtype), ...)`` (autocast is thread-local)."""
+    out = []
+    for dev in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(dev):
+                out.append((dev, torch.get_autocast_dtype(dev)))
+        except RuntimeError:  # pragma: no cover - a device type without autocast
+            pass
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def caller_autocast(state: tuple):
+    """Enter a caller's :func:`autocast_state` (on a worker thread: autocast is thread-local), without
+    autocast's weight cache: every executor updates the stages' weights in place between batches, inside
+    the caller's autocast region, so a cast cached for the region would be stale after the first step (and
+    the executors would differ: each worker's region is one batch)."""
+    if not state:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for dev, dtype in state:
+            stack.enter_context(torch.autocast(dev, dtype=dtype, cache_enabled=False))
+        yield
+
+
 @dataclass
 class Batch:
     """One batch on its way through the stages: ``h`` is the input of the
@@ -61,6 +89,9 @@ class Batch:
     context: Any
     backend: Optional[str]
     events: Dict[str, Any] = field(default_factory=dict)  # streams: CUDA events the consumer waits on
+    # The caller's autocast when it handed the batch to step ((device type, dtype) per enabled device type):
+    # thread-local, so the threads executor's workers re-enter it (sequential and streams run on the caller).
+    autocast: tuple = ()
 
 
 def _to(t: Any, device: Optional[torch.device], non_blocking: bool = False) -> Any:
@@ -110,18 +141,26 @@ class Executor:
         return None
 
     def _forward(self, k: int, batch: int, h, context, y, loss_fn, backend):
-        """Stage ``k``'s steps 1-4, eager or through its graphs."""
+        """Stage ``k``'s steps 1-4, eager or through its graphs (in this thread's autocast, uncached)."""
         r = self.runners[k]
-        if r is None:
-            return self.stages[k].forward(batch, h, context, y, loss_fn, backend)
-        return r.forward(batch, h, context, y, loss_fn, backend)
+        with caller_autocast(autocast_state()):
+            if r is None:
+                return self.stages[k].forward(batch, h, context, y, loss_fn, backend)
+            return r.forward(batch, h, context, y, loss_fn, backend)
+
+    @staticmethod
+    def _synthetic_input(st: Stage, batch: int, x, context, backend):
+        """Complete unlock: the stage's synthetic input (in this thread's autocast, uncached)."""
+        with caller_autocast(autocast_state()):
+            return st.synthetic_input(batch, x, context, backend)
 
     def _regress(self, k: int, batch: int, step: Optional[int] = None) -> None:
         r = self.runners[k]
-        if r is None:
-            self.stages[k].regress(batch, step)
-        else:
-            r.regress(batch, step)
+        with caller_autocast(autocast_state()):
+            if r is None:
+                self.stages[k].regress(batch, step)
+            else:
+                r.regress(batch, step)
 
     @staticmethod
     def check(stages: List[Stage], delay: int, threads_per_stage) -> None:
@@ -214,7 +253,7 @@ class SequentialExecutor(Executor):
                 for k, st in enumerate(stages):
                     ctx = _to(b.context, st.device)
                     if st.unlocked:
-                        hhat = st.synthetic_input(b.index, _to(b.x, st.device), ctx, b.backend)
+                        hhat = self._synthetic_input(st, b.index, _to(b.x, st.device), ctx, b.backend)
                     out = self._forward(k, b.index, _to(h, st.device), ctx, b.y, b.loss_fn, b.backend)
                     if k > 0:
                         stages[k - 1].deliver(b.index, _to(out.grad_in, stages[k - 1].device))
@@ -260,6 +299,7 @@ class _Shared:
         self.losses: Dict[int, Tensor] = {}
         self.completed = [0] * n  # batches whose whole step (forward + due regression) is done, per stage
         self.drained = [False] * n
+        self.drain_autocast: tuple = ()  # the caller's autocast at flush(): the drain's regressions run in it
         self.failure = None  # (stage, batch, exception)
         self.stop = False
 
@@ -364,9 +404,16 @@ class ThreadsExecutor(Executor):
             self.sh.completed = [submitted] * self.n
         self.submitted = submitted
 
+    def _refuse_on_worker(self, what: str) -> None:
+        if threading.current_thread() in self.workers:
+            raise RuntimeError(f"DecoupledSequential.{what} was called on a stage's worker thread (from a hook, "
+                               "executor='threads'): it waits for every worker, this one included, and would never "
+                               "return. Read the model after step() returns, or use executor='sequential'")
+
     def quiesce(self) -> None:
         if not self.workers:
             return
+        self._refuse_on_worker("synchronize (or stats, state_dict, forward, checkpoint)")
         sh, n = self.sh, self.submitted
         with sh.lock:
             self._wait(lambda: all(c >= n for c in sh.completed))
@@ -380,6 +427,7 @@ class ThreadsExecutor(Executor):
             sh = self.sh
             with sh.lock:
                 sh.drained = [False] * self.n
+                sh.drain_autocast = autocast_state()
                 for k in range(self.n):
                     sh.inputs[k].append(_DRAIN)
                     sh.cv[k].notify()
@@ -430,32 +478,36 @@ def _worker(sh: _Shared, stages: List[Stage], k: int, threads: int, ex: "Threads
                 for due in st.pending():
                     with sh.lock:
                         _wait_worker(sh, k, lambda: st.has_target(due))
-                    ex._regress(k, due)
+                    with caller_autocast(sh.drain_autocast):
+                        ex._regress(k, due)
                 with sh.lock:
                     sh.drained[k] = True
                     sh.cv_caller.notify()
                 continue
             batch = b.index
-            if st.unlocked:
-                hhat = st.synthetic_input(batch, b.x, b.context, b.backend)
-                with sh.lock:  # the next stage starts now: it does not wait for this stage's forward
-                    sh.inputs[k + 1].append(Batch(batch, hhat, b.x, b.y, b.loss_fn, b.context, b.backend))
-                    sh.cv[k + 1].notify()
-            out = ex._forward(k, batch, b.h, b.context, b.y, b.loss_fn, b.backend)
-            with sh.lock:
-                if out.out is not None:
-                    sh.inputs[k + 1].append(Batch(batch, out.out, b.x, b.y, b.loss_fn, b.context, b.backend))
-                    sh.cv[k + 1].notify()
-                if below is not None:
-                    below.deliver(batch, out.grad_in)
-                    sh.cv[k - 1].notify()
-                if last:
-                    sh.losses[batch] = out.loss
-                    sh.cv_caller.notify()
-            for due in st.due(batch):
+            with caller_autocast(b.autocast):
+                if st.unlocked:
+                    hhat = ex._synthetic_input(st, batch, b.x, b.context, b.backend)
+                    with sh.lock:  # the next stage starts now: it does not wait for this stage's forward
+                        sh.inputs[k + 1].append(Batch(batch, hhat, b.x, b.y, b.loss_fn, b.context, b.backend,
+                                                      autocast=b.autocast))
+                        sh.cv[k + 1].notify()
+                out = ex._forward(k, batch, b.h, b.context, b.y, b.loss_fn, b.backend)
                 with sh.lock:
-                    _wait_worker(sh, k, lambda: st.has_target(due))
-                ex._regress(k, due, batch)
+                    if out.out is not None:
+                        sh.inputs[k + 1].append(Batch(batch, out.out, b.x, b.y, b.loss_fn, b.context, b.backend,
+                                                      autocast=b.autocast))
+                        sh.cv[k + 1].notify()
+                    if below is not None:
+                        below.deliver(batch, out.grad_in)
+                        sh.cv[k - 1].notify()
+                    if last:
+                        sh.losses[batch] = out.loss
+                        sh.cv_caller.notify()
+                for due in st.due(batch):
+                    with sh.lock:
+                        _wait_worker(sh, k, lambda: st.has_target(due))
+                    ex._regress(k, due, batch)
             with sh.lock:
                 sh.completed[k] = batch + 1
                 sh.cv_caller.notify()
@@ -572,7 +624,7 @@ class StreamsExecutor(Executor):
                 if isinstance(t, Tensor) and t.is_cuda and t.device == dev:
                     t.record_stream(stream)
             if st.unlocked:
-                hhat = st.synthetic_input(b.index, x, ctx, b.backend)
+                hhat = self._synthetic_input(st, b.index, x, ctx, b.backend)
                 self._hand_on(k, b, hhat)
             out = self._forward(k, b.index, b.h, ctx, b.y, b.loss_fn, b.backend)
             if out.out is not None:

@@ -4,6 +4,7 @@ the stages running decoupled (docs/design.md §4; the schedule is
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -12,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from dni_fast.backends import get_backend
-from dni_fast.decoupled.executors import EXECUTORS, Batch, default_threads, executor_class, pick_executor
+from dni_fast.decoupled.executors import (EXECUTORS, Batch, autocast_state, default_threads, executor_class,
+                                          pick_executor)
 from dni_fast.decoupled.schedule import Stage, StageEvent, check_delay, check_update_prob, module_device
 
 __all__ = ["DecoupledSequential"]
@@ -107,6 +109,7 @@ class DecoupledSequential(nn.Module):
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
         update_prob = check_update_prob(update_prob)
+        _refuse_shared_parameters(stages, synthesizers)
         self.stages = nn.ModuleList(stages)
         self.synthesizers = nn.ModuleList(synthesizers)
         # The executor decides the minimum delay, and `auto` decides from the devices.
@@ -186,10 +189,21 @@ class DecoupledSequential(nn.Module):
         self._executor.restore(*state)
         self._closed = False
 
+    def _refuse_on_worker(self) -> None:
+        """A hook runs on a stage's worker (executor='threads'): anything that waits for the workers would wait
+        for itself. Raised before any state changes; the hook's error then stops training like any stage's."""
+        workers = getattr(self.__dict__.get("_executor"), "workers", None)
+        if workers and threading.current_thread() in workers:
+            raise RuntimeError("DecoupledSequential: stats(), state_dict(), synchronize(), flush(), forward(), "
+                               "checkpoint(), train()/eval() and zero_grad() wait for every stage's worker, and "
+                               "this call came from one (a hook, executor='threads'): it would never return. Read "
+                               "the model after step() returns, or use executor='sequential'")
+
     def _quiesce(self) -> None:
         """Wait for the work in flight; a stage's error raised here breaks the
         model as it would in ``step`` (gradients cleared, ``load_checkpoint``
         to go on)."""
+        self._refuse_on_worker()
         if self._broken is not None or self._closed:
             return
         try:
@@ -226,8 +240,12 @@ class DecoupledSequential(nn.Module):
             raise ValueError(f"x is on {x.device} but stage 0 is on {d0}: move the batch to its device")
         if isinstance(y, Tensor) and dl is not None and y.device != dl:
             raise ValueError(f"y is on {y.device} but the last stage (stage {len(self._stages) - 1}) is on {dl}")
-        x = x.detach()
-        b = Batch(self._batches, x, x, y, loss_fn, context, get_backend())
+        # Copies: the batch is read later (by the last stage n-1 steps on; by a regression `delay` steps on),
+        # so a buffer the caller refills for the next step must not change this one (a reused one-hot).
+        x = x.detach().clone()
+        y = y.detach().clone() if isinstance(y, Tensor) else y
+        context = context.detach().clone() if isinstance(context, Tensor) else context
+        b = Batch(self._batches, x, x, y, loss_fn, context, get_backend(), autocast=autocast_state())
         try:
             loss = self._executor.submit(b)
             if not self._checked:
@@ -276,6 +294,7 @@ class DecoupledSequential(nn.Module):
         self._closed = True
 
     def _check_usable(self) -> None:
+        self._refuse_on_worker()
         if self._closed and self._broken is None:
             self._restart()
         if self._broken is not None:
@@ -309,6 +328,19 @@ class DecoupledSequential(nn.Module):
     def state_dict(self, *args, **kwargs):
         self._quiesce()
         return super().state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train`` (and ``eval()``), after the work in flight: a BatchNorm switched to eval
+        while a worker still runs an earlier batch's forward would change that batch."""
+        if "_executor" in self.__dict__:
+            self._quiesce()
+        return super().train(mode)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``nn.Module.zero_grad``, after the work in flight (a worker's optimizer may be stepping)."""
+        if "_executor" in self.__dict__:
+            self._quiesce()
+        super().zero_grad(set_to_none)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._quiesce()
@@ -415,6 +447,21 @@ class DecoupledSequential(nn.Module):
         regression statistics (``SynthStats.read``: loss, cosine, ...)."""
         self.synchronize()
         return [st.synth_stats() for st in self._stages[:-1]]
+
+
+def _refuse_shared_parameters(stages: Sequence[nn.Module], synthesizers: Sequence[Optional[nn.Module]]) -> None:
+    """Each stage and synthesizer has an optimizer of its own (running on a worker of its own with
+    ``threads``): a parameter in two of them would be stepped twice, concurrently under ``threads``."""
+    owner: Dict[int, str] = {}
+    parts = [(f"stage {k}", m) for k, m in enumerate(stages)]
+    parts += [(f"synthesizer {k}", m) for k, m in enumerate(synthesizers) if isinstance(m, nn.Module)]
+    for name, m in parts:
+        for p in m.parameters():
+            other = owner.setdefault(id(p), name)
+            if other != name:
+                raise ValueError(f"DecoupledSequential: a parameter of shape {tuple(p.shape)} is in {other} and in "
+                                 f"{name} (the same module given twice, e.g. [synth] * 2, or tied weights): each "
+                                 f"has its own optimizer, which would both step it. Give each its own module")
 
 
 class _DeviceOnly:

@@ -158,6 +158,16 @@ def _check_interface_options(iface: BackwardInterface) -> None:
     if getattr(iface, "overlap", None):
         raise ValueError("BackwardInterface(overlap=True) after a stage: the executor decides where the "
                          "regression runs (executor='threads' or 'streams'); drop overlap=True")
+    if getattr(iface, "warmup_steps", 0):
+        raise ValueError(f"BackwardInterface(warmup_steps={iface.warmup_steps}) after a stage: the schedule "
+                         "applies every synthetic gradient it predicts (update_prob= skips stage updates); drop "
+                         "warmup_steps")
+    if getattr(iface, "check_finite", None):
+        raise ValueError("BackwardInterface(check_finite=True) after a stage: the schedule does not run the "
+                         "interface's checks; drop check_finite (check the loss returned by step instead)")
+    if getattr(iface, "track_stats", True) is False:
+        raise ValueError("BackwardInterface(track_stats=False) after a stage: the schedule keeps its own "
+                         "statistics (DecoupledSequential.stats()); drop track_stats")
 
 
 def target_normalizer(entry: Optional[nn.Module]) -> Optional[BackwardInterface]:
@@ -532,6 +542,10 @@ class Stage:
             raise
         if not isinstance(a, Tensor):
             raise TypeError(f"stage {k} returned {type(a).__name__}; a stage must return one tensor")
+        if k > 0 and not a.requires_grad:
+            raise ValueError(f"stage {k}'s output does not require grad (detached inside the stage, or computed "
+                             f"under no_grad?): the gradient sent down would be zeros, and synthesizer {k - 1} "
+                             f"would regress on them")
         s = rec = None
         if self.last:
             if loss_fn is None:
