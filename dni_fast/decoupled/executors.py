@@ -685,6 +685,10 @@ class StreamsExecutor(Executor):
     def drain(self) -> List[Tensor]:
         self.quiesce()
         for k, st in enumerate(self.stages):
+            # After the caller's stream too: what it issued since the last step (a checkpoint's copies of the
+            # weights, a load_state_dict) must come before these regressions change the weights. Once per drain:
+            # no chain between the stages.
+            self.streams[k].wait_stream(torch.cuda.current_stream(self.devices[k]))
             with torch.cuda.device(self.devices[k]), torch.cuda.stream(self.streams[k]):
                 for due in st.pending():
                     ev = self.target_events[k].pop(due, None)
