@@ -42,8 +42,9 @@ def _bench(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = B.environment(device)
     if args.auto_table_from:
-        rows = [r for r in B.rows_from_csv(args.auto_table_from) if not (device.type == "cpu" and r.threads !=
-                                                                          torch.get_num_threads())]
+        # this machine's rows only (the CSV's device string), at this thread count on the CPU
+        rows = [r for r in B.rows_from_csv(args.auto_table_from, device=env["device"])
+                if not (device.type == "cpu" and r.threads != torch.get_num_threads())]
         _write_auto_table(B, rows, device, env)
         return 0
     dtypes = [getattr(torch, d) for d in args.dtype]

@@ -396,7 +396,8 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
     rows: List[Row] = []
     for p in names:
         tp = t[p]
-        fl = overlap_floor if p.endswith(OVERLAP) else base if p.endswith(INJECTION) else floor
+        mode = p.removesuffix(GRAPH)  # <backend>+overlap+graph: the floor of its mode
+        fl = overlap_floor if mode.endswith(OVERLAP) else base if mode.endswith(INJECTION) else floor
         dtype = "float32" if autocast is None else str(autocast).replace("torch.", "") + "-autocast"
         rows.append(Row("mlp", p, B, 256, 256, dtype, torch.get_num_threads(), False, tp["ms"], tp["p20"],
                         tp["p80"], ratio=(ref / tp["ms"]) if ref else float("nan"), floor_ms=fl,
@@ -442,12 +443,15 @@ def append_csv(rows: Sequence[Row], path: str, env: Dict[str, str]) -> None:
             w.writerow({**env, **d})
 
 
-def rows_from_csv(path: str) -> List[Row]:
-    """The rows ``append_csv`` wrote (every run in the file)."""
+def rows_from_csv(path: str, device: Optional[str] = None) -> List[Row]:
+    """The rows ``append_csv`` wrote (every run in the file; only those measured on ``device``, the
+    ``environment()`` device string, when given: a CPU table must not average in GPU rows, nor the reverse)."""
     ints, floats = ("B", "D", "H", "threads"), ("ms", "p20", "p80", "ratio", "dni_ms", "dni_ratio", "floor_ms")
     out: List[Row] = []
     with open(path, newline="") as f:
         for d in csv.DictReader(f):
+            if device is not None and d.get("device") != device:
+                continue
             out.append(Row(bench=d["bench"], provider=d["provider"], dtype=d["dtype"], tf32=d["tf32"] == "True",
                            extra=json.loads(d.get("extra") or "{}"), **{k: int(d[k]) for k in ints},
                            **{k: float(d[k]) for k in floats}))

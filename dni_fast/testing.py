@@ -68,8 +68,9 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: Optional[float] = None,
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     scale = e.abs().max().item() if e.numel() else 1.0
     scale = scale if scale > 0 else 1.0
-    bad = ~((a - e).abs() <= atol * scale + rtol * e.abs())
-    bad |= torch.isnan(a) != torch.isnan(e)
+    # NaN where the reference has NaN, and the same infinity, are agreement (inf - inf would be NaN)
+    ok = ((a - e).abs() <= atol * scale + rtol * e.abs()) | (a == e) | (torch.isnan(a) & torch.isnan(e))
+    bad = ~ok
     if bool(bad.any()):
         raise AssertionError(_describe(a, e, bad, name))
 
@@ -137,6 +138,8 @@ def compare_backends(make_model: Callable[[], nn.Module], run: Callable[[nn.Modu
     outs_r, grads_r, _ = _run_once(make_model, run, reference, seed)
     outs_b, grads_b, _ = _run_once(make_model, run, backend, seed)
     rep = Report(backend)
+    if len(outs_b) != len(outs_r):
+        rep.failures.append(f"run returned {len(outs_b)} tensors on {backend!r} but {len(outs_r)} on {reference!r}")
     for i, (a, e) in enumerate(zip(outs_b, outs_r)):
         _check(rep, f"output[{i}]", a, e, rtol, atol)
     for n in sorted(set(grads_r) | set(grads_b)):
@@ -145,6 +148,8 @@ def compare_backends(make_model: Callable[[], nn.Module], run: Callable[[nn.Modu
             rep.failures.append(f"grad of {n}: present only on {'reference' if n in grads_r else backend}")
             continue
         _check(rep, f"grad of {n}", grads_b[n], grads_r[n], rtol, atol)
+    if not rep.compared:  # a check that compares nothing must not pass
+        rep.failures.append("nothing was compared: run returned no tensor and no parameter has a gradient")
     return rep
 
 

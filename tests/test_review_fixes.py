@@ -653,3 +653,52 @@ def test_bf16_in_the_triton_interpreter_is_refused():
         it(nn.Linear(16, 16)(torch.randn(4, 16)))
     assert bk.resolve("auto", dni.BasicSynthesizer(16, n_hidden=1),
                       torch.randn(4, 16, dtype=torch.bfloat16)).name != "triton"
+
+
+# ----------------------------------------------------------------------------- the harness's review
+def test_auto_picks_the_rule_measured_nearest_when_ranges_overlap(monkeypatch):
+    """Neighbouring rules overlap (B/4..4B, D/2..2D): the size a rule was measured at must get that rule's
+    backend, not the first listed rule's."""
+    from dni_fast.backends import auto
+
+    rules = [{"device": "cpu", "dtype": "float32", "min_rows": 4, "max_rows": 64, "min_width": 64,
+              "max_width": 256, "backend": "cpp", "measured": {"B": 16, "D": 128}},
+             {"device": "cpu", "dtype": "float32", "min_rows": 16, "max_rows": 256, "min_width": 128,
+              "max_width": 512, "backend": "reference", "measured": {"B": 64, "D": 256}}]
+    monkeypatch.setattr(auto, "_rules", rules)
+    cpu = torch.device("cpu")
+    assert auto.pick(cpu, torch.float32, 64, 256, lambda n: True) == "reference"
+    assert auto.pick(cpu, torch.float32, 16, 128, lambda n: True) == "cpp"
+    assert auto.pick(cpu, torch.float32, 20, 140, lambda n: True) == "cpp"  # nearer the first measurement
+
+
+def test_an_auto_table_from_a_csv_reads_only_this_machines_rows(tmp_path):
+    from benchmarks import harness as H
+
+    row = H.Row("interface_step", "cpp", 16, 128, 128, "float32", 1, False, 1.0, 1.0, 1.0, ratio=1.5)
+    H.append_csv([row], str(tmp_path / "b.csv"), {"date": "d", "device": "x86_64", "torch": "t", "triton": "-",
+                                                  "python": "p", "dni_fast": "v"})
+    H.append_csv([row], str(tmp_path / "b.csv"), {"date": "d", "device": "NVIDIA H200", "torch": "t",
+                                                  "triton": "-", "python": "p", "dni_fast": "v"})
+    assert len(H.rows_from_csv(str(tmp_path / "b.csv"))) == 2
+    assert len(H.rows_from_csv(str(tmp_path / "b.csv"), device="x86_64")) == 1
+
+
+def test_compare_backends_fails_when_it_compares_nothing_or_loses_an_output():
+    from dni_fast.testing import assert_close, compare_backends
+
+    rep = compare_backends(lambda: nn.Linear(3, 3), lambda m: [1.0], "reference")
+    assert rep.failures and "nothing was compared" in rep.failures[0]
+    calls = []
+
+    def run(m):
+        calls.append(1)
+        y = m(torch.ones(2, 3))
+        return (y, y.detach() * 2) if len(calls) == 1 else (y,)  # the second run (the backend) loses one
+
+    rep = compare_backends(lambda: nn.Linear(3, 3), run, "reference")
+    assert any("returned 1 tensors" in f for f in rep.failures)
+    nan = torch.tensor([float("nan"), float("inf"), 1.0])
+    assert_close(nan.clone(), nan)  # the same NaN and inf are agreement
+    with pytest.raises(AssertionError):
+        assert_close(torch.tensor([float("nan"), float("inf"), 1.0]), torch.tensor([1.0, float("inf"), 1.0]))

@@ -38,11 +38,21 @@ def _load() -> list:
     return _rules
 
 
+def _distance(rule: dict, rows: int, width: int) -> float:
+    """How far (rows, width) is from the size the rule was measured at, in log space (the ranges of
+    neighbouring rules overlap: the nearest measurement decides, not the first rule listed)."""
+    m = rule.get("measured") or {}
+    b = m.get("B") or math.sqrt(max(rule.get("min_rows", 1), 1) * max(rule.get("max_rows", 1), 1))
+    d = m.get("D") or math.sqrt(max(rule.get("min_width", 1), 1) * max(rule.get("max_width", 1), 1))
+    return math.log(max(rows, 1) / b) ** 2 + math.log(max(width, 1) / d) ** 2
+
+
 def pick(device: torch.device, dtype: torch.dtype, rows: int, width: int, usable: Callable[[str], bool]) -> str:
-    """The backend name of the first matching rule whose backend is ``usable``,
-    else ``"reference"``. Never the Triton interpreter (a ``triton`` rule
-    applies on CUDA only)."""
+    """The backend of the matching rule measured nearest to (rows, width) whose
+    backend is ``usable``, else ``"reference"``. Never the Triton interpreter
+    (a ``triton`` rule applies on CUDA only)."""
     dt = str(dtype).replace("torch.", "")
+    matching = []
     for rule in _load():
         if rule.get("device") != device.type or rule.get("dtype") != dt:
             continue
@@ -50,6 +60,8 @@ def pick(device: torch.device, dtype: torch.dtype, rows: int, width: int, usable
             continue
         if not (rule.get("min_width", 0) <= width <= rule.get("max_width", math.inf)):
             continue
+        matching.append(rule)
+    for rule in sorted(matching, key=lambda r: _distance(r, rows, width)):
         name = rule.get("backend", "reference")
         if name == "triton" and device.type != "cuda":
             continue
