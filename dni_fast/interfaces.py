@@ -288,13 +288,6 @@ class UnidirectionalInterface(nn.Module):
         return s
 
 
-def _trainable(synth: nn.Module) -> bool:
-    """Whether the synthesizer learns this step: a parameter that requires grad, or a closed-form fit."""
-    if getattr(synth, "fitting", None) is not None:
-        return bool(synth.fitting)
-    return any(p.requires_grad for p in synth.parameters())
-
-
 _overrides_cache: dict = {}
 
 
@@ -491,6 +484,18 @@ class BackwardInterface(UnidirectionalInterface):
             return False
         return ov
 
+    def _measured(self, out: Tensor, s: Tensor) -> Tensor:
+        """A synthesizer that does not learn (frozen, or a RidgeSynthesizer with ``fitting = False``) builds no
+        graph from the detached trigger, so no true gradient would reach the interface: a statistics-only node
+        still measures ``S`` against it (the check above is one attribute read, not a parameter scan)."""
+        sink = self._stats_sink()
+        if sink is None or not torch.is_grad_enabled():
+            return out
+        from dni_fast.backends.reference import _RefUpdater
+
+        anchor = s.new_empty(0).requires_grad_()  # makes the output require grad
+        return _RefUpdater.apply(sink, BACKWARD_LOSS.scale(out.shape), None, out, s.detach(), anchor)
+
     def _check_empty(self, trigger: Tensor) -> None:
         """An empty batch does nothing, but a trigger of the wrong width, dtype or
         device is still named as such (it would fail on the next full batch)."""
@@ -535,15 +540,11 @@ class BackwardInterface(UnidirectionalInterface):
         # first be checked or scaled, the injection is deferred, or it goes to
         # the overlap worker.
         now = inject and not check and not norm and not deferring and not offload
-        synth = self._modules["synthesizer"]
-        t = trigger.detach()
-        if self.track_stats and torch.is_grad_enabled() and not _trainable(synth):
-            # A frozen synthesizer (or a RidgeSynthesizer not fitting) is still measured against the true
-            # gradient: a leaf that requires grad makes the backward reach the interface's node.
-            t = t.requires_grad_()
-        out, s = engine.trigger(synth, t, current_context(),
+        out, s = engine.trigger(self._modules["synthesizer"], trigger.detach(), current_context(),
                                 self._stats_sink(), BACKWARD_LOSS.scale(trigger.shape), trigger if now else None,
                                 ov)
+        if not out.requires_grad:
+            out = self._measured(out, s)
         if norm:
             sigma = self.target_sigma()
             s = s * sigma.to(s.dtype)

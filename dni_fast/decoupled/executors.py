@@ -404,16 +404,13 @@ class ThreadsExecutor(Executor):
             self.sh.completed = [submitted] * self.n
         self.submitted = submitted
 
-    def _refuse_on_worker(self, what: str) -> None:
-        if threading.current_thread() in self.workers:
-            raise RuntimeError(f"DecoupledSequential.{what} was called on a stage's worker thread (from a hook, "
-                               "executor='threads'): it waits for every worker, this one included, and would never "
-                               "return. Read the model after step() returns, or use executor='sequential'")
+    def on_worker(self) -> bool:
+        """Whether the calling thread is one of the stages' workers (a hook runs there)."""
+        return threading.current_thread() in self.workers
 
     def quiesce(self) -> None:
         if not self.workers:
             return
-        self._refuse_on_worker("synchronize (or stats, state_dict, forward, checkpoint)")
         sh, n = self.sh, self.submitted
         with sh.lock:
             self._wait(lambda: all(c >= n for c in sh.completed))

@@ -4,7 +4,6 @@ the stages running decoupled (docs/design.md §4; the schedule is
 from __future__ import annotations
 
 import copy
-import threading
 import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -192,8 +191,8 @@ class DecoupledSequential(nn.Module):
     def _refuse_on_worker(self) -> None:
         """A hook runs on a stage's worker (executor='threads'): anything that waits for the workers would wait
         for itself. Raised before any state changes; the hook's error then stops training like any stage's."""
-        workers = getattr(self.__dict__.get("_executor"), "workers", None)
-        if workers and threading.current_thread() in workers:
+        on_worker = getattr(self.__dict__.get("_executor"), "on_worker", None)  # only the threads executor has one
+        if on_worker is not None and on_worker():
             raise RuntimeError("DecoupledSequential: stats(), state_dict(), synchronize(), flush(), forward(), "
                                "checkpoint(), train()/eval() and zero_grad() wait for every stage's worker, and "
                                "this call came from one (a hook, executor='threads'): it would never return. Read "
