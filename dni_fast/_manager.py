@@ -78,22 +78,24 @@ def defer_backward():
         _state.deferred = []
 
 
-def backward(tensor: Tensor, gradient: Optional[Tensor] = None) -> None:
-    """``tensor.backward(gradient)``, or accumulate it inside ``defer_backward``.
+def backward(variable: Tensor, gradient: Optional[Tensor] = None) -> None:
+    """``variable.backward(gradient)``, or accumulate it inside ``defer_backward``.
 
-    ``gradient`` defaults to ones of ``tensor``'s shape (dni-pytorch's rule,
-    which differs from PyTorch's only in also allowing non-scalars).
+    ``gradient`` defaults to ones of ``variable``'s shape (dni-pytorch's rule,
+    which differs from PyTorch's only in also allowing non-scalars). The
+    parameter is named ``variable``, as in dni-pytorch.
     """
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"dni.backward expects a tensor, got {type(tensor).__name__}")
+    if not isinstance(variable, Tensor):
+        raise TypeError(f"dni.backward expects a tensor, got {type(variable).__name__}")
     if gradient is None:
-        gradient = torch.ones_like(tensor)
-    elif gradient.shape != tensor.shape:
-        raise ValueError(f"dni.backward: gradient of shape {tuple(gradient.shape)} does not match tensor of shape {tuple(tensor.shape)}")
+        gradient = torch.ones_like(variable)
+    elif gradient.shape != variable.shape:
+        raise ValueError(f"dni.backward: gradient of shape {tuple(gradient.shape)} does not match tensor of shape "
+                         f"{tuple(variable.shape)}")
     if _state.deferring:
-        _state.deferred.append((tensor, gradient))
+        _state.deferred.append((variable, gradient))
     else:
-        _run_backward(tensor, gradient)
+        _run_backward(variable, gradient)
 
 
 def _run_backward(tensor: Tensor, gradient: Tensor) -> None:

@@ -143,7 +143,10 @@ def set_overlap(enabled: Union[bool, str]) -> None:
     global _default
     m = mode(enabled)
     if not m:
-        synchronize()
+        try:
+            synchronize()
+        finally:  # off even when a pending update raised (the error is the caller's to handle)
+            _default = m
     _default = m
     if m:
         _install_hooks()
@@ -174,7 +177,7 @@ def overlap(enabled: Union[bool, str] = True):
 # The worker
 # ---------------------------------------------------------------------------
 class _Job:
-    __slots__ = ("compute", "params", "done", "grads", "error", "threads", "cuda")
+    __slots__ = ("compute", "params", "done", "grads", "error", "threads", "cuda", "children")
 
     def __init__(self, compute: Callable[[], Sequence[Optional[Tensor]]], params: Sequence[Tensor], threads: int,
                  cuda: Optional[dict]) -> None:
@@ -182,11 +185,15 @@ class _Job:
         self.done = threading.Event()
         self.grads: Optional[Sequence[Optional[Tensor]]] = None
         self.error: Optional[BaseException] = None
+        # Jobs this job raised while it ran (the updates an injection's backward reaches), run right there and
+        # delivered right after it: their order never depends on which thread ran the parent.
+        self.children: List["_Job"] = []
 
 
 class _Running(threading.local):
     def __init__(self) -> None:
         self.depth = 0  # jobs executing on this thread (a job may run another: nested)
+        self.job: Optional[_Job] = None  # the innermost of them
         self.injecting = False  # inside an injection's torch.autograd.grad (ours: it stands for a backward())
 
 
@@ -220,6 +227,7 @@ class _Worker:
     @staticmethod
     def _execute(job: _Job, threads: Optional[int]) -> None:
         _running.depth += 1
+        outer, _running.job = _running.job, job
         try:
             # Intra-op threads are per thread, but torch.set_num_threads on
             # another thread can change this one's too: check every job.
@@ -237,6 +245,7 @@ class _Worker:
             job.error = e
         finally:
             _running.depth -= 1
+            _running.job = outer
             job.done.set()
 
     def _run(self) -> None:
@@ -264,12 +273,15 @@ class _Worker:
             self.pending.append(job)
 
     def submit(self, job: _Job) -> None:
-        if self.on_worker():
+        parent = _running.job
+        if parent is not None:
             # A job that a job raises (an update reached by an injection's
-            # backward): run it now, on this thread; queueing it would only
-            # delay it behind the jobs the main path queued meanwhile. It is
-            # listed before the job that raised it is done: wait() sees it.
-            self.run_here(job)
+            # backward), on the worker or on a caller that took the job: run it
+            # now, on this thread (queueing it would only delay it behind the
+            # jobs the main path queued meanwhile), and deliver it right after
+            # its parent, whichever thread ran which (same order, same sums).
+            self._execute(job, None)
+            parent.children.append(job)
             return
         with self._lock:
             self.pending.append(job)
@@ -306,9 +318,18 @@ class _Worker:
                     raise OverlapError("dni_fast: the overlap worker thread died with updates pending")
 
     def take(self) -> List[_Job]:
+        """The pending jobs, each followed by the jobs it raised, in submission order; none pending after."""
         with self._lock:
             jobs, self.pending = self.pending, []
-        return jobs
+        out: List[_Job] = []
+
+        def add(js: List[_Job]) -> None:
+            for j in js:
+                out.append(j)
+                add(j.children)
+
+        add(jobs)
+        return out
 
 
 _worker = _Worker()
@@ -419,7 +440,7 @@ def _leaves(root: Tensor) -> Optional[List[Tensor]]:
     ``torch.autograd.grad``)."""
     fn = root.grad_fn
     if fn is None:
-        return [root]
+        return None if _hooked(root) else [root]
     leaves: List[Tensor] = []
     seen = {fn}
     stack = [fn]
@@ -427,6 +448,8 @@ def _leaves(root: Tensor) -> Optional[List[Tensor]]:
         node = stack.pop()
         if type(node).__name__ == "CheckpointFunctionBackward":
             return None  # reentrant checkpointing refuses torch.autograd.grad: inject inline
+        if _unpacks_with_hooks(node):
+            return None
         for nxt, _ in node.next_functions:
             if nxt is None or nxt in seen:
                 continue
@@ -434,11 +457,39 @@ def _leaves(root: Tensor) -> Optional[List[Tensor]]:
             var = getattr(nxt, "variable", None)
             if var is None:
                 stack.append(nxt)
-            elif var._backward_hooks or getattr(var, "_post_accumulate_grad_hooks", None):
+            elif _hooked(var):
                 return None
             else:
                 leaves.append(var)
     return leaves
+
+
+def _hooked(leaf: Tensor) -> bool:
+    return bool(leaf._backward_hooks or getattr(leaf, "_post_accumulate_grad_hooks", None))
+
+
+_SAVED_NAMES: dict = {}  # node type -> the names of its raw saved tensors
+
+
+def _unpacks_with_hooks(node) -> bool:
+    """Whether ``node`` saved a tensor under saved-tensor hooks: a non-reentrant
+    ``torch.utils.checkpoint`` (its unpack recomputes the forward, resetting
+    the process-wide RNG and reading the caller's thread-local state: on the
+    worker it would race the main thread), ``save_on_cpu`` and the like. Such
+    an injection runs inline. About 1.5 us a node."""
+    tp = type(node)
+    names = _SAVED_NAMES.get(tp)
+    if names is None:
+        names = _SAVED_NAMES[tp] = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
+    for a in names:
+        try:
+            v = getattr(node, a)
+        except RuntimeError:  # freed (retain_graph=False after a backward): nothing to unpack
+            continue
+        for t in (v if isinstance(v, (list, tuple)) else (v,)):
+            if getattr(t, "unpack_hook", None) is not None:
+                return True
+    return False
 
 
 def inject(trigger: Tensor, s: Tensor) -> bool:
@@ -503,6 +554,11 @@ def synchronize() -> None:
     updates. A no-op when nothing is pending."""
     if not (_worker.pending or _native_done or _native_pending()):
         return
+    if in_job():
+        raise OverlapError("dni_fast: a synchronisation point (optimizer step, zero_grad, state_dict, a module's "
+                           ".to(), dni.synchronize()) was reached inside an overlapped update (a hook that the "
+                           "worker's backward ran): it would wait for the update it is part of. Move it out of "
+                           "the hook")
     from dni_fast._manager import is_deferring
 
     if is_deferring():
@@ -594,6 +650,9 @@ def _install_hooks() -> None:
 
     wrap(torch.optim.Optimizer)
     wrap(torch.nn.Module)
+    # A module cast or moved (.to(), .double(), .cuda()) replaces its parameters' data: a pending update would
+    # then write into (or read) the old tensors, and the grad accumulators are reset. Deliver first.
+    _sync_first(torch.nn.Module, "_apply")
     # Readers of every .grad between backward and step: gradient clipping, and
     # GradScaler's unscale_ (its inf check and the division by the scale).
     _sync_first(torch.amp.GradScaler, "unscale_")

@@ -316,7 +316,7 @@ def plot_run(log: Union[str, os.PathLike, dict], out: Optional[Union[str, os.Pat
     data = load_run(log)
     runs = [r for r in data.get("runs", []) if r.get("history", {}).get("interfaces")]
     if variants is not None:
-        runs = [r for r in runs if r["variant"] in variants]
+        runs = [r for r in runs if r.get("variant") in variants]
     if not runs:
         raise ValueError("plot_run: no run in this log has per-interface curves (history['interfaces'])")
     rows = list(CURVES)
@@ -327,8 +327,11 @@ def plot_run(log: Union[str, os.PathLike, dict], out: Optional[Union[str, os.Pat
         x, xlabel = _x_of(hist)
         for k, (name, rec) in enumerate(hist["interfaces"].items()):
             color = f"C{k}"
-            xs = x if x is not None else list(range(len(rec["cos"])))
-            xs = xs[-len(rec["cos"]):]
+            n = max((len(v) for v in rec.values() if isinstance(v, list)), default=0)
+            if n == 0:
+                continue  # an interface with no evaluation point
+            xs = x if x is not None else list(range(n))
+            xs = xs[-n:]
 
             def line(ax, key, **kw):
                 ys = rec.get(key)
@@ -341,7 +344,7 @@ def plot_run(log: Union[str, os.PathLike, dict], out: Optional[Union[str, os.Pat
             line(axes[2, j], "g_norm", linestyle="--")
             line(axes[3, j], "synth_grad_rms")
             line(axes[3, j], "sqrt_v_min", linestyle=":")
-        axes[0, j].set_title(r["variant"])
+        axes[0, j].set_title(r.get("variant", r.get("method", "?")))
         axes[0, j].axhline(0.0, color="k", lw=0.5)
         axes[1, j].axhline(1.0, color="k", lw=0.5)  # predicting 0
         for i in (1, 2, 3):
@@ -361,6 +364,15 @@ def plot_run(log: Union[str, os.PathLike, dict], out: Optional[Union[str, os.Pat
     return fig
 
 
+def _at(seq, i: int):
+    return seq[i] if isinstance(seq, list) and i < len(seq) else None
+
+
+def _num(v, spec: str) -> str:
+    """A number of a log (null where it was NaN or inf, or missing) as text."""
+    return "-" if v is None else format(v, spec)
+
+
 def summarize(log: Union[str, os.PathLike, dict], points: Sequence[float] = (0.1, 0.3, 1.0)) -> str:
     """A text table of a run log's curves: for each run and interface, cos,
     rel_err, |S|, |g|, the synthesizer's gradient RMS and Adam's smallest
@@ -372,13 +384,15 @@ def summarize(log: Union[str, os.PathLike, dict], points: Sequence[float] = (0.1
         acc = {k: r[k] for k in r if k.endswith("_acc") and not k.startswith("best")}
         metric = {k: r[k] for k in ("test_metric", "valid_metric", "max_length") if k in r}
         name = r.get("variant", r.get("method", "?"))  # mnist_distributed's records name a method
-        lines.append(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in {**acc, **metric}.items())
+        lines.append(f"{name}: " + ", ".join(f"{k} {_num(v, '.3f')}" for k, v in {**acc, **metric}.items())
                      + (f", final_cos {r['final_cos']:.3f}" if r.get("final_cos") is not None else ""))
         for name, c in hist.get("interfaces", {}).items():
-            n = len(c["cos"])
+            n = len(c.get("cos") or [])
+            if n == 0:
+                continue  # no evaluation point (a run stopped at once)
             for f in points:
                 i = min(max(int(round(f * n)) - 1, 0), n - 1)
-                vals = " ".join(f"{k} {c[k][i]:.3g}" if c[k][i] is not None else f"{k} -"
+                vals = " ".join(f"{k} {_num(_at(c.get(k), i), '.3g')}"
                                 for k in ("cos", "rel_err", "s_norm", "g_norm", "synth_grad_rms", "sqrt_v_min"))
                 lines.append(f"  {name} @{f:.0%}: {vals}")
         for name, v in hist.get("adam_step_ratio", {}).items():
@@ -386,18 +400,6 @@ def summarize(log: Union[str, os.PathLike, dict], points: Sequence[float] = (0.1
             if v:
                 lines.append(f"  adam step ratio {name}: start {v[0]:.3f} mid {v[len(v) // 2]:.3f} end {v[-1]:.3f}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m dni_fast.diagnostics LOG [--out PNG]
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Summarise (and plot) the curves of an example's run log")
-    ap.add_argument("log")
-    ap.add_argument("--out", default=None, help="write the plot here")
-    a = ap.parse_args()
-    print(summarize(a.log))
-    if a.out:
-        plot_run(a.log, a.out)
 
 
 def plot_compare(runs: Sequence[tuple], keys: Sequence[str] = ("acc", "cos", "rel_err", "s_over_g"),
@@ -486,3 +488,18 @@ def _mean_cols(cols):
         v = [c[i] for c in cols if c[i] is not None]
         out.append(sum(v) / len(v) if v else None)
     return out
+
+
+if __name__ == "__main__":  # python -m dni_fast.diagnostics LOG [--out PNG]
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Summarise (and plot) the curves of an example's run log")
+    ap.add_argument("log")
+    ap.add_argument("--out", default=None, help="write the plot here")
+    a = ap.parse_args()
+    print(summarize(a.log))
+    if a.out:
+        try:
+            plot_run(a.log, a.out)
+        except ValueError as e:  # a log without per-interface curves (backprop only, gim_mnist, decoupled...)
+            raise SystemExit(f"python -m dni_fast.diagnostics: no plot: {e}")

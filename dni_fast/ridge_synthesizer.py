@@ -176,8 +176,11 @@ class RidgeSynthesizer(nn.Module):
         context = self.check_inputs(trigger, context)
         with torch.no_grad(), no_autocast(trigger):
             f = self._features(trigger, context)
-            if self._w is None and f.shape[0] < self.output_dim:
+            if f.shape[0] < self.output_dim:
                 # Fewer rows than outputs: through the factor, S = (A^-1 F^T)^T B_fit (2 D^2 N flops), W unformed.
+                # Decided by the row count alone, never by whether W happens to be cached (a .weight read, a
+                # larger batch): the two paths round differently, and a resume (which drops the cache) must
+                # predict bit for bit what the uninterrupted run predicts.
                 s = torch.cholesky_solve(f.T, self.factor).T @ self.cross_fit
             else:
                 s = f @ self.weight

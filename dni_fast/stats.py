@@ -100,6 +100,13 @@ class SynthStats:
         self._late = self._late or late
         return row
 
+    def step_row(self, scale: float, device: torch.device) -> Optional[Tensor]:
+        """The row of one step, reserved at its forward (so that every backend
+        orders the steps by their forwards, and counts a step once however many
+        backwards run through it), or ``None`` for a forward that builds no
+        graph (no update will write it). Written by the step's first backward."""
+        return self.reserve(scale, device) if torch.is_grad_enabled() else None
+
     def record(self, partials: Tensor, scale: float) -> None:
         self.reserve(scale, partials.device, late=False).copy_(partials)
 
@@ -159,6 +166,18 @@ class SynthStats:
         self._last = torch.where(per_col.any(0), last, prev.to(p.device))
         self._sum = sums if self._sum is None else sums + self._sum.to(sums.device)
         return written
+
+    def state(self) -> dict:
+        """The folded sums (syncs; every row written by then is counted), for a checkpoint."""
+        self._fold(final=True)
+        return {"sum": None if self._sum is None else self._sum.detach().clone(),
+                "last": None if self._last is None else self._last.detach().clone()}
+
+    def load_state(self, st: Optional[dict]) -> None:
+        """Restore :meth:`state` (``None``: forget everything, as ``reset``)."""
+        self.reset()
+        if st:
+            self._sum, self._last = st.get("sum"), st.get("last")
 
     def read(self) -> dict:
         """Python numbers (syncs): the last and mean ``loss`` and ``cos``, the last

@@ -159,8 +159,14 @@ class BasicSynthesizer(nn.Module):
         w = mods["input_trigger"]._parameters.get("weight")
         if w is None:  # a parametrized or replaced layer
             w = self.input_trigger.weight
-        return check_trigger_context("BasicSynthesizer", "weights", trigger, context, self.trigger_dim,
-                                     self.context_dim if mods.get("input_context") is not None else None,
+        # The context layer decides, as in dni-pytorch's forward: one attached after construction (or
+        # replaced by another width) is used at its own width; one set to None takes no context.
+        ctx_layer = mods.get("input_context")
+        cdim = None if ctx_layer is None else ctx_layer.__dict__.get("in_features", self.context_dim)
+        if ctx_layer is not None and cdim is None:
+            raise TypeError(f"BasicSynthesizer: input_context is a {type(ctx_layer).__name__} without in_features "
+                            f"and context_dim is None; set synthesizer.context_dim to the context's width")
+        return check_trigger_context("BasicSynthesizer", "weights", trigger, context, self.trigger_dim, cdim,
                                      w.device, w.dtype)
 
     def forward(self, trigger: Tensor, context: Optional[Tensor] = None) -> Tensor:

@@ -111,6 +111,12 @@ def _check_forward(x: Tensor, c: Optional[Tensor], params: Sequence[Tensor], xna
             raise ValueError(f"params[{2 * j + 1}] is on {b.device}, expected {dev} (the trigger's device)")
         if b.dtype not in _FLOAT:
             raise ValueError(f"params[{2 * j + 1}] must be a float tensor, got {b.dtype}")
+    p0 = params[0].dtype
+    for j, p in enumerate(params):
+        if p.dtype != p0:  # one dtype for every parameter, as csrc/synth_check.cpp asks (a half layer in an fp32
+            # synthesizer would get a gradient computed in another precision than its forward)
+            raise ValueError(f"params[{j}] has dtype {p.dtype} but params[0] (input_trigger.weight) has {p0}; all "
+                             f"synthesizer parameters must share one dtype")
     if min([Dt] + widths + ([Dc] if c is not None else [])) < 1:
         raise ValueError("every width must be at least 1")
     while len(widths) < 3:

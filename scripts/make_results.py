@@ -84,11 +84,18 @@ def mean_std(xs: List[float]):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
 
 
+def _not_finite(xs: List[float]) -> int:
+    """Seeds whose value is missing or NaN (a diverged run: mean_std leaves them out, the page must not)."""
+    return sum(1 for x in xs if x is None or (isinstance(x, float) and not math.isfinite(x)))
+
+
 def pm(xs: List[float], spec: str = "{:.2f}") -> str:
     m, s, n = mean_std(xs)
     if m is None:
         return "-"
-    return f"{spec.format(m)} ± {spec.format(s)}" if n > 1 else spec.format(m)
+    out = f"{spec.format(m)} ± {spec.format(s)}" if n > 1 else spec.format(m)
+    bad = _not_finite(xs)
+    return out + (f" ({bad} of {len(xs)} seeds diverged, left out)" if bad else "")
 
 
 def fmt(x, spec="{:.2f}") -> str:
@@ -115,6 +122,9 @@ def compare(a: List[float], b: List[float], lower_is_better: bool, name_a: str, 
     mb, sb, nb = mean_std(b)
     if ma is None or mb is None:
         return "-"
+    bad = _not_finite(a) + _not_finite(b)
+    if bad:  # a diverged seed is a result too: no claim rests on the seeds that happened to survive
+        return f"no claim: {bad} seed{'s' if bad > 1 else ''} diverged"
     diff = abs(ma - mb)
     if diff <= max(sa, sb) or min(na, nb) < 2:
         return f"within noise (diff {diff:.3g})" if min(na, nb) >= 2 else "one seed: no claim"
@@ -559,6 +569,12 @@ def _verdict(ok: Optional[bool]) -> str:
     return "-" if ok is None else ("**met**" if ok else "missed")
 
 
+def strict_mean_std(xs: List[float]):
+    """``mean_std``, but ``(None, None, 0)`` when a seed is missing or diverged: a target is judged on every
+    seed or not at all."""
+    return (None, None, 0) if _not_finite(xs) else mean_std(xs)
+
+
 def targets_section(g: Dict[str, List[dict]]) -> str:
     rows = []
 
@@ -568,7 +584,7 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
             if m == "backprop":
                 continue
             need = 0.3 if m == "cdni" else 0.2
-            mu = mean_std([r.get("final_cos") for r in runs])[0]
+            mu = strict_mean_std([r.get("final_cos") for r in runs])[0]
             rows.append([f"{label}: cos(SG, g) at the end, {v.replace(m, LABEL[m], 1)}", f">= {need}", pm([r.get("final_cos") for r in runs],
                                                                                   "{:.3f}"),
                          _verdict(None if mu is None else mu >= need),
@@ -586,7 +602,7 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
                 vals = [r.get(key) for r in rs]
                 if all(x is None for x in vals):
                     continue  # logs from before the boundary probe
-                mu = mean_std(vals)[0]
+                mu = strict_mean_std(vals)[0]
                 rows.append([f"{label}: {what} at the truncation boundary, T={T}", ">= 0.2", pm(vals, "{:.3f}"),
                              _verdict(None if mu is None else mu >= 0.2),
                              "" if mu is None or mu >= 0.2 else f"short by {0.2 - mu:.3f}"])
@@ -596,14 +612,14 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
         for v, need in (("cdni", 0.3), ("dni", 1.0)):
             gaps = [bp[d["_seed"]] - r["test_acc"] for d in ds for r in d["runs"] if r["variant"] == v
                     and d["_seed"] in bp]
-            mu = mean_std(gaps)[0]
+            mu = strict_mean_std(gaps)[0]
             if mu is not None:
                 rows.append([f"MNIST MLP, {ds[0]['config'].get('epochs')} epochs: {LABEL[v]} gap to backprop "
                              f"(points)", f"<= {need}", pm(gaps), _verdict(mu <= need),
                              "" if mu <= need else f"over by {mu - need:.2f}"])
         for v in ("dni", "cdni"):
             drops = [max(r["history"]["test_acc"]) - r["test_acc"] for d in ds for r in d["runs"] if r["variant"] == v]
-            mu = mean_std(drops)[0]
+            mu = strict_mean_std(drops)[0]
             if mu is not None:
                 rows.append([f"MNIST MLP: no degradation, {LABEL[v]} (best test acc during training minus final)",
                              "<= 0.2 (evaluation noise)", pm(drops), _verdict(mu <= 0.2),
@@ -613,7 +629,11 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
             a = [r["test_metric"] for r in v.get("bptt", [])]
             b = [r["test_metric"] for r in v.get("dni", [])]
             if a and b:
-                (ma, sa, _), (mb, sb, _) = mean_std(a), mean_std(b)
+                (ma, sa, _), (mb, sb, _) = strict_mean_std(a), strict_mean_std(b)
+                if ma is None or mb is None:
+                    rows.append([f"PTB char, T={T}: DNI{suffix} test bpc below BPTT's beyond 2 std",
+                                 "BPTT - DNI > 2 std", "a seed diverged", _verdict(False), "no claim"])
+                    continue
                 ok = ma - mb > 2 * max(sa, sb) and min(len(a), len(b)) >= 3
                 rows.append([f"PTB char, T={T}: DNI{suffix} test bpc below BPTT's beyond 2 std", "BPTT - DNI > 2 std",
                              f"{ma - mb:+.3f} (std {sa:.3f} / {sb:.3f})", _verdict(ok),
@@ -622,7 +642,8 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
         a = [r["max_length"] for r in v.get("bptt", [])]
         b = [r["max_length"] for r in v.get("dni", [])]
         if a and b:
-            ok = mean_std(b)[0] > mean_std(a)[0] + max(mean_std(a)[1], mean_std(b)[1])
+            (ma, sa, _), (mb, sb, _) = strict_mean_std(a), strict_mean_std(b)
+            ok = None if ma is None or mb is None else mb > ma + max(sa, sb)
             rows.append([f"copy task, T={T}: DNI solves a longer sequence than BPTT", "DNI L > BPTT L",
                          f"{pm(b, '{:.1f}')} vs {pm(a, '{:.1f}')}", _verdict(ok), ""])
     for group, label in (("mnist_fcn", "MNIST FCN"), ("mnist_cnn", "MNIST CNN")):
@@ -637,8 +658,8 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
             gd = [b["test_error"] - r["test_error"] for b, r in zip(runs[bpv], runs[v])]
             gd = [-x for x in gd]
             gc = [-(b["test_error"] - r["test_error"]) for b, r in zip(runs[bpv], runs[cv])]
-            md, mc = mean_std(gd)[0], mean_std(gc)[0]
-            ok = mc <= md / 2 if md > 0 else None
+            md, mc = strict_mean_std(gd)[0], strict_mean_std(gc)[0]
+            ok = mc <= md / 2 if md is not None and mc is not None and md > 0 else None
             rows.append([f"{label}{rest}: cDNI's gap to backprop at most half of DNI's", "cDNI gap <= DNI gap / 2",
                          f"cDNI {pm(gc)} vs DNI {pm(gd)}", _verdict(ok),
                          "" if ok or ok is None else f"cDNI's gap is {mc / md:.2f} of DNI's"])

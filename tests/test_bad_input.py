@@ -233,3 +233,40 @@ def test_stats_relative_error_and_norms_match_a_hand_computation(backend):
     assert st["g_norm"] == pytest.approx(g64.norm().item(), rel=1e-5)
     assert st["cos"] == pytest.approx(F.cosine_similarity(s64.flatten(), g64.flatten(), dim=0).item(), rel=1e-5)
     assert st["loss"] == pytest.approx(((s64 - g64) ** 2).sum().item() / 4, rel=1e-5)
+
+
+# -- found by review -------------------------------------------------------------------------------------------
+def test_cpp_refuses_half_parameters_under_the_other_half_autocast_and_auto_avoids_it():
+    if not bk.get("cpp").status(torch.device("cpu"))[0]:
+        pytest.skip("cpp not built")
+    synth = dni.BasicSynthesizer(8, n_hidden=1).half()
+    h = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(bk.BackendUnavailableError, match="synthesizer parameters"):
+            dni.BackwardInterface(synth, backend="cpp")(h)
+        iface = dni.BackwardInterface(synth, backend="auto")
+        out = iface(h)
+        assert iface.resolved_backend(h) != "cpp"
+    out.float().sum().backward()
+
+
+def test_triton_refuses_parameters_of_mixed_dtypes():
+    from dni_fast.kernels import synth_step as k
+
+    if not bk.get("triton").status(torch.device("cpu"))[0]:
+        pytest.skip("triton not importable")
+    synth = dni.BasicSynthesizer(8, n_hidden=1)
+    synth.layers[0].half()
+    with pytest.raises(ValueError, match="share one dtype"):
+        k.synth_forward_triton(torch.randn(4, 8), None, synth.flat_params())
+
+
+def test_backend_names_are_lower_case_and_the_variable_may_be_empty(monkeypatch):
+    class Mine(bk.ReferenceBackend):
+        name = "MyRef"
+
+    with pytest.raises(ValueError, match="lower case"):
+        bk.register(Mine())
+    for value in ("", " cpp ", "  "):
+        monkeypatch.setenv("DNI_FAST_BACKEND", value)
+        assert bk.get_backend() == (value.strip() or "auto")

@@ -366,3 +366,36 @@ def test_real_data_if_present():
         assert len(data.load_ptb("word", root)) == 10000
     if (root / "ptb-char").is_dir():
         assert len(data.load_ptb("char", root)) == 50
+
+
+# -- found by review -------------------------------------------------------------------------------------------
+def test_auto_with_a_named_root_that_lacks_the_data_set_names_it(fake_root, monkeypatch, tmp_path):
+    """A root named by $DNI_FAST_DATA (or the argument) that holds no mnist/ (ptb-char/) is a path one level
+    off: named, never silently replaced by the embedded data."""
+    empty = tmp_path / "other"
+    empty.mkdir()
+    monkeypatch.setenv(data.ENV_VAR, str(empty))
+    with pytest.raises(data.DataNotFoundError, match="mnist"):
+        data.load_images("auto")
+    with pytest.raises(data.DataNotFoundError, match="ptb-char"):
+        data.load_text("auto", "char")
+    monkeypatch.delenv(data.ENV_VAR)
+    with pytest.raises(data.DataNotFoundError, match="given as an argument"):
+        data.load_images("auto", root=empty)
+    assert data.load_images("digits", root=empty, limit_train=10, limit_test=10).name == "digits"
+
+
+def test_a_fetch_that_fails_midway_keeps_no_unverified_file(fake_root, server, tmp_path):
+    www, url = server
+    (www / "mnist").mkdir()
+    (www / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"x" * 1000)  # the rest is missing: 404
+    dest = tmp_path / "fetched"
+    with pytest.raises(data.DataError, match="could not fetch mnist"):
+        data.fetch(["mnist"], dest, mirrors={"mnist": [url + "mnist/"]})
+    assert not any((dest / "mnist").iterdir())
+
+
+def test_fetch_command_without_names_means_all(monkeypatch):
+    got = []
+    monkeypatch.setattr(data, "fetch", lambda names, root: got.append(list(names)) or "x")
+    assert data.main(["fetch"]) == 0 and got == [list(data.SOURCES)]

@@ -554,3 +554,57 @@ def test_sg_ceiling_names_a_lag_the_run_never_reached(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "no snapshot for --lags [99999]" in p.stderr and "150 optimizer steps" in p.stderr, p.stderr[-2000:]
+
+
+# -- found by review -------------------------------------------------------------------------------------------
+def test_logs_are_strict_json(tmp_path):
+    """A NaN or inf in a run log is written as null: JSON has neither (other tools refused the logs)."""
+    from dni_fast.examples._common import save_json
+
+    p = tmp_path / "log.json"
+    save_json(str(p), {"a": math.nan, "b": [1.0, math.inf], "t": torch.tensor([math.nan, 2.0])})
+    assert json.loads(p.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
+        {"a": None, "b": [1.0, None], "t": [None, 2.0]}
+
+
+@pytest.mark.parametrize("name,argv,match", [
+    ("ptb_lm", ["--bptt", "0"], "positive"),
+    ("ptb_lm", ["--eval-batch-size", "0"], "positive"),
+    ("ptb_lm", ["--train-tokens", "-100"], "positive"),
+    ("copy_task", ["--window", "0"], "positive"),
+    ("copy_task", ["--n-symbols", "0"], "positive"),
+    ("mnist_fcn", ["--layers", "1"], "at least 2"),
+    ("mnist_mlp", ["--lr", "-1"], "positive"),
+    ("mnist_mlp", ["--adam-eps", "-1"], "non-negative"),
+])
+def test_bad_command_line_values_are_argparse_errors(name, argv, match, capsys):
+    mod = importlib.import_module(f"dni_fast.examples.{name}")
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_ptb_refuses_an_evaluation_split_too_small_to_score(tmp_path):
+    """Fewer than 2 tokens per evaluation stream used to score 0 bits per character."""
+    mod = importlib.import_module("dni_fast.examples.ptb_lm")
+    with pytest.raises(ValueError, match="validation split"):
+        mod.main(["--no-progress", "--data", "synthetic", "--mode", "bptt", "--bptt", "4", "--hidden", "16",
+                  "--train-tokens", "3000", "--n-evals", "2", "--eval-tokens", "20"])
+
+
+def test_quick_keeps_the_options_given_in_either_form():
+    from dni_fast.examples import _common as C
+
+    args = C.parse(importlib.import_module("dni_fast.examples.ptb_lm").build_parser(), ["--quick", "--bptt=4",
+                                                                                        "--hidden", "8"])
+    C.quick_defaults(args, bptt=[2], hidden=32, train_tokens=3000)
+    assert args.bptt == [4] and args.hidden == 8 and args.train_tokens == 3000
+
+
+def test_diagnostics_reads_logs_with_missing_or_empty_curves(tmp_path):
+    from dni_fast import diagnostics
+
+    log = {"runs": [{"variant": "dni", "test_acc": None, "history": {"interfaces": {
+        "a": {"cos": [], "rel_err": []}, "b": {"cos": [0.1, 0.2], "rel_err": [1.0, None]}}}}]}
+    text = diagnostics.summarize(log)
+    assert "test_acc -" in text and "b @100%: cos 0.2 rel_err -" in text and "a @" not in text

@@ -46,11 +46,14 @@ def test_normalised_regression_matches_a_hand_derivation():
         s = oracle(h.detach())
         assert_close(h.grad, sigma * s.detach(), rtol=1e-5, atol=1e-6, name=f"injection {step}")
         out.backward(g)
-        # the regression: sum((S - g / sigma)^2) / B
-        (((s - g / sigma) ** 2).sum() / 4).backward()
+        ema_next, count_next = m * ema + (1 - m) * g.pow(2).mean().item(), count + 1
+        # the regression: sum((S - g / sigma)^2) / B, with the prediction's sigma; a prediction made before any
+        # target had set it is divided by the sigma observed with its own target (not by 1)
+        sigma_fit = sigma if count else (ema_next / (1 - m ** count_next)) ** 0.5
+        (((s - g / sigma_fit) ** 2).sum() / 4).backward()
         for (n, a), b in zip(iface.synthesizer.named_parameters(), oracle.parameters()):
             assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, name=f"{n} step {step}")
-        ema, count = m * ema + (1 - m) * g.pow(2).mean().item(), count + 1
+        ema, count = ema_next, count_next
         assert iface.target_sigma().item() == pytest.approx((ema / (1 - m ** count)) ** 0.5, rel=1e-5)
 
 
@@ -92,3 +95,62 @@ def test_every_backend_matches_reference(backend):
 def test_pipelined_with_normalisation_is_refused():
     with pytest.raises(ValueError, match="normalize_targets"):
         dni.BackwardInterface(_synth(), normalize_targets=True, pipelined=True)
+
+
+# -- found by review -------------------------------------------------------------------------------------------
+def test_pipelined_interface_refuses_make_trigger_and_overriding_subclasses():
+    """pipelined=True defers the update to the next forward(): make_trigger (which updates at once) and a
+    subclass whose forward composes backward/make_trigger were silently not pipelined."""
+    iface = dni.BackwardInterface(_synth(), pipelined=True, backend="reference")
+    with pytest.raises(RuntimeError, match="pipelined"):
+        iface.make_trigger(torch.randn(3, D, requires_grad=True))
+
+    class Sub(dni.BackwardInterface):
+        def backward(self, trigger, factor=1):
+            return super().backward(trigger, factor)
+
+    with pytest.raises(TypeError, match="pipelined"):
+        Sub(_synth(), pipelined=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("src,dst", [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_pipelined_pending_update_follows_the_synthesizers_dtype_on_load(backend, src, dst):
+    if not bk.get(backend).status(torch.device("cpu"))[0]:
+        pytest.skip(f"{backend} not built")
+
+    def make(dtype):
+        torch.manual_seed(0)
+        return dni.BackwardInterface(dni.BasicSynthesizer(D, n_hidden=1), pipelined=True, backend=backend).to(dtype)
+
+    a = make(src)
+    h = torch.randn(4, D, dtype=src, requires_grad=True)
+    a(h).backward(torch.randn(4, D, dtype=src))
+    state = a.state_dict()
+    assert any(k.startswith("pipelined_pending.") for k in state)
+    b = make(dst)
+    b.load_state_dict(state)
+    b(torch.randn(4, D, dtype=dst, requires_grad=True)).backward(torch.randn(4, D, dtype=dst))
+    b.flush()
+    assert all(p.grad is not None and p.grad.dtype == dst for p in b.parameters())
+
+
+def test_statistics_agree_across_backends_with_several_triggers_per_backward():
+    """One row per forward, in forward order, on every backend: the last-step values used to differ between
+    reference (rows written at the backward) and cpp (rows reserved at the forward), and retain_graph counted
+    two steps on some backends and one on others."""
+    backends = ["reference"] + [b for b in fused_backends("cpu") if not bk.get(b).interpreted(torch.device("cpu"))]
+    got = {}
+    for backend in backends:
+        torch.manual_seed(0)
+        iface = dni.BackwardInterface(_synth(), backend=backend)
+        h1, h2 = torch.randn(4, D, requires_grad=True), torch.randn(4, D, requires_grad=True)
+        loss = (iface(h1) * torch.randn(4, D)).sum() + 3 * (iface(h2) * torch.randn(4, D)).sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+        got[backend] = iface.stats()
+    ref = got["reference"]
+    assert ref["count"] == 2
+    for backend, st in got.items():
+        for k in ("count", "loss", "cos", "rel_err", "s_norm", "g_norm", "loss_mean"):
+            assert st[k] == pytest.approx(ref[k], rel=1e-5), (backend, k)

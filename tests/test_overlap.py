@@ -534,3 +534,208 @@ def test_overlap_warns_once_when_the_callers_threads_leave_no_core_free(backend,
                 assert f"torch.set_num_threads({max(1, cores - 1)})" in msg
     finally:
         torch.set_num_threads(threads)
+
+
+# -- review fixes (each fails without its fix) ----------------------------------------------------------------
+def test_an_interface_unpickled_or_switched_on_later_installs_the_synchronisation_points(monkeypatch, tmp_path):
+    """Overlap decided after construction (an unpickled model, ``iface.overlap = True``) still delivers at the
+    optimizer's step: the hooks were installed only by the constructor and overlap(), so the synthesizer never
+    trained and its updates piled up."""
+    was, real, calls = ov._hooks_installed, ov._install_hooks, []
+
+    def spy():  # (hooks installed earlier in this process are not installed twice)
+        calls.append(1)
+        if was:
+            ov._hooks_installed = True
+        else:
+            real()
+
+    monkeypatch.setattr(ov, "_hooks_installed", False)
+    monkeypatch.setattr(ov, "_install_hooks", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), dni.BackwardInterface(dni.BasicSynthesizer(16), backend="reference"),
+                          nn.Linear(16, 3))
+    model[1].overlap = True
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model[1].parameters()]
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 3, (8,))).backward()
+        opt.step()
+    assert calls and ov._hooks_installed and ov.pending() == 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, model[1].parameters()))
+
+
+@pytest.mark.parametrize("how", ["inputs", "grad"])
+def test_reference_overlap_under_backward_inputs_and_autograd_grad(how):
+    """Under backward(inputs=...) or torch.autograd.grad the engine decides where gradients go: the reference
+    backend's overlapped update runs inline there (it used to drop the synthesizer's gradient)."""
+    def run(overlap):
+        torch.manual_seed(0)
+        lin, head = nn.Linear(6, 6), nn.Linear(6, 1)
+        iface = dni.BackwardInterface(dni.BasicSynthesizer(6, n_hidden=1), backend="reference", overlap=overlap)
+        with torch.no_grad():
+            for p in iface.parameters():
+                p.normal_(0, 0.3)
+        params = [*lin.parameters(), *iface.parameters(), *head.parameters()]
+        loss = head(iface(lin(torch.randn(4, 6)))).sum()
+        if how == "inputs":
+            loss.backward(inputs=params)
+            dni.synchronize()
+            return [p.grad for p in iface.parameters()]
+        return list(torch.autograd.grad(loss, params, allow_unused=True))[2:2 + len(list(iface.parameters()))]
+
+    for a, b in zip(run(False), run(True)):
+        assert a is not None and b is not None and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_module_cast_between_backward_and_step_is_a_synchronisation_point(backend):
+    """``.double()`` with an update pending: delivered first (the reference job lost its gradients, and the
+    native one raced the cast)."""
+    def run(overlap):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), dni.BackwardInterface(dni.BasicSynthesizer(16, n_hidden=1),
+                                                                   backend=backend, overlap=overlap),
+                          nn.Linear(16, 3))
+        with torch.no_grad():
+            for p in m[1].parameters():
+                p.normal_(0, 0.3)
+        F.cross_entropy(m(torch.randn(32, 8)), torch.randint(0, 3, (32,))).backward()
+        m.double()
+        dni.synchronize()
+        return [p.grad for p in m[1].parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        assert b is not None and b.dtype == torch.float64 and torch.equal(a, b)
+
+
+def test_injection_below_a_non_reentrant_checkpoint_runs_inline(one_thread):
+    """A non-reentrant checkpoint below an interface recomputes its forward in the backward, resetting the
+    process-wide RNG: run on the worker it raced the main thread's draws. Such an injection runs inline."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 5)
+            self.iface = dni.BackwardInterface(dni.BasicSynthesizer(64, n_hidden=1), backend="reference")
+
+        def lower(self, t):
+            return F.dropout(torch.relu(self.a(t)), 0.5, training=True)
+
+        def forward(self, x):
+            h = self.iface(checkpoint(self.lower, x, use_reentrant=False))
+            return self.b(F.dropout(h, 0.5, training=True))
+
+    def train(mode):
+        net = Net()
+        opt = torch.optim.SGD(net.parameters(), 0.1)
+        torch.manual_seed(1)
+        with dni.overlap(mode):
+            for _ in range(3):
+                x, y = torch.randn(16, 32), torch.randint(0, 5, (16,))
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+        return net.state_dict(), torch.rand(3)
+
+    (a, ra), (b, rb) = train(False), train("injection")
+    assert torch.equal(ra, rb) and all(torch.equal(a[k], b[k]) for k in a)
+    h = checkpoint(lambda t: torch.relu(t * 2), torch.randn(3, 4, requires_grad=True), use_reentrant=False)
+    assert ov._leaves(h) is None
+
+
+def test_injection_into_a_hooked_leaf_trigger_runs_its_hook_once():
+    for mode in (False, "injection"):
+        iface = dni.BackwardInterface(dni.BasicSynthesizer(6), backend="reference")
+        x = torch.randn(4, 6, requires_grad=True)
+        calls = []
+        x.register_hook(lambda g: calls.append(1))
+        with dni.overlap(mode):
+            iface(x)
+        assert len(calls) == 1, mode
+
+
+def test_normalised_target_scale_waits_for_the_injections_in_flight(one_thread):
+    """Gradient accumulation under overlap="injection": the next micro-batch's forward reads the target scale
+    that the last backward's injection (on the worker) sets, as without overlap."""
+    import time
+
+    def run(mode):
+        torch.manual_seed(0)
+        S = lambda: dni.BasicSynthesizer(16, n_hidden=1)  # noqa: E731
+        m = nn.Sequential(nn.Linear(8, 16), dni.BackwardInterface(S(), backend="reference", normalize_targets=True),
+                          nn.ReLU(), nn.Linear(16, 16),
+                          dni.BackwardInterface(S(), backend="reference", normalize_targets=True),
+                          nn.ReLU(), nn.Linear(16, 3))
+        with torch.no_grad():
+            for i in (1, 4):
+                for p in m[i].parameters():
+                    p.normal_(0, 0.3)
+        m[3].register_full_backward_hook(lambda *a: time.sleep(0.05))  # a slow layer between the interfaces
+        opt = torch.optim.SGD(m.parameters(), 0.1)
+        torch.manual_seed(1)
+        sig = []
+        with dni.overlap(mode):
+            opt.zero_grad()
+            for _ in range(2):
+                x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+                sig.append(m[1].target_sigma().item())
+                F.cross_entropy(m(x), y).backward()
+            opt.step()
+        return sig, m.state_dict()
+
+    (sa, a), (sb, b) = run(False), run("injection")
+    assert sa == sb and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_jobs_raised_by_a_job_are_delivered_right_after_it():
+    """Whichever thread ran an injection, the updates it reached are delivered right after it (their order
+    decided the rounding of accumulated gradients)."""
+    w = ov._worker
+    order = []
+    parent = ov._Job(lambda: (w.submit(ov._Job(lambda: (order.append("child"),)[:0], [], 0, None)),
+                              order.append("parent"))[:0], [], 0, None)
+    w._execute(parent, None)
+    assert [j is parent for j in [parent, *parent.children]] == [True, False]
+    w.pending.append(parent)
+    later = ov._Job(lambda: (), [], 0, None)
+    w._execute(later, None)
+    w.pending.append(later)
+    assert w.take() == [parent, parent.children[0], later]
+
+
+def test_a_synchronisation_point_inside_an_overlapped_update_raises_clearly():
+    job = ov._Job(lambda: (dni.synchronize(),), [], 0, None)
+    w = ov._worker
+    done = ov._Job(lambda: (), [], 0, None)
+    w._execute(done, None)
+    w.pending.append(done)  # something pending
+    w._execute(job, None)
+    assert isinstance(job.error, ov.OverlapError) and "inside an overlapped update" in str(job.error)
+    ov.discard()
+
+
+def test_set_overlap_false_turns_it_off_even_when_a_pending_update_failed():
+    ov.set_overlap(True)
+    ov._worker.submit(ov._Job(lambda: (_ for _ in ()).throw(ValueError("boom")), [], 0, None))
+    with pytest.raises(ValueError, match="boom"):
+        ov.set_overlap(False)
+    assert ov.get_overlap() is False
+
+
+def test_kernels_in_the_triton_interpreter_never_go_to_the_worker():
+    """Triton's interpreter is not thread-safe (a launch on the worker broke the main thread's): its updates
+    run inline, with overlap on."""
+    if not bk.get("triton").status(torch.device("cpu"))[0]:
+        pytest.skip("triton not importable")
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 6)
+    iface = dni.BackwardInterface(dni.BasicSynthesizer(6, n_hidden=2), backend="triton", overlap=True)
+    h = lin(torch.randn(4, 5))
+    iface.make_trigger(h).pow(2).sum().backward(retain_graph=True)
+    assert ov.pending() == 0 and all(p.grad is not None for p in iface.synthesizer.parameters())
+    iface.backward(h, factor=0.3)
+    dni.synchronize()

@@ -129,14 +129,48 @@ def test_normalize_targets_fits_scaled_and_injects_unscaled():
         h = net(x)
         g = 1e-4 * (feats(h.detach()).float() @ w)  # a tiny true gradient
         (iface.make_trigger(h) * g).sum().backward()
-        if step == 0:  # the first target was regressed at sigma = 1 (no scale seen yet): start the fit afresh
-            iface.synthesizer.reset()
     h = h.detach()
     sigma = iface.target_sigma().item()
     assert sigma == pytest.approx(g.pow(2).mean().sqrt().item(), rel=1e-5)
     # the synthesizer learned g / sigma (unit scale); receive() gives sigma * S, the true scale
     assert_close(iface.synthesizer(h), g / sigma, rtol=1e-3, atol=1e-4, name="S")
     assert_close(iface.receive(h), g, rtol=1e-3, atol=1e-4, name="sigma * S")
+
+
+def test_normalize_targets_first_target_is_scaled_by_its_own_sigma():
+    """Before any true gradient the running scale is 1; the first target must
+    still reach the fit in unit scale (it used to arrive raw, and a closed-form
+    fit kept that batch: the injected gradients were ~30x too large 60 steps
+    later)."""
+    torch.manual_seed(13)
+    w = torch.randn(D + 1, D)
+    iface = dni.BackwardInterface(dni.RidgeSynthesizer(D, forget=0.98, ridge=1e-6), normalize_targets=True)
+    for _ in range(5):
+        h = torch.randn(32, D, requires_grad=True)
+        g = 1e3 * (feats(h.detach()).float() @ w)  # a large true gradient: raw units are far from unit scale
+        (iface.make_trigger(h) * g).sum().backward()
+        assert torch.equal(h.grad, g)  # the producers get the true gradient itself
+    h = torch.randn(64, D)
+    g = 1e3 * (feats(h).float() @ w)
+    err = ((iface.receive(h) - g).norm() / g.norm()).item()
+    assert err < 0.05, f"relative error of sigma * S: {err}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_normalize_targets_passes_the_true_gradient_unchanged_in_half(dtype):
+    """make_trigger under normalisation hands the producers ``g`` itself:
+    ``g / sigma * sigma`` overflowed to inf in fp16 and rounded in bf16."""
+    torch.manual_seed(14)
+    synth = dni.BasicSynthesizer(D, n_hidden=1).to(dtype)
+    iface = dni.BackwardInterface(synth, normalize_targets=True, backend="reference")
+    h = torch.randn(8, D, dtype=dtype, requires_grad=True)
+    iface.make_trigger(h).backward(torch.full((8, D), 1e-3, dtype=dtype))  # sigma becomes 1e-3
+    h = torch.randn(8, D, dtype=dtype, requires_grad=True)
+    g = (torch.randn(8, D) * 100).to(dtype)
+    iface.make_trigger(h).backward(g)
+    assert torch.equal(h.grad, g)
+    if dtype == torch.bfloat16:  # (fp16: a target 1e5 sigmas out is clamped to fp16's range; its products overflow)
+        assert all(torch.isfinite(p.grad).all() for p in synth.parameters() if p.grad is not None)
 
 
 def test_forward_interface_send_fits_the_message():
@@ -285,3 +319,26 @@ def test_autocast_bf16_trigger_with_fp32_state():
         out = iface(lin(torch.randn(8, D)))
     out.float().sum().backward()
     assert int(iface.synthesizer.n_fits) == 3
+
+
+def test_forward_interface_does_not_fit_without_grad():
+    """A validation pass under no_grad (or inference_mode) must not train a closed-form synthesizer."""
+    iface = dni.ForwardInterface(dni.RidgeSynthesizer(4, trigger_dim=D))
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            iface.send(torch.randn(8, 4), torch.randn(8, D))
+    assert iface.synthesizer.n_fits == 0
+    iface.send(torch.randn(8, 4), torch.randn(8, D))
+    assert iface.synthesizer.n_fits == 1
+
+
+def test_prediction_does_not_depend_on_a_cached_weight():
+    """With fewer rows than outputs the prediction goes through the factor, whether or not W was formed (a
+    .weight read): the two paths round differently, and a resume drops the cache."""
+    torch.manual_seed(5)
+    synth = dni.RidgeSynthesizer(D, ridge=1e-3).double()
+    synth.fit(torch.randn(64, D, dtype=torch.float64), None, torch.randn(64, D, dtype=torch.float64))
+    t = torch.randn(2, D, dtype=torch.float64)
+    before = synth(t)
+    synth.weight  # noqa: B018  (forms and caches W)
+    assert torch.equal(synth(t), before)

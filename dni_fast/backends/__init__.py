@@ -48,6 +48,9 @@ def register(backend: Backend) -> Backend:
     """Add ``backend`` to the registry under ``backend.name`` (replacing one of that name)."""
     if not isinstance(backend, Backend) or not backend.name or backend.name == "auto":
         raise ValueError(f"register: expected a Backend with a name other than 'auto', got {backend!r}")
+    if not isinstance(backend.name, str) or backend.name != backend.name.strip().lower():
+        # names are chosen case-insensitively (an environment variable, a command line): stored in lower case
+        raise ValueError(f"register: a backend's name must be lower case without spaces, got {backend.name!r}")
     with _lock:
         _REGISTRY[backend.name] = backend
     clear_cache()
@@ -105,7 +108,9 @@ def get_backend() -> str:
         return _global.stack[-1]
     if _default is not None:
         return _default
-    return _check_name(os.environ.get("DNI_FAST_BACKEND", "auto"), "from the DNI_FAST_BACKEND environment variable")
+    # empty means unset, and spaces do not count, as for the other DNI_FAST_* variables
+    return _check_name((os.environ.get("DNI_FAST_BACKEND") or "").strip() or "auto",
+                       "from the DNI_FAST_BACKEND environment variable")
 
 
 def set_backend(name: Optional[str]) -> None:
@@ -187,7 +192,9 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
     rows = trigger.numel() // max(trigger.shape[-1], 1) if trigger.dim() else 1
     # Only `auto` decides by the row count, with the table's exact limits: it keys on the rows themselves (a
     # coarser bucket let the first call in it decide for the others, across a limit); a named backend does not.
-    key = (name, device.type, dtype, synthesizer.n_hidden, rows if name == "auto" else None,
+    w = synthesizer._modules["input_trigger"]._parameters.get("weight")  # (dict reads: this runs every step)
+    pdt = (w if w is not None else synthesizer.input_trigger.weight).dtype
+    key = (name, device.type, dtype, pdt, synthesizer.n_hidden, rows if name == "auto" else None,
            synthesizer.output_dim, synthesizer.hidden_dim)
     hit = _cache.get(key)
     if hit is not None:
@@ -198,7 +205,7 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
         def usable(n: str) -> bool:
             b = _REGISTRY.get(n)
             return (b is not None and _fuses(b, synthesizer) and dtype in b.dtypes and b.status(device)[0]
-                    and not _interpreted_bf16(b, device, dtype))
+                    and not _interpreted_bf16(b, device, dtype) and b.takes_params(dtype, pdt))
 
         pick = _REGISTRY[auto.pick(device, dtype, rows, max(synthesizer.output_dim, synthesizer.hidden_dim), usable)]
     else:
@@ -211,6 +218,11 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
         if dtype not in pick.dtypes:
             raise BackendUnavailableError(f"dni_fast backend {name!r} does not support dtype {dtype} (it supports "
                                           f"{pick.dtype_names()}); use backend='reference' or 'auto'")
+        if not pick.takes_params(dtype, pdt):
+            raise BackendUnavailableError(f"dni_fast backend {name!r} cannot compute in {dtype} with {pdt} "
+                                          f"synthesizer parameters (it takes parameters of the compute dtype, or "
+                                          f"float32 ones under autocast); cast the synthesizer, or use "
+                                          f"backend='reference' or 'auto'")
         if _interpreted_bf16(pick, device, dtype):
             raise BackendUnavailableError(f"dni_fast backend {name!r} runs in the Triton interpreter here "
                                           f"(TRITON_INTERPRET=1), whose bf16 tl.dot gives wrong results; use "

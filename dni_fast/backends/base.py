@@ -80,6 +80,11 @@ class Backend:
     def _status(self, device: torch.device) -> Tuple[bool, str]:
         return True, ""
 
+    def takes_params(self, compute: torch.dtype, param: torch.dtype) -> bool:
+        """Whether this backend computes in ``compute`` with parameters of dtype
+        ``param`` (under autocast the two differ)."""
+        return True
+
     def interpreted(self, device: torch.device) -> bool:
         """Whether this backend runs in an interpreter on ``device`` (for tests
         only: ``auto`` and the benchmarks never use it)."""

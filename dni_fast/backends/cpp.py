@@ -28,6 +28,11 @@ class CppBackend(FusedBackend):
     def _status(self, device: torch.device) -> Tuple[bool, str]:
         return _ext.cpp_available()
 
+    def takes_params(self, compute: torch.dtype, param: torch.dtype) -> bool:
+        # csrc/synth_check.cpp: the compute dtype, or fp32 weights with a half compute dtype (autocast). A half
+        # model under the other half dtype's autocast (or fp64 weights under autocast) is refused.
+        return param == compute or (param == torch.float32 and compute in (torch.float16, torch.bfloat16))
+
     def _load_primitives(self) -> Primitives:
         C = _ext.get_ext()
         self._step = C.trigger_step

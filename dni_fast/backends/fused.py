@@ -16,16 +16,17 @@ A backend with a native whole-step call (the C++ extension's
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from dni_fast import _overlap
 from dni_fast._autocast import compute_dtype, no_autocast
+from dni_fast._compile import compiler_disable
 from dni_fast._manager import backward as _backward
 from dni_fast.backends.base import Backend, Primitives
-from dni_fast.stats import SynthStats, partials_of
+from dni_fast.stats import partials_of
 
 __all__ = ["FusedBackend", "flatten_inputs", "grad_carrier"]
 
@@ -75,17 +76,25 @@ def _versions(*ts: Optional[Tensor]) -> tuple:
     return tuple(t._version for t in ts if t is not None)
 
 
+@compiler_disable  # the row is a fresh tensor a step: torch.compile would guard on it and recompile every step
+def _with_row(fn, prims: Primitives, stats, scale: float, on: Tensor, *args):
+    """``fn.apply(prims, row, scale, *args)`` with the step's statistics row reserved now (``SynthStats.step_row``)."""
+    return fn.apply(prims, None if stats is None else stats.step_row(scale, on.device), scale, *args)
+
+
 class _TriggerUpdate(torch.autograd.Function):
     """Forward: ``S = synth(x, c)`` in one fused call; returns ``(trigger.clone(), S)``.
     Backward: the true gradient ``g`` passes to the trigger unchanged, and one
     fused call turns ``scale * (S - g)`` into every parameter gradient."""
 
     @staticmethod
-    def forward(ctx, prims: Primitives, stats: Optional[SynthStats], scale: float, overlap: bool, trigger: Tensor,
+    def forward(ctx, prims: Primitives, row: Optional[Tensor], scale: float, overlap: bool, trigger: Tensor,
                 x: Tensor, c: Optional[Tensor], *params: Tensor):
         with no_autocast(x):
             s, zs = prims.forward(x, c, list(params))
-        ctx.prims, ctx.stats, ctx.scale, ctx.has_c, ctx.n_z = prims, stats, scale, c is not None, len(zs)
+        # row: the step's statistics row (reserved at this forward, SynthStats.step_row), written by the first
+        # backward only (a second one, retain_graph, updates again but is the same step)
+        ctx.prims, ctx.row, ctx.scale, ctx.has_c, ctx.n_z = prims, row, scale, c is not None, len(zs)
         ctx.overlap = overlap
         ctx.save_for_backward(x, *(() if c is None else (c,)), s, *zs, *params)
         # Mark the tensor that is returned (a view of s), not s itself: else the
@@ -108,12 +117,12 @@ class _TriggerUpdate(torch.autograd.Function):
             g2 = g2.to(s.dtype)
         g_in = g if ctx.needs_input_grad[4] else None
         prims, scale = ctx.prims, ctx.scale
+        row, ctx.row = ctx.row, None
         if ctx.overlap and _overlap.plain_backward(params):
-            # Overlap: the fused update runs on the worker; its statistics row is
-            # reserved here, in order, and written by the worker. (Under
-            # torch.autograd.grad or backward(inputs=...) the engine decides where
-            # the gradients go: inline, below, as without overlap.)
-            row = None if ctx.stats is None else ctx.stats.reserve(scale, s.device)
+            # Overlap: the fused update runs on the worker, and writes the step's
+            # statistics row there. (Under torch.autograd.grad or
+            # backward(inputs=...) the engine decides where the gradients go:
+            # inline, below, as without overlap.)
             # The worker reads x and c later: a legal in-place change after this backward (a reused context
             # buffer) would silently change the update. Checked before and after it runs.
             versions = _versions(x, c)
@@ -133,8 +142,8 @@ class _TriggerUpdate(torch.autograd.Function):
             _overlap.submit(compute, params, (x, c, s, g2, *zs, *params, row), s.device)
             return (None, None, None, None, g_in, None, None, *([None] * len(params)))
         grads, partials = prims.update(x, c, params, zs, s, g2, scale, None)
-        if ctx.stats is not None:
-            ctx.stats.record(partials, scale)
+        if row is not None:
+            row.copy_(partials)
         return (None, None, None, None, g_in, None, None, *grads)
 
 
@@ -146,11 +155,11 @@ class _SendRegression(torch.autograd.Function):
     itself is computed in the update and kept in the interface's stats."""
 
     @staticmethod
-    def forward(ctx, prims: Primitives, stats: Optional[SynthStats], scale: float, x: Tensor, c: Optional[Tensor],
+    def forward(ctx, prims: Primitives, row: Optional[Tensor], scale: float, x: Tensor, c: Optional[Tensor],
                 m: Tensor, *params: Tensor):
         with no_autocast(x):
             s, zs = prims.forward(x, c, list(params))
-        ctx.prims, ctx.stats, ctx.scale, ctx.has_c, ctx.n_z = prims, stats, scale, c is not None, len(zs)
+        ctx.prims, ctx.row, ctx.scale, ctx.has_c, ctx.n_z = prims, row, scale, c is not None, len(zs)
         ctx.save_for_backward(x, *(() if c is None else (c,)), m, s, *zs, *params)
         ctx.mark_non_differentiable(s)
         ctx.set_materialize_grads(False)  # grad_loss is always defined: the carrier is the only differentiable output
@@ -162,8 +171,9 @@ class _SendRegression(torch.autograd.Function):
             raise RuntimeError(_CREATE_GRAPH)
         x, c, (m, s), zs, params = _unpack(ctx, 2)
         grads, partials = ctx.prims.update(x, c, params, zs, s, m, ctx.scale, grad_loss.detach())
-        if ctx.stats is not None:
-            ctx.stats.record(partials, ctx.scale)
+        row, ctx.row = ctx.row, None
+        if row is not None:
+            row.copy_(partials)
         return (None, None, None, None, None, None, *grads)
 
 
@@ -205,7 +215,8 @@ class FusedBackend(Backend):
 
     def trigger(self, synth, trigger, context, stats, scale, inject_into, overlap=False):
         x, c = flatten_inputs(synth, trigger, context)
-        out, s = _TriggerUpdate.apply(self.primitives, stats, scale, overlap, trigger, x, c, *synth.flat_params())
+        out, s = _with_row(_TriggerUpdate, self.primitives, stats, scale, x, overlap, trigger, x, c,
+                           *synth.flat_params())
         if inject_into is not None:
             _backward(inject_into, s)
         return out, s
@@ -219,8 +230,8 @@ class FusedBackend(Backend):
         m = message.detach().reshape(-1, message.shape[-1])
         if m.dtype != x.dtype:
             m = m.to(x.dtype)
-        carrier, s = _SendRegression.apply(self.primitives, stats, scale, x, c, m, *synth.flat_params())
-        if not carrier.requires_grad:  # a frozen synthesizer: no backward will record S against m, so here
+        carrier, s = _with_row(_SendRegression, self.primitives, stats, scale, x, x, c, m, *synth.flat_params())
+        if not carrier.requires_grad:  # a frozen synthesizer (or no grad): no backward will record S against m
             if stats is not None:
                 stats.record(partials_of(s, m), scale)
             return None, s.view(out_shape)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from dni_fast import _overlap
+from dni_fast._compile import compiler_disable
 from dni_fast._manager import backward as _backward
 from dni_fast.backends.base import Backend, Primitives
 from dni_fast.regression import RegressionLoss
@@ -29,43 +30,49 @@ class _RefUpdater(torch.autograd.Function):
     """dni-pytorch's synthetic-gradient updater: identity forward; backward
     passes the true gradient ``g`` through and sends ``scale * (S - g)``
     (``scale = 2/g.size(0)``, ``regression.BACKWARD_LOSS``) into the
-    synthesizer's graph."""
+    synthesizer's graph. ``params``: under overlap, the synthesizer's
+    parameters; else nothing, or a 0-element leaf that only makes the output
+    require grad (a statistics-only node)."""
 
     @staticmethod
-    def forward(ctx, stats: Optional[SynthStats], scale: float, overlap, trigger: Tensor, s: Tensor,
-                anchor: Optional[Tensor]) -> Tensor:
+    def forward(ctx, row: Optional[Tensor], scale: float, overlap, trigger: Tensor, s: Tensor,
+                *params: Tensor) -> Tensor:
         # overlap: None, or (params, S with its graph). S is then not an input
         # (the main backward must neither traverse nor free its graph: the
-        # worker backpropagates through it).
-        ctx.stats, ctx.scale, ctx.overlap, ctx.anchor = stats, scale, overlap, anchor
+        # worker backpropagates through it); the synthesizer's parameters are,
+        # so that this node can tell whether the backward accumulates into
+        # them, and hand them their gradients when it does not.
+        ctx.row, ctx.scale, ctx.overlap = row, scale, overlap
         ctx.save_for_backward(s)
         return trigger.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
         (s,) = ctx.saved_tensors
-        if ctx.stats is not None:
-            ctx.stats.record(partials_of(s, g), ctx.scale)
+        _write_row(ctx, s, g)
         g_in = g if ctx.needs_input_grad[3] else None
+        rest = (None,) * (len(ctx.needs_input_grad) - 5)  # the parameters (or an anchor) get no gradient here
         if ctx.overlap is None and not ctx.needs_input_grad[4]:  # a frozen synthesizer: statistics only
-            return None, None, None, g_in, None, None
+            return (None, None, None, g_in, None) + rest
         delta = ctx.scale * (s - g)
         if ctx.overlap is None:
-            return None, None, None, g_in, delta, None
+            return (None, None, None, g_in, delta) + rest
+        params, s_graph = ctx.overlap
         # Overlap: the synthesizer's own backward (the products for its
         # parameter gradients) runs on the worker; the main backward goes on.
-        # Only under a plain backward(): S's graph is outside this one, so
-        # torch.autograd.grad, or backward(inputs=...) without the synthesizer's
-        # parameters, would not have reached them without overlap either.
-        if not _overlap.plain_backward((ctx.anchor,)):
-            return None, None, None, g_in, None, None
-        params, s_graph = ctx.overlap
+        # Only under a plain backward(): under torch.autograd.grad or
+        # backward(inputs=...) the engine decides where each gradient goes, so
+        # the products run here and their gradients are this node's outputs,
+        # exactly as without overlap.
+        if not _overlap.plain_backward(params):
+            grads = torch.autograd.grad(s_graph, params, delta, retain_graph=True, allow_unused=True)
+            return (None, None, None, g_in, None, *grads)
 
         def compute():
             return torch.autograd.grad(s_graph, params, delta, retain_graph=True, allow_unused=True)
 
         _overlap.submit(compute, params, (s_graph, delta), s.device)
-        return None, None, None, g_in, None, None
+        return (None, None, None, g_in, None) + rest
 
 
 class _RefFitter(torch.autograd.Function):
@@ -77,19 +84,32 @@ class _RefFitter(torch.autograd.Function):
     require grad (the synthesizer has no graph)."""
 
     @staticmethod
-    def forward(ctx, stats: Optional[SynthStats], scale: float, synth: nn.Module, context: Any, trigger: Tensor,
+    def forward(ctx, row: Optional[Tensor], scale: float, synth: nn.Module, context: Any, trigger: Tensor,
                 s: Tensor, anchor: Tensor) -> Tensor:
-        ctx.stats, ctx.scale, ctx.synth, ctx.context, ctx.s = stats, scale, synth, context, s
+        ctx.row, ctx.scale, ctx.synth, ctx.context, ctx.s = row, scale, synth, context, s
         ctx.save_for_backward(trigger.detach())
         return trigger.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
         (x,) = ctx.saved_tensors
-        if ctx.stats is not None:
-            ctx.stats.record(partials_of(ctx.s, g), ctx.scale)  # the loss the statistics report: as for a regression
+        _write_row(ctx, ctx.s, g)  # the loss the statistics report: as for a regression
         ctx.synth.fit(x, ctx.context, g)
         return None, None, None, None, (g if ctx.needs_input_grad[4] else None), None, None
+
+
+def _write_row(ctx, s: Tensor, g: Tensor) -> None:
+    """The step's statistics row (reserved at its forward: ``SynthStats.step_row``), by its first backward."""
+    row = ctx.row
+    if row is not None:
+        ctx.row = None
+        row.copy_(partials_of(s, g))
+
+
+@compiler_disable  # the row is a fresh tensor a step: torch.compile would guard on it and recompile every step
+def _with_row(fn, stats: Optional[SynthStats], scale: float, on: Tensor, *args):
+    """``fn.apply(row, scale, *args)`` with the step's statistics row reserved now (``SynthStats.step_row``)."""
+    return fn.apply(None if stats is None else stats.step_row(scale, on.device), scale, *args)
 
 
 def closed_form(synth: nn.Module) -> bool:
@@ -130,22 +150,20 @@ class ReferenceBackend(Backend):
             if not getattr(synth, "fitting", True):  # not learning: measured only
                 if stats is None or not trigger.requires_grad:
                     return trigger, s
-                return _RefUpdater.apply(stats, scale, None, trigger, s, None), s
+                return _with_row(_RefUpdater, stats, scale, s, None, trigger, s), s
             anchor = s.new_empty(0).requires_grad_()
-            return _RefFitter.apply(stats, scale, synth, _detached(context), trigger, s, anchor), s
+            return _with_row(_RefFitter, stats, scale, s, synth, _detached(context), trigger, s, anchor), s
         s = self._synth_graph(synth, trigger, context)
         if inject_into is not None:
             _backward(inject_into, s.detach())
         if not s.requires_grad:  # frozen synthesizer: nothing to update, but S is still measured against g
             if stats is None or not trigger.requires_grad:
                 return trigger, s.detach()
-            return _RefUpdater.apply(stats, scale, None, trigger, s.detach(), None), s.detach()
+            return _with_row(_RefUpdater, stats, scale, s, None, trigger, s.detach()), s.detach()
         if overlap:
-            ov = ([p for p in synth.parameters() if p.requires_grad], s)
-            # A 0-element leaf stands in for S as the input that makes the output require grad.
-            anchor = s.new_empty(0).requires_grad_()
-            return _RefUpdater.apply(stats, scale, ov, trigger, s.detach(), anchor), s.detach()
-        return _RefUpdater.apply(stats, scale, None, trigger, s, None), s.detach()
+            params = [p for p in synth.parameters() if p.requires_grad]
+            return _with_row(_RefUpdater, stats, scale, s, (params, s), trigger, s.detach(), *params), s.detach()
+        return _with_row(_RefUpdater, stats, scale, s, None, trigger, s), s.detach()
 
     def send(self, synth, trigger, context, message, stats, loss: RegressionLoss, scale):
         s = self._synth_graph(synth, trigger, context)
@@ -156,6 +174,7 @@ class ReferenceBackend(Backend):
         if stats is not None:
             stats.record(partials_of(s, m), scale)
         if closed_form(synth):
-            synth.fit(trigger, _detached(context), m)
+            if torch.is_grad_enabled():  # as the interfaces regress only where they would backpropagate
+                synth.fit(trigger, _detached(context), m)
             return None, s
         return (loss.torch_loss(s, m) if s.requires_grad else None), s.detach()

@@ -363,8 +363,9 @@ class ThreadsExecutor(Executor):
             t.start()
 
     # -- the caller's side -------------------------------------------------------
-    def _raise_failure(self) -> None:
-        k, j, e = self.sh.failure
+    def _raise_failure(self, sh=None) -> None:
+        # (the state the caller waited on: a load_checkpoint may have replaced self.sh meanwhile)
+        k, j, e = (sh or self.sh).failure
         raise e
 
     def _wait(self, pred: Callable[[], bool]) -> None:
@@ -372,10 +373,10 @@ class ThreadsExecutor(Executor):
         sh = self.sh
         while not pred():
             if sh.failure is not None:
-                self._raise_failure()
+                self._raise_failure(sh)
             sh.cv_caller.wait()
         if sh.failure is not None:
-            self._raise_failure()
+            self._raise_failure(sh)
 
     def submit(self, b: Batch) -> Optional[Tensor]:
         self._start()

@@ -40,6 +40,23 @@ def _warn_random_stages(stages: Sequence[nn.Module], executor: str) -> None:
                       "reproducible runs with dropout.", stacklevel=3)
 
 
+
+def _auto_executor(stages, delay: Optional[int]) -> str:
+    """``executor='auto'``: what the devices call for, except ``sequential`` for ``delay=0`` (the only executor
+    that runs it; the others overlap consecutive batches)."""
+    return "sequential" if delay == 0 else pick_executor(stages)
+
+
+def _copied(v: Any) -> Any:
+    """``v`` with every tensor in it (a tensor, or a dict, list or tuple of them) detached and cloned."""
+    if isinstance(v, Tensor):
+        return v.detach().clone()
+    if isinstance(v, (dict, list, tuple)):
+        from torch.utils._pytree import tree_map
+
+        return tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, v)
+    return v
+
 class DecoupledSequential(nn.Module):
     """Stages ``S_0 .. S_{n-1}`` with a ``BackwardInterface`` after each but
     the last, trained on §4's schedule: every stage updates as soon as its
@@ -119,7 +136,7 @@ class DecoupledSequential(nn.Module):
         self._requested = (executor, delay)
         if executor == "auto":
             probe = [_DeviceOnly(module_device(m), k) for k, m in enumerate(stages)]
-            executor = pick_executor(probe)
+            executor = _auto_executor(probe, delay)
         self.executor = executor
         self.delay = check_delay(delay, executor)
         self.update_prob, self.seed = update_prob, seed
@@ -162,7 +179,7 @@ class DecoupledSequential(nn.Module):
             st.moved(fn)
         executor, delay = self._requested
         if executor == "auto":
-            picked = pick_executor(self._stages)
+            picked = _auto_executor(self._stages, delay)
             if picked != self.executor:
                 if self._batches:
                     raise RuntimeError(f"DecoupledSequential(executor='auto') chose {self.executor!r} and the move "
@@ -176,6 +193,22 @@ class DecoupledSequential(nn.Module):
         self._cls.check(self._stages, self.delay, self._threads)
         self._restart()
         return self
+
+    def __deepcopy__(self, memo):
+        """A copy at the same point of the schedule, with executors of its own (the workers' locks and threads
+        are not copied: best-model snapshots and EMA copies of a ``threads`` model)."""
+        if self._broken is None and not self._closed:
+            self._quiesce()
+        ex = self._executor
+        state = (self._batches, ex.returned, {b: t.detach().clone() for b, t in ex.undelivered().items()})
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k not in ("_executor", "_finalizer"):
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        new._make_executor()
+        new._executor.restore(*state)
+        return new
 
     def _restart(self) -> None:
         """A fresh executor in the old one's place, at the same point of the
@@ -242,8 +275,7 @@ class DecoupledSequential(nn.Module):
         # Copies: the batch is read later (by the last stage n-1 steps on; by a regression `delay` steps on),
         # so a buffer the caller refills for the next step must not change this one (a reused one-hot).
         x = x.detach().clone()
-        y = y.detach().clone() if isinstance(y, Tensor) else y
-        context = context.detach().clone() if isinstance(context, Tensor) else context
+        y, context = _copied(y), _copied(context)  # (tensors inside a dict or tuple too)
         b = Batch(self._batches, x, x, y, loss_fn, context, get_backend(), autocast=autocast_state())
         try:
             loss = self._executor.submit(b)
@@ -372,13 +404,21 @@ class DecoupledSequential(nn.Module):
         if checkpoint["delay"] != self.delay:
             raise ValueError(f"the checkpoint was taken with delay={checkpoint['delay']}, this model has "
                              f"delay={self.delay}")
+        self._refuse_on_worker()  # (raised before anything changes, as from the other waiting calls)
         try:
             self._quiesce()
         except BaseException:
             pass  # a stage's error from before: the model is marked broken, and everything is replaced below
-        super().load_state_dict(checkpoint["model"])
-        for st, s in zip(self._stages, checkpoint["stages"]):
-            st.load_state(s)
+        # Everything that can be checked is, before anything changes: a mismatched checkpoint leaves the model
+        # as it was. What fails past this point (a corrupt optimizer state) leaves it marked broken.
+        self._check_checkpoint(checkpoint)
+        try:
+            super().load_state_dict(checkpoint["model"])
+            for st, s in zip(self._stages, checkpoint["stages"]):
+                st.load_state(s)
+        except BaseException as e:
+            self._fail(e)
+            raise
         self._batches = int(checkpoint["batches"])
         dev = self._stages[-1].device
         losses = {int(b): (t if dev is None else t.to(dev)).clone() for b, t in checkpoint["losses"].items()}
@@ -390,6 +430,24 @@ class DecoupledSequential(nn.Module):
         self._broken = None
         self._closed = False
         self._executor.restore(self._batches, int(checkpoint["returned"]), losses)
+
+    def _check_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Raise, changing nothing, where ``checkpoint`` cannot load: its parameters' and buffers' names and
+        shapes, and each stage's own checks (``Stage.check_state``)."""
+        mine = super().state_dict()
+        theirs = checkpoint["model"]
+        missing, unexpected = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+        if missing or unexpected:
+            raise ValueError(f"the checkpoint does not match this model's modules: missing {missing[:5]}"
+                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                             f"{'...' if len(unexpected) > 5 else ''}; the model is unchanged")
+        for k, v in mine.items():
+            w = theirs[k]
+            if isinstance(v, Tensor) and isinstance(w, Tensor) and v.shape != w.shape:
+                raise ValueError(f"the checkpoint's {k} has shape {tuple(w.shape)}, this model's "
+                                 f"{tuple(v.shape)}; the model is unchanged")
+        for st, s in zip(self._stages, checkpoint["stages"]):
+            st.check_state(s)
 
     # -- CUDA graphs --------------------------------------------------------------------------
     def enable_cuda_graphs(self, warmup_steps: int = 3) -> "DecoupledSequential":

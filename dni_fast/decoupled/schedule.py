@@ -55,7 +55,7 @@ from dni_fast.backends import resolve
 from dni_fast.backends.base import Backend
 from dni_fast.backends.fused import flatten_inputs, grad_carrier
 from dni_fast.backends.reference import closed_form
-from dni_fast.interfaces import BackwardInterface, BidirectionalInterface, UnidirectionalInterface
+from dni_fast.interfaces import BackwardInterface, BidirectionalInterface, UnidirectionalInterface, _divide_target
 from dni_fast.regression import BACKWARD_LOSS, FORWARD_LOSS, RegressionLoss
 from dni_fast.stats import SynthStats, partials_of
 from dni_fast.synthesizer import BasicSynthesizer
@@ -213,11 +213,13 @@ class _Record:
     shape: torch.Size
     target: Optional[Tensor] = None
     sigma: Optional[Tensor] = None  # normalize_targets: the target scale at prediction time (0-dim)
+    seen: Optional[Tensor] = None  # normalize_targets: whether a true gradient had set sigma then (0-dim bool)
 
     def tensors(self) -> dict:
         return {"fused": self.backend is not None, "backend": None if self.backend is None else self.backend.name,
                 "x": self.x, "c": self.c, "zs": list(self.zs), "s": self.s, "scale": self.scale,
-                "shape": list(self.shape), "target": self.target, "sigma": self.sigma}
+                "shape": list(self.shape), "target": self.target, "sigma": self.sigma,
+                "seen": self.seen}
 
 
 class _Synth:
@@ -267,7 +269,7 @@ class _Synth:
         if self.normalizer is None:
             return out, rec
         with torch.no_grad():
-            rec.sigma = self.normalizer.target_sigma().detach().clone()
+            rec.sigma, rec.seen = (t.detach().clone() for t in self.normalizer._target_scale())
             return out * rec.sigma.to(out.dtype), rec
 
     def regress_compute(self, rec: _Record) -> Tensor:
@@ -277,8 +279,10 @@ class _Synth:
         autograd. Returns the partial sums for the statistics (fp32 (4,))."""
         g = rec.target
         if self.normalizer is not None:
-            self.normalizer._observe_target(g)  # the running RMS learns from the true (unscaled) target
-            g = g / rec.sigma.to(g.dtype)
+            norm = self.normalizer
+            norm._observe_target(g)  # the running RMS learns from the true (unscaled) target
+            # (a prediction made before any target had set sigma is divided by the sigma observed with its own)
+            g = _divide_target(g, rec.sigma if rec.seen is None else norm._regression_sigma(rec.sigma, rec.seen))
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         if rec.backend is not None:
@@ -691,11 +695,16 @@ class Stage:
             "fsynth_optimizer": None if self.fsynth is None or self.fsynth.optimizer is None
             else self.fsynth.optimizer.state_dict(),
             "pending": {b: {kind: r.tensors() for kind, r in recs.items()} for b, recs in self._pending.items()},
+            # the statistics too: stats() after a resume reads what the uninterrupted run reads
+            "stats": {kind: s.stats.state() for kind, s in (("bwd", self.synth), ("fwd", self.fsynth))
+                      if s is not None},
         }
         return copy.deepcopy(st)
 
-    def load_state(self, st: dict) -> None:
-        """Restore :meth:`state` (the modules' weights are loaded separately)."""
+    def check_state(self, st: dict) -> None:
+        """Raise, changing nothing, where :meth:`load_state` of ``st`` would fail on its structure."""
+        if not isinstance(st, dict):
+            raise ValueError(f"stage {self.index}: the checkpoint's stage state is a {type(st).__name__}, not a dict")
         if st.get("index") != self.index or st.get("num_stages") != self.num_stages:
             raise ValueError(f"checkpoint of stage {st.get('index')}/{st.get('num_stages')} loaded into stage "
                              f"{self.index}/{self.num_stages}")
@@ -703,16 +712,37 @@ class Stage:
             raise ValueError(f"stage {self.index}: the checkpoint was taken with delay={st.get('delay')}, this "
                              f"schedule has delay={self.delay}; the pending predictions would be applied at other "
                              "steps")
+        for name, opt in self._optimizers():
+            if (st.get(name) is None) != (opt is None):
+                raise ValueError(f"stage {self.index}: the checkpoint's {name} does not match this stage's (one "
+                                 f"has it, the other not: a frozen stage or synthesizer?)")
+            if opt is not None and len(st[name].get("param_groups", ())) != len(opt.param_groups):
+                raise ValueError(f"stage {self.index}: the checkpoint's {name} has "
+                                 f"{len(st[name].get('param_groups', ()))} parameter groups, this stage's "
+                                 f"{len(opt.param_groups)}")
+        for b, recs in st.get("pending", {}).items():
+            for kind in recs:
+                if (self.synth if kind == "bwd" else self.fsynth) is None:
+                    raise ValueError(f"stage {self.index}: the checkpoint has a pending {kind!r} prediction, but "
+                                     f"this stage has no such synthesizer (a checkpoint of another unlock setting?)")
+
+    def _optimizers(self):
+        return (("optimizer", self.optimizer),
+                ("synth_optimizer", None if self.synth is None else self.synth.optimizer),
+                ("fsynth_optimizer", None if self.fsynth is None else self.fsynth.optimizer))
+
+    def load_state(self, st: dict) -> None:
+        """Restore :meth:`state` (the modules' weights are loaded separately)."""
+        self.check_state(st)
         st = copy.deepcopy(st)
-        for name, opt in (("optimizer", self.optimizer),
-                          ("synth_optimizer", None if self.synth is None else self.synth.optimizer),
-                          ("fsynth_optimizer", None if self.fsynth is None else self.fsynth.optimizer)):
-            if (st[name] is None) != (opt is None):
-                raise ValueError(f"stage {self.index}: the checkpoint's {name} does not match this stage's")
+        for name, opt in self._optimizers():
             if opt is not None:
                 opt.load_state_dict(st[name])
         self.generator.set_state(st["generator"])
         self.steps = int(st["steps"])
+        for kind, s in (("bwd", self.synth), ("fwd", self.fsynth)):
+            if s is not None:
+                s.stats.load_state(st.get("stats", {}).get(kind))  # (a checkpoint without them: reset)
         self._pending = {}
         for b, recs in st["pending"].items():
             self._pending[int(b)] = {kind: self._record_from(kind, r) for kind, r in recs.items()}
@@ -720,7 +750,13 @@ class Stage:
     def _record_from(self, kind: str, r: dict) -> _Record:
         synth = self.synth if kind == "bwd" else self.fsynth
         dev = None if self.device is None else self.device
-        mv = (lambda t: t) if dev is None else (lambda t: None if t is None else t.to(dev))
+        if dev is None:
+            mv = lambda t: t  # noqa: E731
+        else:
+            from torch.utils._pytree import tree_map
+
+            # (a custom synthesizer's context may be any object: its tensors move)
+            mv = lambda t: tree_map(lambda u: u.to(dev) if isinstance(u, Tensor) else u, t)  # noqa: E731
         backend = None
         if r["fused"]:
             # The same backend that predicted it, if it can still run here; else what resolves now.
@@ -733,7 +769,7 @@ class Stage:
             except ValueError:
                 backend = resolve(synth.backend, synth.module, mv(r["x"]))
         return _Record(backend, mv(r["x"]), mv(r["c"]), tuple(mv(z) for z in r["zs"]), mv(r["s"]), r["scale"],
-                       torch.Size(r["shape"]), mv(r["target"]), mv(r.get("sigma")))
+                       torch.Size(r["shape"]), mv(r["target"]), mv(r.get("sigma")), mv(r.get("seen")))
 
     def synth_stats(self) -> dict:
         """``{'backward': ..., 'forward': ...}`` statistics (``SynthStats.read``) of

@@ -43,6 +43,36 @@ def non_negative_int(text: str) -> int:
     return v
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    v = float(text)
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative number")
+    return v
+
+
+def given(args: argparse.Namespace, *flags: str) -> bool:
+    """Whether the command line gave any of ``flags`` (``--bptt 4`` and ``--bptt=4`` alike): ``--quick``
+    shrinks only what the user left at its default."""
+    seen = {a.split("=")[0] for a in getattr(args, "argv", None) or []}
+    return any(f in seen for f in flags)
+
+
+def quick_defaults(args: argparse.Namespace, **values) -> None:
+    """``--quick``: set each option (``bptt=[2]``, ``hidden=32``...) the command line did not give."""
+    for name, v in values.items():
+        if not given(args, "--" + name.replace("_", "-")):
+            setattr(args, name, v)
+
+
 def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                 data_choices: Iterable[str] = ("auto", "digits", "mnist"), seed: int = 1,
                 lr_schedule: str = "constant") -> argparse.ArgumentParser:
@@ -58,7 +88,7 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
     p.add_argument("--data-dir", default=None, help="data folder (default: $DNI_FAST_DATA, else ../shared/data)")
     p.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
     p.add_argument("--batch-size", type=positive_int, default=batch_size, help="training batch size")
-    p.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    p.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=seed, help="random seed")
     p.add_argument("--backend", default=None, choices=list(dni.BACKENDS),
                    help="dni_fast backend for every interface (default: the global choice, 'auto')")
@@ -75,7 +105,7 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                         "for cDNI only ('cdni') or none (docs/synthetic_gradients.md)")
     p.add_argument("--no-normalize-targets", dest="normalize_targets", action="store_const", const="none",
                    help="same as --normalize-targets none")
-    p.add_argument("--synth-lr-mult", type=float, default=1.0,
+    p.add_argument("--synth-lr-mult", type=non_negative_float, default=1.0,
                    help="the synthesizers' Adam learning rate is --lr times this (dni_fast.diagnostics.param_groups)")
     p.add_argument("--dni-pytorch", action="store_true",
                    help="dni-pytorch's behaviour: no target normalisation, the synthesizers at the model's learning "
@@ -88,8 +118,8 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                    help="the learning rate of every parameter group over training: constant, or cosine decay to 0")
     p.add_argument("--synth-lr-schedule", choices=("same", "constant"), default="same",
                    help="the synthesizers' learning rate follows --lr-schedule ('same') or stays constant")
-    p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's eps for every parameter group")
-    p.add_argument("--n-evals", type=int, default=20, help="evaluation points per run (learning curve)")
+    p.add_argument("--adam-eps", type=non_negative_float, default=1e-8, help="Adam's eps for every parameter group")
+    p.add_argument("--n-evals", type=positive_int, default=20, help="evaluation points per run (learning curve)")
     p.add_argument("--threads", type=non_negative_int, default=None,
                    help="torch.set_num_threads (default, or 0: torch's choice)")
     p.add_argument("--log", default=None, help="write a JSON log of the run here (e.g. runs/name.json)")
@@ -301,15 +331,17 @@ def save_json(path: Optional[str], data: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(compact(data), f, separators=(",", ":"), default=_json_default)
+        # allow_nan=False: the logs are JSON that every reader takes (a NaN or inf is written as null)
+        json.dump(compact(data), f, separators=(",", ":"), default=_json_default, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 
 
 def compact(o, digits: int = 6):
-    """``o`` with every float rounded to ``digits`` significant digits (the logs are committed: they stay small)."""
+    """``o`` with every float rounded to ``digits`` significant digits (the logs are committed: they stay small),
+    and a NaN or inf as ``None`` (JSON has neither: the readers take null as missing)."""
     if isinstance(o, float):
-        return o if not math.isfinite(o) else float(f"{o:.{digits}g}")
+        return None if not math.isfinite(o) else float(f"{o:.{digits}g}")
     if isinstance(o, dict):
         return {k: compact(v, digits) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
@@ -319,7 +351,7 @@ def compact(o, digits: int = 6):
 
 def _json_default(o):
     if isinstance(o, torch.Tensor):
-        return o.tolist()
+        return compact(o.tolist())
     return str(o)
 
 

@@ -195,11 +195,11 @@ def train_one(args, T: int, use_dni: bool, name: str) -> dict:
 
 def build_parser():
     p = C.base_parser(__doc__.split("\n")[0], epochs=1, batch_size=32, lr=3e-3, data_choices=("generated",))
-    p.add_argument("--bptt", type=int, nargs="+", default=[2, 4, 8], help="truncation lengths T")
+    p.add_argument("--bptt", type=C.positive_int, nargs="+", default=[2, 4, 8], help="truncation lengths T")
     p.add_argument("--mode", choices=("all", "bptt", "dni"), default="all", help="which variants to train")
-    p.add_argument("--hidden", type=int, default=64, help="LSTM units")
-    p.add_argument("--n-symbols", type=int, default=8, help="alphabet size")
-    p.add_argument("--synth-hidden", type=int, default=2, help="synthesizer hidden layers (--synth mlp)")
+    p.add_argument("--hidden", type=C.positive_int, default=64, help="LSTM units")
+    p.add_argument("--n-symbols", type=C.positive_int, default=8, help="alphabet size")
+    p.add_argument("--synth-hidden", type=C.non_negative_int, default=2, help="synthesizer hidden layers (--synth mlp)")
     # Recommended (docs/synthetic_gradients.md, "A synthesizer that keeps up"): the closed-form ridge
     # synthesizer; --synth mlp (or --dni-pytorch) restores dni-pytorch's BasicSynthesizer.
     C.add_synth_options(p, default="ridge")
@@ -210,9 +210,9 @@ def build_parser():
                         "--synth mlp, dni-pytorch's)")
     p.add_argument("--clip", type=float, default=1.0,
                    help="clip the LSTM's gradient norm (of the per-sequence loss) to this (0: none)")
-    p.add_argument("--timesteps", type=int, default=60_000, help="training budget in time steps (per run)")
-    p.add_argument("--max-length", type=int, default=64, help="stop once this length is solved")
-    p.add_argument("--window", type=int, default=20, help="episodes per curriculum decision")
+    p.add_argument("--timesteps", type=C.positive_int, default=60_000, help="training budget in time steps (per run)")
+    p.add_argument("--max-length", type=C.positive_int, default=64, help="stop once this length is solved")
+    p.add_argument("--window", type=C.positive_int, default=20, help="episodes per curriculum decision")
     p.add_argument("--threshold", type=float, default=0.15, help="wrong symbols per sequence to count as solved")
     return p
 
@@ -222,8 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = C.parse(parser, argv)
     C.refuse_unused(parser, args, used=set(C.TUNING_OPTIONS) - {"valid"})  # no held-out split (a held-out seed is)
     if args.quick:
-        args.bptt = args.bptt if argv and "--bptt" in argv else [2]
-        args.hidden, args.timesteps, args.window, args.synth_hidden = 16, 600, 4, min(args.synth_hidden, 1)
+        C.quick_defaults(args, bptt=[2], hidden=16, timesteps=600, window=4)
+        args.synth_hidden = min(args.synth_hidden, 1)
     C.setup(args)
     log = C.RunLog("copy_task", args)
     print(f"copy_task: LSTM {args.hidden}, {args.n_symbols} symbols, T={args.bptt}, batch {args.batch_size}, "

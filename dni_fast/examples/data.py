@@ -148,6 +148,14 @@ def _auto_root(root: Optional[PathLike]) -> Optional[Path]:
     return find_data_root(root)
 
 
+def _named(root: Optional[PathLike]) -> str:
+    """How the data root was named (``""``: it was not, the default places were searched)."""
+    if root is not None:
+        return f"{root} (given as an argument)"
+    env = os.environ.get(ENV_VAR)
+    return f"{env} (${ENV_VAR})" if env else ""
+
+
 def data_root(root: Optional[PathLike] = None) -> Path:
     """The data root: ``root``, else ``$DNI_FAST_DATA``, else ``../shared/data``
     (from the current directory or from the checkout). Raises
@@ -247,10 +255,13 @@ def _download(url: str, dest: Path, timeout: float) -> None:
     import urllib.request
 
     tmp = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-        for chunk in iter(lambda: r.read(1 << 20), b""):
-            f.write(chunk)
-    tmp.replace(dest)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                f.write(chunk)
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)  # a download cut short leaves nothing behind
 
 
 def fetch(names: Sequence[str] = ("mnist", "ptb", "ptb-char"), root: Optional[PathLike] = None,
@@ -292,6 +303,9 @@ def fetch(names: Sequence[str] = ("mnist", "ptb", "ptb-char"), root: Optional[Pa
                                 (folder / f).write_bytes(member.read())
             except Exception as e:  # network errors, a missing member: try the next mirror
                 errors.append(f"{url}: {type(e).__name__}: {e}")
+                for f in todo:  # what this mirror left half-written or unverified is not kept
+                    if not _is_good(folder, f):
+                        (folder / f).unlink(missing_ok=True)
                 continue
             bad = [f for f in todo if not _is_good(folder, f)]
             for f in bad:
@@ -416,6 +430,11 @@ def load_images(name: str = "auto", root: Optional[PathLike] = None, limit_train
     if name == "auto":
         r = _auto_root(root)
         name = "mnist" if r is not None and (r / "mnist").is_dir() else "digits"
+        if name == "digits" and r is not None and _named(root):
+            raise DataNotFoundError(f"{r / 'mnist'} does not exist: the data root {_named(root)} has no "
+                                    f"mnist/ folder (a path one level off?). To fix: name the folder that holds "
+                                    f"mnist/, fetch it (python -m dni_fast.examples.data fetch mnist --root {r}), "
+                                    f"or ask for the embedded set by name (--data digits)")
     if name == "mnist":
         (xtr, ytr), (xte, yte) = load_mnist("train", root), load_mnist("test", root)
     elif name == "digits":
@@ -554,6 +573,12 @@ def load_text(name: str = "auto", level: str = "word", root: Optional[PathLike] 
     if name == "auto":
         r = _auto_root(root)
         name = "ptb" if r is not None and (r / PTB_FILES[level][0]).is_dir() else "synthetic"
+        if name == "synthetic" and r is not None and _named(root):
+            folder = PTB_FILES[level][0]
+            raise DataNotFoundError(f"{r / folder} does not exist: the data root {_named(root)} has no {folder}/ "
+                                    f"folder (a path one level off?). To fix: name the folder that holds "
+                                    f"{folder}/, fetch it (python -m dni_fast.examples.data fetch {folder} --root "
+                                    f"{r}), or ask for the embedded corpus by name (--data synthetic)")
     if name == "ptb":
         return load_ptb(level, root, max_lines)
     if name == "synthetic":
@@ -593,13 +618,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dni_fast.examples.data", description=main.__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download and verify the published files")
-    f.add_argument("names", nargs="*", default=list(SOURCES), choices=list(SOURCES))
+    # (checked below: argparse checks a "*" positional's empty or default list against its choices as one value,
+    # and `fetch` alone failed)
+    f.add_argument("names", nargs="*", help=f"any of {', '.join(SOURCES)} (default: all)")
     f.add_argument("--root", default=None)
     c = sub.add_parser("check", help="verify every known file under a data root")
     c.add_argument("--root", default=None)
     args = p.parse_args(argv)
     if args.cmd == "fetch":
-        print(f"fetched into {fetch(args.names, args.root)}")
+        unknown = [n for n in args.names if n not in SOURCES]
+        if unknown:
+            f.error(f"unknown data set(s) {', '.join(unknown)}; choose from {', '.join(SOURCES)}")
+        print(f"fetched into {fetch(args.names or list(SOURCES), args.root)}")
         return 0
     root = data_root(args.root)
     bad = 0

@@ -113,7 +113,7 @@ def build_parser():
     # --dni-pytorch restores a constant rate and dni-pytorch's synthesizer init.
     p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=64, lr=1e-3, lr_schedule="cosine")
     p.add_argument("--mode", choices=("all",) + MODES, nargs="+", default=["all"], help="which variants to train")
-    p.add_argument("--synth-hidden", type=int, default=1, help="hidden convolutions of each synthesizer")
+    p.add_argument("--synth-hidden", type=C.non_negative_int, default=1, help="hidden convolutions of each synthesizer")
     p.add_argument("--synth-context", choices=("uniform", "spatial"), default="uniform",
                    help="cDNI: the label's projection is one value per channel over the whole map (uniform) or "
                         "one per position (spatial)")

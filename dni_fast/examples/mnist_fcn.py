@@ -19,6 +19,7 @@ constant`` (500k steps of 256 on MNIST) is the paper's.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -41,6 +42,13 @@ def fcn(input_dim: int, layers: int, mode: str, synth_hidden: int, synth_width: 
                synthesizer=synthesizer)
 
 
+def _depth(text: str) -> int:
+    v = int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"{text}: a depth is at least 2 linear layers")
+    return v
+
+
 def build_parser():
     # Recommended settings (docs/synthetic_gradients.md): a cosine learning-rate decay, as for mnist_mlp;
     # --dni-pytorch restores a constant rate and dni-pytorch's synthesizer init.
@@ -51,7 +59,8 @@ def build_parser():
     # drives every layer below with a small consistent direction (docs/synthetic_gradients.md, cause 3):
     # seeded 5-layer runs fell to 47-54% with it.
     p.set_defaults(normalize_targets="cdni")
-    p.add_argument("--layers", type=int, nargs="+", default=[3, 4, 5, 6], help="network depths (linear layers)")
+    p.add_argument("--layers", type=_depth, nargs="+", default=[3, 4, 5, 6],
+                   help="network depths (linear layers, at least 2: one interface needs a layer on each side)")
     p.add_argument("--mode", choices=("all",) + MODES, nargs="+", default=["all"], help="which variants to train")
     p.add_argument("--synth-hidden", type=int, default=1, choices=(0, 1, 2), help="synthesizer hidden layers")
     p.add_argument("--synth-width", type=int, default=1024, help="synthesizer hidden units (--synth mlp)")
@@ -69,7 +78,7 @@ def build_parser():
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = C.parse(build_parser(), argv)
     if args.quick:
-        args.layers = args.layers if argv and "--layers" in argv else [3]
+        C.quick_defaults(args, layers=[3])
         args.synth_width = min(args.synth_width, 64)
         args.batch_size = min(args.batch_size, 64)
     C.setup(args)

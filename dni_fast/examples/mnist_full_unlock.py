@@ -60,7 +60,7 @@ class UnlockedMLP(nn.Module):
 def build_parser():
     p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=64, lr=1e-3)
     p.add_argument("--mode", choices=("all",) + MODES, nargs="+", default=["all"], help="which variants to train")
-    p.add_argument("--synth-hidden", type=int, default=2, help="hidden layers of both synthesizers")
+    p.add_argument("--synth-hidden", type=C.non_negative_int, default=2, help="hidden layers of both synthesizers")
     p.epilog = "Default epochs: 5 on MNIST, 40 on digits, 1 with --quick."
     return p
 

@@ -79,7 +79,7 @@ def build_parser():
     # decay for every parameter group; --dni-pytorch restores dni-pytorch's constant rate and init.
     p = C.base_parser(__doc__.split("\n")[0], epochs=None, batch_size=64, lr=1e-3, lr_schedule="cosine")
     p.add_argument("--mode", choices=("all",) + MODES, nargs="+", default=["all"], help="which variants to train")
-    p.add_argument("--synth-hidden", type=int, default=1, help="hidden layers of each synthesizer (--synth mlp)")
+    p.add_argument("--synth-hidden", type=C.non_negative_int, default=1, help="hidden layers of each synthesizer (--synth mlp)")
     # RidgeSynthesizer by default (validation split, 10 epochs, seed 1: DNI 97.83% -> 98.21%, cDNI 98.10% ->
     # 98.65%, backprop 98.73%; forget 0.98 / 0.99 / 0.995 gave cDNI 98.65 / 98.64 / 98.64): a linear map refitted
     # in closed form follows the moving gradient map that Adam on a BasicSynthesizer lags behind

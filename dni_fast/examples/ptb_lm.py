@@ -114,7 +114,9 @@ def evaluate(model: LSTMLM, data: torch.Tensor, chunk: int = 100) -> float:
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
     model.train()
-    return total / max(count, 1)
+    if count == 0:
+        raise ValueError(f"ptb_lm.evaluate: data of shape {tuple(data.shape)} has no token to predict")
+    return total / count
 
 
 def metric(loss: float, level: str) -> float:
@@ -139,6 +141,14 @@ def train_one(args, corpus, T: int, use_dni: bool, name: str) -> dict:
     test = corpus.test[:args.eval_tokens] if args.eval_tokens else corpus.test
     train_b = batchify(train, args.batch_size)
     valid_b, test_b = batchify(valid, args.eval_batch_size), batchify(test, args.eval_batch_size)
+    for what, b, n, size, flag in (("training", train_b, len(train), args.batch_size, "--batch-size"),
+                                   ("validation", valid_b, len(valid), args.eval_batch_size, "--eval-batch-size"),
+                                   ("test", test_b, len(test), args.eval_batch_size, "--eval-batch-size")):
+        need = T + 1 if what == "training" else 2
+        if b.shape[0] < need:  # else nothing is trained, or evaluated (a loss of 0: 0 bits per character)
+            raise ValueError(f"ptb_lm: the {what} split ({n} tokens) in {size} streams ({flag}) leaves "
+                             f"{b.shape[0]} tokens per stream, fewer than the {need} needed (T={T}); use more "
+                             f"tokens or fewer streams")
     steps_per_epoch = (train_b.shape[0] - 1) // T
     total = steps_per_epoch * args.epochs
     eval_every = max(total // max(args.n_evals, 1), 1)
@@ -220,13 +230,13 @@ def build_parser():
     # 6 runs); the ridge synthesizer drops the normalisation unless --normalize-targets is given.
     p.set_defaults(n_evals=10, normalize_targets="all")
     p.add_argument("--level", choices=("char", "word"), default="char", help="character or word level")
-    p.add_argument("--bptt", type=int, nargs="+", default=[2, 4, 8], help="truncation lengths T")
+    p.add_argument("--bptt", type=C.positive_int, nargs="+", default=[2, 4, 8], help="truncation lengths T")
     p.add_argument("--mode", choices=("all", "bptt", "dni"), default="all", help="which variants to train")
-    p.add_argument("--hidden", type=int, default=256, help="LSTM units")
+    p.add_argument("--hidden", type=C.positive_int, default=256, help="LSTM units")
     p.add_argument("--emb", type=int, default=None, help="embedding size (default: 64 char, 128 word)")
-    p.add_argument("--layers", type=int, default=1, help="LSTM layers")
+    p.add_argument("--layers", type=C.positive_int, default=1, help="LSTM layers")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout")
-    p.add_argument("--synth-hidden", type=int, default=2, help="synthesizer hidden layers (--synth mlp)")
+    p.add_argument("--synth-hidden", type=C.non_negative_int, default=2, help="synthesizer hidden layers (--synth mlp)")
     C.add_synth_options(p, default="ridge")
     p.add_argument("--sg-factor", type=float, default=None,
                    help="scale of the injected synthetic gradient (default: 0.5 with --synth ridge, 0.1 with "
@@ -236,9 +246,10 @@ def build_parser():
                         "state (the same magnitudes and distribution, no information about this state)")
     p.add_argument("--clip", type=float, default=1.0,
                    help="clip the LSTM's gradient norm (of the mean loss) to this (0: none)")
-    p.add_argument("--train-tokens", type=int, default=None, help="train on the first N tokens only")
-    p.add_argument("--eval-tokens", type=int, default=None, help="validate and test on the first N tokens only")
-    p.add_argument("--eval-batch-size", type=int, default=16, help="parallel streams when evaluating")
+    p.add_argument("--train-tokens", type=C.positive_int, default=None, help="train on the first N tokens only")
+    p.add_argument("--eval-tokens", type=C.positive_int, default=None,
+                   help="validate and test on the first N tokens only")
+    p.add_argument("--eval-batch-size", type=C.positive_int, default=16, help="parallel streams when evaluating")
     return p
 
 
@@ -247,8 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = C.parse(parser, argv)
     C.refuse_unused(parser, args, used=set(C.TUNING_OPTIONS) - {"valid"})  # the corpus has its own valid split
     if args.quick:
-        args.bptt = args.bptt if argv and "--bptt" in argv else [2]
-        args.hidden, args.train_tokens, args.eval_tokens, args.n_evals = 32, 3000, 1000, 2
+        C.quick_defaults(args, bptt=[2], hidden=32, train_tokens=3000, eval_tokens=1000, n_evals=2)
         args.synth_hidden = min(args.synth_hidden, 1)
     if args.emb is None:
         args.emb = 64 if args.level == "char" else 128

@@ -204,7 +204,7 @@ class GradientIsolated(nn.Module):
     def _leave_iface(self, j: int):
         def hook(module, args, output):
             t = self._iface_inputs[j].pop()
-            if t is not None and module._overlapping() == _overlap.INJECTION:
+            if t is not None and module._overlapping(module._engine(t), t) == _overlap.INJECTION:
                 self._offloaded[j].append(t)
         return hook
 
