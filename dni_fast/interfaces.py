@@ -33,7 +33,7 @@ from dni_fast._manager import current_context, is_deferring
 from dni_fast.backends import Backend, _check_name, resolve
 from dni_fast.backends.fused import flatten_inputs, grad_carrier
 from dni_fast.regression import BACKWARD_LOSS, FORWARD_LOSS
-from dni_fast.stats import SynthStats
+from dni_fast.stats import SynthStats, apply_with_row
 from dni_fast.synthesizer import BasicSynthesizer
 
 __all__ = ["UnidirectionalInterface", "ForwardInterface", "BackwardInterface", "BidirectionalInterface",
@@ -544,10 +544,10 @@ class BackwardInterface(UnidirectionalInterface):
         sink = self._stats_sink()
         if sink is None or not torch.is_grad_enabled():
             return out
-        from dni_fast.backends.reference import _RefUpdater, _with_row
+        from dni_fast.backends.reference import _RefUpdater
 
         anchor = s.new_empty(0).requires_grad_()  # makes the output require grad
-        return _with_row(_RefUpdater, sink, BACKWARD_LOSS.scale(out.shape), s, None, out, s.detach(), anchor)
+        return apply_with_row(_RefUpdater, sink, BACKWARD_LOSS.scale(out.shape), s, None, out, s.detach(), anchor)
 
     def _check_empty(self, trigger: Tensor) -> None:
         """An empty batch does nothing, but a trigger of the wrong width, dtype or

@@ -7,7 +7,9 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["SynthStats", "partials_of"]
+from dni_fast._compile import compiler_disable
+
+__all__ = ["SynthStats", "partials_of", "apply_with_row"]
 
 # A reserved row holds this in every column until its update writes it. Column 2
 # is sum(S^2): never negative, and NaN or inf when S is not finite, so a written
@@ -34,9 +36,11 @@ def partials_of(s: Tensor, g: Tensor) -> Tensor:
 class SynthStats:
     """Regression loss, cosine, relative error and norms of one interface.
 
-    Each update writes its four partial sums (:func:`partials_of`) into a row of
-    a ring, reserved at forward time by the fused C++ step and at backward time
-    elsewhere: recording is one small device copy and never syncs. Everything
+    Each step writes its four partial sums (:func:`partials_of`) into a row of
+    a ring, reserved at its forward on every backend and mode (the steps are
+    ordered by their forwards, and a step counts once however many backwards
+    run through it: ``retain_graph``), written by its first update: recording
+    is one small device copy and never syncs. Everything
     else is derived from the rows when :meth:`read` is called, or when the ring
     fills (every ``CAPACITY`` steps).
 
@@ -202,3 +206,10 @@ class SynthStats:
         out["count"] = count
         out["nonfinite"] = nonfinite
         return out
+
+
+@compiler_disable  # the row is a fresh tensor a step: torch.compile would guard on it and recompile every step
+def apply_with_row(fn, stats: Optional[SynthStats], scale: float, on: Tensor, *args, lead: tuple = ()):
+    """``fn.apply(*lead, row, scale, *args)``: an updater ``torch.autograd.Function`` given the step's
+    statistics row, reserved now, at the forward (``SynthStats.step_row``; ``None`` without ``stats``)."""
+    return fn.apply(*lead, None if stats is None else stats.step_row(scale, on.device), scale, *args)

@@ -23,10 +23,9 @@ from torch import Tensor
 
 from dni_fast import _overlap
 from dni_fast._autocast import compute_dtype, no_autocast
-from dni_fast._compile import compiler_disable
 from dni_fast._manager import backward as _backward
 from dni_fast.backends.base import Backend, Primitives
-from dni_fast.stats import partials_of
+from dni_fast.stats import apply_with_row, partials_of
 
 __all__ = ["FusedBackend", "flatten_inputs", "grad_carrier"]
 
@@ -74,12 +73,6 @@ _MODIFIED = ("dni_fast overlap: the trigger or the context of an overlapped synt
 
 def _versions(*ts: Optional[Tensor]) -> tuple:
     return tuple(t._version for t in ts if t is not None)
-
-
-@compiler_disable  # the row is a fresh tensor a step: torch.compile would guard on it and recompile every step
-def _with_row(fn, prims: Primitives, stats, scale: float, on: Tensor, *args):
-    """``fn.apply(prims, row, scale, *args)`` with the step's statistics row reserved now (``SynthStats.step_row``)."""
-    return fn.apply(prims, None if stats is None else stats.step_row(scale, on.device), scale, *args)
 
 
 class _TriggerUpdate(torch.autograd.Function):
@@ -215,8 +208,8 @@ class FusedBackend(Backend):
 
     def trigger(self, synth, trigger, context, stats, scale, inject_into, overlap=False):
         x, c = flatten_inputs(synth, trigger, context)
-        out, s = _with_row(_TriggerUpdate, self.primitives, stats, scale, x, overlap, trigger, x, c,
-                           *synth.flat_params())
+        out, s = apply_with_row(_TriggerUpdate, stats, scale, x, overlap, trigger, x, c, *synth.flat_params(),
+                                lead=(self.primitives,))
         if inject_into is not None:
             _backward(inject_into, s)
         return out, s
@@ -230,7 +223,8 @@ class FusedBackend(Backend):
         m = message.detach().reshape(-1, message.shape[-1])
         if m.dtype != x.dtype:
             m = m.to(x.dtype)
-        carrier, s = _with_row(_SendRegression, self.primitives, stats, scale, x, x, c, m, *synth.flat_params())
+        carrier, s = apply_with_row(_SendRegression, stats, scale, x, x, c, m, *synth.flat_params(),
+                                    lead=(self.primitives,))
         if not carrier.requires_grad:  # a frozen synthesizer (or no grad): no backward will record S against m
             if stats is not None:
                 stats.record(partials_of(s, m), scale)

@@ -13,11 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from dni_fast import _overlap
-from dni_fast._compile import compiler_disable
 from dni_fast._manager import backward as _backward
 from dni_fast.backends.base import Backend, Primitives
 from dni_fast.regression import RegressionLoss
-from dni_fast.stats import SynthStats, partials_of
+from dni_fast.stats import apply_with_row, partials_of
 
 __all__ = ["ReferenceBackend"]
 
@@ -106,12 +105,6 @@ def _write_row(ctx, s: Tensor, g: Tensor) -> None:
         row.copy_(partials_of(s, g))
 
 
-@compiler_disable  # the row is a fresh tensor a step: torch.compile would guard on it and recompile every step
-def _with_row(fn, stats: Optional[SynthStats], scale: float, on: Tensor, *args):
-    """``fn.apply(row, scale, *args)`` with the step's statistics row reserved now (``SynthStats.step_row``)."""
-    return fn.apply(None if stats is None else stats.step_row(scale, on.device), scale, *args)
-
-
 def closed_form(synth: nn.Module) -> bool:
     """Whether ``synth`` learns through ``fit(trigger, context, target)`` rather than a loss's gradient."""
     return bool(getattr(synth, "closed_form", False))
@@ -150,20 +143,20 @@ class ReferenceBackend(Backend):
             if not getattr(synth, "fitting", True):  # not learning: measured only
                 if stats is None or not trigger.requires_grad:
                     return trigger, s
-                return _with_row(_RefUpdater, stats, scale, s, None, trigger, s), s
+                return apply_with_row(_RefUpdater, stats, scale, s, None, trigger, s), s
             anchor = s.new_empty(0).requires_grad_()
-            return _with_row(_RefFitter, stats, scale, s, synth, _detached(context), trigger, s, anchor), s
+            return apply_with_row(_RefFitter, stats, scale, s, synth, _detached(context), trigger, s, anchor), s
         s = self._synth_graph(synth, trigger, context)
         if inject_into is not None:
             _backward(inject_into, s.detach())
         if not s.requires_grad:  # frozen synthesizer: nothing to update, but S is still measured against g
             if stats is None or not trigger.requires_grad:
                 return trigger, s.detach()
-            return _with_row(_RefUpdater, stats, scale, s, None, trigger, s.detach()), s.detach()
+            return apply_with_row(_RefUpdater, stats, scale, s, None, trigger, s.detach()), s.detach()
         if overlap:
             params = [p for p in synth.parameters() if p.requires_grad]
-            return _with_row(_RefUpdater, stats, scale, s, (params, s), trigger, s.detach(), *params), s.detach()
-        return _with_row(_RefUpdater, stats, scale, s, None, trigger, s), s.detach()
+            return apply_with_row(_RefUpdater, stats, scale, s, (params, s), trigger, s.detach(), *params), s.detach()
+        return apply_with_row(_RefUpdater, stats, scale, s, None, trigger, s), s.detach()
 
     def send(self, synth, trigger, context, message, stats, loss: RegressionLoss, scale):
         s = self._synth_graph(synth, trigger, context)
