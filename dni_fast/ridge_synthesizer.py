@@ -85,11 +85,12 @@ class RidgeSynthesizer(nn.Module):
     Where its target is bootstrapped from its own output (an RNN's
     ``sg_factor`` near 1), or from the synthesizer above it in a deep stack of
     interfaces, an exact fit can feed its own growth: nothing damps the loop
-    as an optimiser's small steps do. Measured: in 5- and 6-layer every-layer
-    cDNI FCNs with ``normalize_targets=True`` the synthetic gradients' norms
-    reached 1e12 within 100 steps (the 6-layer net went to NaN); without
-    normalisation the same nets trained well (docs/synthetic_gradients.md,
-    "MNIST FCN"). Watch ``interface.stats()["s_norm"]``.
+    as an optimiser's small steps do. Watch ``interface.stats()["s_norm"]``.
+    (A divergence once measured in 5- and 6-layer cDNI FCNs with
+    ``normalize_targets=True``, norms of 1e12 within 100 steps, was the
+    interface handing the first target over unnormalised, which this fit
+    then kept; fixed, those nets train as without normalisation:
+    docs/synthetic_gradients.md, "MNIST FCN".)
     """
 
     #: the interfaces hand this synthesizer its targets through ``fit`` (docs/design.md)

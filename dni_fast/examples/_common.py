@@ -186,8 +186,9 @@ def apply_presets(args: argparse.Namespace) -> None:
     if hasattr(args, "sg_factor") and args.sg_factor is None:
         args.sg_factor = 0.5 if getattr(args, "synth", "mlp") == "ridge" else 0.1
     # Normalised targets answer the gradient-trained synthesizer's optimiser (docs/synthetic_gradients.md, cause
-    # 1); the ridge fit does not depend on the targets' scale, and with them the 6-layer cDNI FCN diverged
-    # (the same net without them: 95.4% after 2 epochs on the validation split).
+    # 1); the ridge fit does not depend on the targets' scale, so they are off for it. (With them the 6-layer
+    # cDNI FCN once diverged: that was the first target reaching the fit unnormalised, fixed since; the fixed
+    # run ends where the one without them does, fcn_e10_ridge_fixed.json.)
     given = {a.split("=")[0] for a in getattr(args, "argv", [])}
     if getattr(args, "synth", "mlp") == "ridge" and hasattr(args, "normalize_targets") and not (
             given & {"--normalize-targets", "--no-normalize-targets"}):
