@@ -446,8 +446,13 @@ def _leaves(root: Tensor) -> Optional[List[Tensor]]:
     stack = [fn]
     while stack:
         node = stack.pop()
-        if type(node).__name__ == "CheckpointFunctionBackward":
+        name = type(node).__name__
+        if name == "CheckpointFunctionBackward":
             return None  # reentrant checkpointing refuses torch.autograd.grad: inject inline
+        if name == "_TargetScaleBackward":
+            # an interface below with normalize_targets: its running scale is read by the next forward, which
+            # must not wait for (or race) an injection still on the worker (gradient accumulation)
+            return None
         if _unpacks_with_hooks(node):
             return None
         for nxt, _ in node.next_functions:
@@ -466,6 +471,12 @@ def _leaves(root: Tensor) -> Optional[List[Tensor]]:
 
 def _hooked(leaf: Tensor) -> bool:
     return bool(leaf._backward_hooks or getattr(leaf, "_post_accumulate_grad_hooks", None))
+
+
+def any_hooked(params: Sequence[Tensor]) -> bool:
+    """Whether a parameter has a tensor hook: an update deferred to the worker returns no gradient in the main
+    backward, and autograd would call the hook with ``None`` (a clamp hook crashed). Such an update runs inline."""
+    return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
 
 
 _SAVED_NAMES: dict = {}  # node type -> the names of its raw saved tensors

@@ -77,11 +77,14 @@ class _Runtime:
     """Host-side per-step state. A plain object rather than module attributes:
     nn.Module.__setattr__ costs ~3 us a step, and torch.compile must not guard on it."""
 
-    __slots__ = ("steps", "last_backend")
+    __slots__ = ("steps", "last_backend", "scale_known")
 
     def __init__(self) -> None:
         self.steps = 0  # injections attempted (drives the warm-up); see n_steps
         self.last_backend: Optional[str] = None
+        # normalize_targets: whether a true gradient has set the running scale (read from the device until it
+        # has, then known on the host for good: the count only grows; a load resets it)
+        self.scale_known = False
 
 
 class _TargetBox:
@@ -109,7 +112,7 @@ class _TargetScale(torch.autograd.Function):
     producers still get ``g`` unchanged)."""
 
     @staticmethod
-    def forward(ctx, t: Tensor, sigma: Tensor, seen: Tensor, owner: "BackwardInterface",
+    def forward(ctx, t: Tensor, sigma: Tensor, seen: bool, owner: "BackwardInterface",
                 box: Optional[_TargetBox]) -> Tensor:
         ctx.sigma, ctx.seen, ctx.owner, ctx.box = sigma, seen, owner, box
         return t.view_as(t)
@@ -118,8 +121,7 @@ class _TargetScale(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         owner = ctx.owner
         owner._observe_target(g)
-        sigma = torch.where(ctx.seen, ctx.sigma, owner.target_sigma())
-        scaled = _divide_target(g, sigma)
+        scaled = _divide_target(g, owner._regression_sigma(ctx.sigma, ctx.seen))
         box = ctx.box
         if box is not None:
             box.g, box.sent = g, scaled
@@ -262,6 +264,7 @@ class UnidirectionalInterface(nn.Module):
                                       error_msgs)
         if steps is not None:
             self._rt.steps = int(steps)
+        self._rt.scale_known = False  # (a loaded target count may be 0)
 
     @n_steps.setter
     def n_steps(self, value: int) -> None:
@@ -488,25 +491,26 @@ class BackwardInterface(UnidirectionalInterface):
     # -- regression-target normalisation -------------------------------------
     def target_sigma(self) -> Tensor:
         """The current RMS scale of the true gradients (1 before the first one), 0-dim, on the device."""
-        if _overlap._worker.pending and not _overlap.in_job():
-            # overlap="injection": the true gradients of the last backward may still be on their way here from the
-            # worker (gradient accumulation: no synchronisation point between two backwards)
-            _overlap._worker.wait()
         m = self.target_momentum
         count = self.target_count
         debiased = self.target_sq_ema / (1.0 - torch.pow(torch.full_like(count, m), count)).clamp_min(1e-12)
         return torch.where(count > 0, debiased.sqrt().clamp_min(1e-30), torch.ones_like(count))
 
-    def _target_scale(self) -> Tuple[Tensor, Tensor]:
+    def _target_scale(self) -> Tuple[Tensor, bool]:
         """``(sigma, seen)`` at prediction time: the scale, and whether any true
-        gradient had set it (on the device: no host sync). A regression target
-        predicted before the first one is scaled by the sigma observed with it
-        (``_regression_sigma``)."""
-        return self.target_sigma(), self.target_count > 0
+        gradient had set it. ``seen`` is read from the device (a sync on a GPU)
+        only until the first true gradient has been seen, then known for good.
+        A regression target predicted before that is divided by the sigma
+        observed with it (``_regression_sigma``)."""
+        rt = self._rt
+        if not rt.scale_known:
+            rt.scale_known = bool(self.target_count > 0)
+        return self.target_sigma(), rt.scale_known
 
-    def _regression_sigma(self, sigma: Tensor, seen: Tensor) -> Tensor:
-        """The scale a target predicted with ``(sigma, seen)`` is divided by, once it has been observed."""
-        return torch.where(seen, sigma, self.target_sigma())
+    def _regression_sigma(self, sigma: Tensor, seen: Optional[bool]) -> Tensor:
+        """The scale a target predicted with ``(sigma, seen)`` is divided by, once it has been observed
+        (``seen`` ``None``: a record from before this rule, divided by its own sigma)."""
+        return sigma if seen is None or seen else self.target_sigma()
 
     def _observe_target(self, g: Tensor) -> None:
         # An all-zero target (the first steps of a stacked interface, whose

@@ -431,7 +431,7 @@ def ptb_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None,
             row += [pm([r.get("final_cos") for r in bd.get("dni", [])], "{:.3f}"),
                     compare([r["test_metric"] for r in bd.get("bptt", [])], [r["test_metric"] for r in bd.get("dni", [])],
                             True, "BPTT", "DNI (dni-pytorch settings)"),
-                    " ".join(f"{r['test_metric']:.3f}" for r in bd.get("dni", []))]
+                    " ".join(fmt(r["test_metric"], "{:.3f}") for r in bd.get("dni", []))]
         rows.append(row)
     hdr = ["T", f"BPTT test {unit}", f"DNI test {unit}"] + ([f"DNI test {unit} (dni-pytorch settings)"] if bb else []) \
         + ["DNI cos(SG, g) at the boundary"] + ([TRUE_COS_HEADER] if true_cos else []) + ["DNI vs BPTT"] \
@@ -569,6 +569,11 @@ def _verdict(ok: Optional[bool]) -> str:
     return "-" if ok is None else ("**met**" if ok else "missed")
 
 
+def _minus(a, b):
+    """``a - b``, or ``None`` where either is missing (a diverged run's null)."""
+    return None if a is None or b is None else a - b
+
+
 def strict_mean_std(xs: List[float]):
     """``mean_std``, but ``(None, None, 0)`` when a seed is missing or diverged: a target is judged on every
     seed or not at all."""
@@ -610,7 +615,7 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
     if ds:
         bp = {d["_seed"]: r["test_acc"] for d in ds for r in d["runs"] if r["variant"] == "backprop"}
         for v, need in (("cdni", 0.3), ("dni", 1.0)):
-            gaps = [bp[d["_seed"]] - r["test_acc"] for d in ds for r in d["runs"] if r["variant"] == v
+            gaps = [_minus(bp[d["_seed"]], r["test_acc"]) for d in ds for r in d["runs"] if r["variant"] == v
                     and d["_seed"] in bp]
             mu = strict_mean_std(gaps)[0]
             if mu is not None:
@@ -618,7 +623,8 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
                              f"(points)", f"<= {need}", pm(gaps), _verdict(mu <= need),
                              "" if mu <= need else f"over by {mu - need:.2f}"])
         for v in ("dni", "cdni"):
-            drops = [max(r["history"]["test_acc"]) - r["test_acc"] for d in ds for r in d["runs"] if r["variant"] == v]
+            drops = [_minus(max((a for a in r["history"]["test_acc"] if a is not None), default=None), r["test_acc"])
+                     for d in ds for r in d["runs"] if r["variant"] == v]
             mu = strict_mean_std(drops)[0]
             if mu is not None:
                 rows.append([f"MNIST MLP: no degradation, {LABEL[v]} (best test acc during training minus final)",
@@ -655,9 +661,8 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
             bpv, cv = "backprop" + rest, "cdni" + rest
             if bpv not in runs or cv not in runs:
                 continue
-            gd = [b["test_error"] - r["test_error"] for b, r in zip(runs[bpv], runs[v])]
-            gd = [-x for x in gd]
-            gc = [-(b["test_error"] - r["test_error"]) for b, r in zip(runs[bpv], runs[cv])]
+            gd = [_minus(r["test_error"], b["test_error"]) for b, r in zip(runs[bpv], runs[v])]
+            gc = [_minus(r["test_error"], b["test_error"]) for b, r in zip(runs[bpv], runs[cv])]
             md, mc = strict_mean_std(gd)[0], strict_mean_std(gc)[0]
             ok = mc <= md / 2 if md is not None and mc is not None and md > 0 else None
             rows.append([f"{label}{rest}: cDNI's gap to backprop at most half of DNI's", "cDNI gap <= DNI gap / 2",

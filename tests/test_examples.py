@@ -608,3 +608,24 @@ def test_diagnostics_reads_logs_with_missing_or_empty_curves(tmp_path):
         "a": {"cos": [], "rel_err": []}, "b": {"cos": [0.1, 0.2], "rel_err": [1.0, None]}}}}]}
     text = diagnostics.summarize(log)
     assert "test_acc -" in text and "b @100%: cos 0.2 rel_err -" in text and "a @" not in text
+
+
+def test_make_results_marks_a_diverged_seed_and_claims_nothing_on_it(tmp_path):
+    """A diverged seed (its metric null in the log) is shown as such, left out of the mean, and blocks the
+    claims on its row: it used to be dropped silently, and a null in a per-seed column crashed the page."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for p in (REPO / "docs" / "logs" / "results").glob("ptb_char*_s*.json"):
+        d = json.loads(p.read_text())
+        if p.name in ("ptb_char_s2.json", "ptb_char_dnipytorch_s2.json"):
+            for r in d["runs"]:
+                if r["variant"] == "dni T=2":
+                    r["test_metric"] = None
+        (runs / p.name).write_text(json.dumps(d))
+    mr = _make_results()
+    out = tmp_path / "docs"
+    mr.main(["--runs", str(runs), "--out", str(out), "--diag", ""])
+    page = (out / "results.md").read_text()
+    assert "(1 of 3 seeds diverged, left out)" in page and "no claim: 1 seed diverged" in page
+    t2 = [line for line in page.split("## Issue 11's targets")[1].splitlines() if "T=2: DNI test bpc" in line]
+    assert t2 and all("missed" in line for line in t2)

@@ -739,3 +739,44 @@ def test_kernels_in_the_triton_interpreter_never_go_to_the_worker():
     assert ov.pending() == 0 and all(p.grad is not None for p in iface.synthesizer.parameters())
     iface.backward(h, factor=0.3)
     dni.synchronize()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hooked_synthesizer_parameters_get_their_gradients_under_overlap(backend):
+    """A tensor hook on a synthesizer parameter (a clamp) runs in the main backward with the real gradient:
+    the overlapped update returned None there, and the hook crashed."""
+    def run(overlap):
+        torch.manual_seed(0)
+        lin = nn.Linear(6, 6)
+        synth = dni.BasicSynthesizer(6, n_hidden=1)
+        with torch.no_grad():
+            for p in synth.parameters():
+                p.normal_(0, 0.3)
+        seen = []
+        for p in synth.parameters():
+            p.register_hook(lambda g: seen.append(g is not None) or g.clamp(-0.5, 0.5))
+        iface = dni.BackwardInterface(synth, backend=backend, overlap=overlap)
+        (iface(lin(torch.randn(8, 6))) * torch.randn(8, 6)).sum().backward()
+        dni.synchronize()
+        return [p.grad for p in synth.parameters()], seen
+
+    (a, _), (b, seen) = run(False), run(True)
+    assert seen and all(seen) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_normalised_targets_never_wait_for_the_worker(monkeypatch, one_thread):
+    """normalize_targets read the running scale by waiting for every pending job, inside the backward and at
+    each forward: the overlapped updates ran serially again."""
+    waits = []
+    real = ov._Worker.wait
+    monkeypatch.setattr(ov._Worker, "wait", lambda self: waits.append(1) or real(self))
+    for mode in (True, "injection"):
+        m = _mlp("reference", normalize_targets=True)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        with dni.overlap(mode):
+            for _ in range(3):
+                waits.clear()
+                F.cross_entropy(m(torch.randn(16, 32)), torch.randint(0, 5, (16,))).backward()
+                assert not waits, mode  # nothing waited between the forward and the synchronisation point
+                opt.step()
+                opt.zero_grad()

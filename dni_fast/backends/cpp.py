@@ -58,7 +58,10 @@ class CppBackend(FusedBackend):
         # step (1.86x backprop instead of 1.75x, docs/decoupled.md); the one
         # update the main backward reaches (the top interface's) runs there,
         # as one native call.
+        params = synth.flat_params()
         threads = _overlap.worker_threads() if overlap and overlap != _overlap.INJECTION else 0
+        if threads and _overlap.any_hooked(params):  # the hooks must get this backward's gradients, not None
+            threads = 0
         if threads:
             _overlap.uses_native_worker()
-        return step(trigger, x, c, synth.flat_params(), scale, slot, inject_into, threads)
+        return step(trigger, x, c, params, scale, slot, inject_into, threads)

@@ -208,7 +208,10 @@ class FusedBackend(Backend):
 
     def trigger(self, synth, trigger, context, stats, scale, inject_into, overlap=False):
         x, c = flatten_inputs(synth, trigger, context)
-        out, s = apply_with_row(_TriggerUpdate, stats, scale, x, overlap, trigger, x, c, *synth.flat_params(),
+        params = synth.flat_params()
+        if overlap and _overlap.any_hooked(params):  # (a hooked parameter must get its gradient in this backward)
+            overlap = False
+        out, s = apply_with_row(_TriggerUpdate, stats, scale, x, overlap, trigger, x, c, *params,
                                 lead=(self.primitives,))
         if inject_into is not None:
             _backward(inject_into, s)

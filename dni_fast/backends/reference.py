@@ -153,8 +153,8 @@ class ReferenceBackend(Backend):
             if stats is None or not trigger.requires_grad:
                 return trigger, s.detach()
             return apply_with_row(_RefUpdater, stats, scale, s, None, trigger, s.detach()), s.detach()
-        if overlap:
-            params = [p for p in synth.parameters() if p.requires_grad]
+        params = [p for p in synth.parameters() if p.requires_grad] if overlap else ()
+        if overlap and not _overlap.any_hooked(params):
             return apply_with_row(_RefUpdater, stats, scale, s, (params, s), trigger, s.detach(), *params), s.detach()
         return apply_with_row(_RefUpdater, stats, scale, s, None, trigger, s), s.detach()
 

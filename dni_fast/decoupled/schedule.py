@@ -213,7 +213,7 @@ class _Record:
     shape: torch.Size
     target: Optional[Tensor] = None
     sigma: Optional[Tensor] = None  # normalize_targets: the target scale at prediction time (0-dim)
-    seen: Optional[Tensor] = None  # normalize_targets: whether a true gradient had set sigma then (0-dim bool)
+    seen: Optional[bool] = None  # normalize_targets: whether a true gradient had set sigma then
 
     def tensors(self) -> dict:
         return {"fused": self.backend is not None, "backend": None if self.backend is None else self.backend.name,
@@ -269,7 +269,8 @@ class _Synth:
         if self.normalizer is None:
             return out, rec
         with torch.no_grad():
-            rec.sigma, rec.seen = (t.detach().clone() for t in self.normalizer._target_scale())
+            sigma, rec.seen = self.normalizer._target_scale()
+            rec.sigma = sigma.detach().clone()
             return out * rec.sigma.to(out.dtype), rec
 
     def regress_compute(self, rec: _Record) -> Tensor:
@@ -282,7 +283,7 @@ class _Synth:
             norm = self.normalizer
             norm._observe_target(g)  # the running RMS learns from the true (unscaled) target
             # (a prediction made before any target had set sigma is divided by the sigma observed with its own)
-            g = _divide_target(g, rec.sigma if rec.seen is None else norm._regression_sigma(rec.sigma, rec.seen))
+            g = _divide_target(g, norm._regression_sigma(rec.sigma, rec.seen))
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         if rec.backend is not None:
