@@ -142,12 +142,11 @@ def set_overlap(enabled: Union[bool, str]) -> None:
     synchronises first."""
     global _default
     m = mode(enabled)
-    if not m:
-        try:
+    try:
+        if not m:
             synchronize()
-        finally:  # off even when a pending update raised (the error is the caller's to handle)
-            _default = m
-    _default = m
+    finally:  # off even when a pending update raised (the error is the caller's to handle)
+        _default = m
     if m:
         _install_hooks()
 
@@ -476,7 +475,7 @@ def _hooked(leaf: Tensor) -> bool:
 def any_hooked(params: Sequence[Tensor]) -> bool:
     """Whether a parameter has a tensor hook: an update deferred to the worker returns no gradient in the main
     backward, and autograd would call the hook with ``None`` (a clamp hook crashed). Such an update runs inline."""
-    return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
+    return any(_hooked(p) for p in params)
 
 
 _SAVED_NAMES: dict = {}  # node type -> the names of its raw saved tensors
