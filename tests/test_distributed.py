@@ -285,6 +285,10 @@ def scenario_lifecycle(rank, world, q):
     data = batches(6)
     st, mod, syn, _ = _train(rank, world, data[:3])
     st.finish()
+    t0 = time.monotonic()
+    if rank == 0:  # a second finish() on one rank (a finally: block) does nothing: it waited out the timeout
+        st.finish()
+    out["second_finish_s"] = time.monotonic() - t0
     saved = st.state_dict()
     out["closed_after_state_dict"] = not st.transport.is_open
     st2, _, _, _ = _train(rank, world, data[:2])  # not finished: its receivers stay posted
@@ -324,9 +328,9 @@ def scenario_late_peer(rank, world, q):
         st.step(x=x if rank == 0 else None)  # the last stage forgets its target
 
 
-def scenario_step_mismatch(rank, world, q):
-    """Only rank 0 loads its checkpoint: the stages are at different step counts, said at once (not after
-    the timeout, blaming a healthy stage)."""
+def scenario_step_mismatch(rank, world, q, loads=0):
+    """Only rank ``loads`` loads its checkpoint: the stages are at different step counts, said at once (not
+    after the timeout, blaming a healthy stage), whichever stage is ahead."""
     from dni_fast.distributed import DecoupledStage
 
     data = batches(8)
@@ -335,7 +339,7 @@ def scenario_step_mismatch(rank, world, q):
     st.finish()
     stages, synths = make_net(world)
     st = DecoupledStage(stages[rank], rank, world, synths[rank] if rank < world - 1 else None, adam, timeout=20)
-    if rank == 0:
+    if rank == loads:
         st.load_state_dict(saved)
     t0 = time.monotonic()
     try:
@@ -350,6 +354,7 @@ SCENARIOS = {f.__name__[len("scenario_"):]: f for f in (scenario_equal, scenario
                                                          scenario_shape_mismatch, scenario_kill, scenario_hang,
                                                          scenario_raise, scenario_packets, scenario_lifecycle,
                                                          scenario_late_peer, scenario_step_mismatch)}
+SCENARIOS["step_mismatch_ahead"] = lambda rank, world, q: scenario_step_mismatch(rank, world, q, loads=1)
 
 
 def _plain(obj):
@@ -460,7 +465,7 @@ def _assert_weights_equal(got, expected, what):
 # ---------------------------------------------------------------------------
 TIMEOUT, MARGIN = 3.0, 2.5  # the fault time is taken 0.3 s before the fault itself
 TWO = ["bad_config", "equal", "missing_target", "shape_mismatch", "packets", "lifecycle", "late_peer",
-       "step_mismatch"]
+       "step_mismatch", "step_mismatch_ahead"]
 THREE = ["equal", "raise"]
 
 
@@ -601,6 +606,7 @@ def test_state_dict_after_finish_a_second_stage_and_a_refused_checkpoint(two_ran
         assert out["second"] is not None and "still has its channels open" in out["second"], out
         assert out["refused"] is not None and "delay" in out["refused"], out
         assert out["unchanged"], "a refused checkpoint changed the weights"
+        assert out["second_finish_s"] < 2.0, f"a second finish() took {out['second_finish_s']:.1f} s"
 
 
 def test_a_send_to_a_peer_that_raised_and_left_names_that_peer(two_ranks):
@@ -619,3 +625,9 @@ def test_stages_at_different_step_counts_are_named_at_once(two_ranks):
     assert behind["type"] == "StepMismatch" and "different step counts" in behind["msg"], behind
     ahead = outs[0][1]
     assert ahead["type"] == "PeerFailure" and ahead["stage"] == 1 and "different step counts" in ahead["msg"], ahead
+    # the other way round: only rank 1 loads, so it is the one ahead (it used to wait out the timeout, and each
+    # stage blamed the other)
+    outs = [two_ranks["step_mismatch_ahead"][r] for r in range(2)]
+    for status, out in outs:
+        assert status == "ok" and out["type"] is not None and out["seconds"] < 10, out
+    assert any(o["type"] == "StepMismatch" for _, o in outs), outs

@@ -217,6 +217,7 @@ class DecoupledStage:
     def _ensure_open(self) -> None:
         if not self.transport.is_open:
             self.transport.open(*self._channels())
+            self._finished = False
 
     # -- the schedule ----------------------------------------------------------------------------
     def step(self, x: Optional[Tensor] = None, target: Any = None,
@@ -283,11 +284,14 @@ class DecoupledStage:
         then close the channels with the neighbours once they finish too. Call
         it on every rank after the last step; ``step`` may go on afterwards."""
         def run():
+            if self.__dict__.get("_finished") and not self.stage.pending():
+                return  # finished already, nothing since (a second finish() in a finally: block)
             self._ensure_open()
             for b in self.stage.pending():
                 self._receive_target(b)
                 self.stage.regress(b)
             self.transport.close()
+            self._finished = True
 
         self._guard(run)
 

@@ -361,10 +361,12 @@ class Transport:
                         return box.pop(seq)
                     if self.failure is not None:
                         raise self.failure
-                    if box and max(box) > seq:
-                        # A channel's messages leave in batch order: a later batch here means this one was
-                        # never sent. The two stages are at different step counts.
-                        raise StepMismatch(f"stage {peer} sent {what.split(' of batch')[0]} of batch {max(box)} "
+                    if box and (max(box) > seq or min(box) < seq):
+                        # A channel's messages leave, and are read, in batch order: a later batch here means this
+                        # one was never sent, an earlier one that it will never be read. The two stages are at
+                        # different step counts (either one ahead).
+                        other = max(box) if max(box) > seq else min(box)
+                        raise StepMismatch(f"stage {peer} sent {what.split(' of batch')[0]} of batch {other} "
                                            f"while stage {self.rank} waits for {what}: the stages are at different "
                                            f"step counts (a checkpoint loaded on some ranks only, or taken at "
                                            f"different steps?)")

@@ -36,6 +36,26 @@ def _needs_target(loss) -> bool:
     return bool(getattr(loss, "needs_target", True))
 
 
+class _EnterInterface:
+    """The guard's forward pre-hook on a ``BackwardInterface`` of module ``j``: notes its input. A class, not a
+    closure, so that ``copy.deepcopy`` rebinds it to the copy (and pickle can save it)."""
+
+    def __init__(self, owner: "GradientIsolated", j: int) -> None:
+        self.owner, self.j = owner, j
+
+    def __call__(self, module, args) -> None:
+        self.owner._iface_inputs[self.j].append(args[0] if args else None)
+
+
+class _LeaveInterface(_EnterInterface):
+    """The matching forward hook: drops the input, or keeps it while its injection is on the overlap worker."""
+
+    def __call__(self, module, args, output) -> None:
+        t = self.owner._iface_inputs[self.j].pop()
+        if t is not None and module._overlapping(module._engine(t), t) == _overlap.INJECTION:
+            self.owner._offloaded[self.j].append(t)
+
+
 class GradientIsolated(nn.Module):
     """Modules trained by local losses, with their inputs detached.
 
@@ -125,8 +145,9 @@ class GradientIsolated(nn.Module):
             if j > 0 and losses[j - 1] is None:
                 for sub in m.modules():
                     if isinstance(sub, BackwardInterface):
-                        self._guard_hooks.append(sub.register_forward_pre_hook(self._enter_iface(j)))
-                        self._guard_hooks.append(sub.register_forward_hook(self._leave_iface(j), always_call=True))
+                        self._guard_hooks.append(sub.register_forward_pre_hook(_EnterInterface(self, j)))
+                        self._guard_hooks.append(sub.register_forward_hook(_LeaveInterface(self, j),
+                                                                           always_call=True))
         # optimizers
         self.shared_optimizer: Optional[torch.optim.Optimizer] = None
         self.optimizers: List[Optional[torch.optim.Optimizer]] = []
@@ -195,18 +216,6 @@ class GradientIsolated(nn.Module):
                     seen.add(id(p))
                     out.append(p)
         return out
-
-    def _enter_iface(self, j: int):
-        def hook(module, args):
-            self._iface_inputs[j].append(args[0] if args else None)
-        return hook
-
-    def _leave_iface(self, j: int):
-        def hook(module, args, output):
-            t = self._iface_inputs[j].pop()
-            if t is not None and module._overlapping(module._engine(t), t) == _overlap.INJECTION:
-                self._offloaded[j].append(t)
-        return hook
 
     def _guard(self, i: int, h: Tensor) -> None:
         """Raise if a gradient reaches module i's output (whose loss is None)
@@ -335,6 +344,9 @@ class GradientIsolated(nn.Module):
         self._zero_grad(trained)
         for i in trained:
             out = self.stages[i](h)
+            if not isinstance(out, Tensor):
+                raise TypeError(f"GradientIsolated: module {i} returned a {type(out).__name__}; each module must "
+                                f"return one tensor (the next module's input, and what its local loss sees)")
             loss = self._losses[i]
             if loss is None:
                 self._guard(i, out)
@@ -343,8 +355,10 @@ class GradientIsolated(nn.Module):
                 h = loss(out)  # injects S(out) into module i now; returns the trigger on out.detach()
             else:
                 value = self._call_loss(i, out, y)
-                # backpropagate and free module i's graph before module i+1 runs
-                value.backward()
+                # backpropagate and free module i's graph before module i+1 runs (nothing to backpropagate: a
+                # module without parameters under a loss without any)
+                if value.requires_grad:
+                    value.backward()
                 out_losses[i] = value.detach()
                 h = out.detach()
             del out
