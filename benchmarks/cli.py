@@ -10,10 +10,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
 import torch
+
+
+def _non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return v
+
+
+def _at_least_2(text: str) -> int:
+    v = int(text)
+    if v < 2:  # (the MLP has BatchNorm: one row has no batch statistics)
+        raise argparse.ArgumentTypeError(f"{text}: the MLP's batch needs at least 2 rows")
+    return v
+
+
+def _positive_seconds(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return v
 
 
 def _write_auto_table(B, rows, device: torch.device, env: dict) -> None:
@@ -27,6 +49,11 @@ def _write_auto_table(B, rows, device: torch.device, env: dict) -> None:
     except (OSError, ValueError):
         old = {"rules": []}
     fresh = B.auto_table(rows, device.type, env)
+    if not fresh["rules"]:
+        # (another machine's CSV, another thread count, no reference rows): keep the table as it is
+        raise SystemExit(f"dni_fast bench: no {device.type} rule could be derived from the rows given (this "
+                         f"machine's, at this thread count, with a reference to compare against); "
+                         f"{_TABLE_PATH} is unchanged")
     keep = [r for r in old.get("rules", []) if r.get("device") != device.type]
     table = {"note": "written by `python -m dni_fast bench --write-auto-table`; first matching rule wins",
              "sources": {**old.get("sources", {}), device.type: env}, "rules": fresh["rules"] + keep}
@@ -128,11 +155,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--sizes", nargs="+", metavar="B,D[,H]", type=_size,
                    help="interface-step sizes (default per device)")
     b.add_argument("--providers", nargs="+", help="default: every available provider")
-    b.add_argument("--threads", nargs="+", type=int, default=[0], help="CPU thread counts; 0 = the default count")
+    b.add_argument("--threads", nargs="+", type=_non_negative_int, default=[0],
+                   help="CPU thread counts; 0 = the default count")
     b.add_argument("--tf32", action="store_true", help="on CUDA, also measure fp32 with TF32 on (both paths)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     b.add_argument("--no-mlp", action="store_true")
-    b.add_argument("--mlp-batch", type=int)
+    b.add_argument("--mlp-batch", type=_at_least_2)
     b.add_argument("--mlp-adam", choices=("loop", "foreach", "fused"), default="loop",
                    help="Adam's implementation in the MLP benchmark, for every provider (default loop: torch's "
                         "CPU default)")
@@ -142,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
                    help="CUDA: also run every MLP provider with the whole step captured in a CUDA graph (<p>+graph)")
     b.add_argument("--mlp-autocast", action="store_true", help="also run the MLP under bf16 autocast")
     b.add_argument("--quick", action="store_true", help="one small size, short timings, no torch.compile")
-    b.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement (CPU)")
+    b.add_argument("--min-run-time", type=_positive_seconds, default=0.5, help="seconds per measurement (CPU)")
     b.add_argument("--csv", default=None, help="append rows to this CSV (e.g. benchmarks/results/bench.csv)")
     b.add_argument("--write-auto-table", action="store_true", help="refresh dni_fast/_autotable.json")
     b.add_argument("--auto-table-from", metavar="CSV",

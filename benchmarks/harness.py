@@ -431,8 +431,14 @@ def print_rows(rows: Sequence[Row], header: bool = True) -> None:
 
 def append_csv(rows: Sequence[Row], path: str, env: Dict[str, str]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
     fields = list(env) + [k for k in asdict(rows[0]) if k != "extra"] + ["extra"]
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != fields:  # appended under another header, the columns would come back shifted
+            raise SystemExit(f"dni_fast bench: {path} has other columns ({', '.join(header[:6])}...) than these "
+                             f"rows ({', '.join(fields[:6])}...); write to another --csv file")
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         if new:

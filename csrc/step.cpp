@@ -145,8 +145,17 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
 std::tuple<Tensor, Tensor> trigger_step(const Tensor& trigger, const Tensor& x, const OptTensor& c,
                                         const TensorVec& params, double scale, const OptTensor& stats_slot,
                                         const OptTensor& inject_into, int64_t overlap_threads) {
-  TORCH_CHECK(trigger.dim() >= 1 && trigger.numel() / std::max<int64_t>(trigger.size(-1), 1) == x.size(0),
-              "dni_fast._C.trigger_step: trigger of shape ", trigger.sizes(), " does not match x of shape ", x.sizes());
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < trigger.dim(); ++d) rows *= trigger.size(d);
+  TORCH_CHECK(trigger.dim() >= 1 && x.dim() == 2 && rows == x.size(0) && trigger.size(-1) == x.size(1),
+              "dni_fast._C.trigger_step: trigger of shape ", trigger.sizes(), " does not match x of shape ", x.sizes(),
+              " (x is the trigger flattened to (rows, features))");
+  if (stats_slot.has_value() && stats_slot->defined()) {
+    const Tensor& r = *stats_slot;
+    TORCH_CHECK(r.scalar_type() == at::kFloat && r.dim() == 1 && r.size(0) == 4 && r.device() == x.device(),
+                "dni_fast._C.trigger_step: stats_slot must be a float32 tensor of shape (4,) on ", x.device(),
+                ", got ", dtype_name(r.scalar_type()), " of shape ", r.sizes(), " on ", r.device());
+  }
   auto outs = TriggerUpdate::apply(trigger, x, c, at::TensorList(params), scale, stats_slot, overlap_threads);
   Tensor out = outs[0], s = outs[1];
   if (inject_into.has_value() && inject_into->requires_grad()) {

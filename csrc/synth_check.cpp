@@ -38,6 +38,11 @@ Layout check_forward_args(const char* fn, const Tensor& x, const OptTensor& c, c
               x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), fn, ": the trigger x must be floating point, got ",
               dtype_name(x.scalar_type()));
+  // Dense tensors only: a sparse or mkldnn one failed later with "unsupported memory format option Contiguous".
+  TORCH_CHECK(x.layout() == at::kStrided, fn, ": the trigger x must be a dense (strided) tensor, got layout ",
+              x.layout(), "; call .to_dense() first");
+  TORCH_CHECK(!c.has_value() || !c->defined() || c->layout() == at::kStrided, fn,
+              ": the context c must be a dense (strided) tensor, got layout ", c->layout());
 
   Layout lay;
   lay.has_context = c.has_value() && c->defined();
@@ -54,6 +59,8 @@ Layout check_forward_args(const char* fn, const Tensor& x, const OptTensor& c, c
     const Tensor& p = params[i];
     const std::string name = param_name(i, lay.has_context);
     TORCH_CHECK(p.defined(), fn, ": parameter ", i, " (", name, ") is undefined");
+    TORCH_CHECK(p.layout() == at::kStrided, fn, ": parameter ", i, " (", name, ") must be a dense (strided) tensor, "
+                "got layout ", p.layout());
     TORCH_CHECK(p.device() == x.device(), fn, ": parameter ", i, " (", name, ") is on ", p.device(),
                 " but the trigger x is on ", x.device());
     TORCH_CHECK(at::isFloatingType(p.scalar_type()), fn, ": parameter ", i, " (", name,

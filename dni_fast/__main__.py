@@ -35,7 +35,11 @@ def _info() -> int:
                              ", ".join(f"{k}={info[k]}" for k in ("status", "cuda", "torch", "time") if k in info)))
     if info and info.get("cuda_reason"):
         print(f"{'':10} CUDA part not built: {info['cuda_reason']}")
-    print(f"{'backend':10} {dni.get_backend()} (DNI_FAST_BACKEND={os.environ.get('DNI_FAST_BACKEND', 'unset')})")
+    try:
+        chosen = dni.get_backend()
+    except ValueError as e:  # a bad DNI_FAST_BACKEND: the diagnostic command says so instead of failing
+        chosen = f"(invalid: {e})"
+    print(f"{'backend':10} {chosen} (DNI_FAST_BACKEND={os.environ.get('DNI_FAST_BACKEND', 'unset')})")
     for b in backends.registered():
         facts = b.describe()
         print(f"  {b.name:10} devices {','.join(facts['devices'])}; dtypes {facts['dtypes']}; "

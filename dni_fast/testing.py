@@ -66,10 +66,15 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: Optional[float] = None,
     rtol = drt if rtol is None else rtol
     atol = dat if atol is None else atol
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    scale = e.abs().max().item() if e.numel() else 1.0
+    # the scale over the finite expected values: an infinity would make every tolerance infinite (an infinity
+    # must be matched exactly, below)
+    fin = e[torch.isfinite(e)]
+    scale = fin.abs().max().item() if fin.numel() else 1.0
     scale = scale if scale > 0 else 1.0
     # NaN where the reference has NaN, and the same infinity, are agreement (inf - inf would be NaN)
-    ok = ((a - e).abs() <= atol * scale + rtol * e.abs()) | (a == e) | (torch.isnan(a) & torch.isnan(e))
+    # an expected infinity is matched exactly (rtol * inf would accept anything)
+    close = torch.where(torch.isfinite(e), (a - e).abs() <= atol * scale + rtol * e.abs(), False)
+    ok = close | (a == e) | (torch.isnan(a) & torch.isnan(e))
     bad = ~ok
     if bool(bad.any()):
         raise AssertionError(_describe(a, e, bad, name))
@@ -80,6 +85,9 @@ def assert_lowp_close(fast: Tensor, ref_lowp: Tensor, ref_fp32: Tensor, factor: 
     """Flash-attention's rule: ``max|fast - ref_fp32| <= factor * max|ref_lowp - ref_fp32|``
     (plus one ulp of the low-precision dtype at the output's scale, so that an
     exactly representable result does not demand bit equality)."""
+    if not fast.shape == ref_lowp.shape == ref_fp32.shape:
+        raise AssertionError(f"{name}: shapes {tuple(fast.shape)} (fast), {tuple(ref_lowp.shape)} (low-precision "
+                             f"reference) and {tuple(ref_fp32.shape)} (fp32 reference) differ")
     f, lp, hp = fast.detach().double().cpu(), ref_lowp.detach().double().cpu(), ref_fp32.detach().double().cpu()
     err_fast = (f - hp).abs().max().item() if hp.numel() else 0.0
     err_ref = (lp - hp).abs().max().item() if hp.numel() else 0.0
@@ -107,9 +115,11 @@ class Report:
 
 
 def _as_tuple(out) -> Tuple[Tensor, ...]:
-    if isinstance(out, Tensor):
-        return (out,)
-    return tuple(o for o in out if isinstance(o, Tensor))
+    """Every tensor in ``out``: a tensor, or any nesting of dicts, lists and tuples of them (a dict of logits was
+    compared as nothing)."""
+    from torch.utils._pytree import tree_leaves
+
+    return tuple(o for o in tree_leaves(out) if isinstance(o, Tensor))
 
 
 def _run_once(make_model: Callable[[], nn.Module], run: Callable[[nn.Module], object], backend: str, seed: int):

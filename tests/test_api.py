@@ -628,3 +628,34 @@ def test_torch_compile_through_the_interfaces_does_not_recompile():
     assert frames[3] > 0 and frames[3:] == [frames[3]] * 5, frames  # nothing compiled after step 4
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+# -- the testing helpers, review this stop -----------------------------------------------------------------------
+def test_assert_close_needs_infinities_to_match_and_lowp_needs_equal_shapes():
+    from dni_fast.testing import assert_close, assert_lowp_close
+
+    with pytest.raises(AssertionError):  # an infinity expected made every tolerance infinite
+        assert_close(torch.tensor([5.0, -math.inf]), torch.tensor([1.0, math.inf]))
+    with pytest.raises(AssertionError):
+        assert_close(torch.tensor([-math.inf]), torch.tensor([math.inf]))
+    assert_close(torch.tensor([1.0, math.inf]), torch.tensor([1.0, math.inf]))
+    with pytest.raises(AssertionError, match="shapes"):
+        assert_lowp_close(torch.tensor([2.5]).bfloat16(), torch.tensor([2.5, 2.5]).bfloat16(), torch.tensor([2.5, 2.5]))
+
+
+def test_compare_backends_compares_tensors_inside_containers(monkeypatch):
+    from dni_fast import testing
+
+    calls = []
+
+    def run(model):
+        out = model(torch.randn(4, 8, requires_grad=True))
+        calls.append(1)
+        return {"logits": out + (1000.0 if len(calls) == 2 else 0.0)}
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), dni.BackwardInterface(dni.BasicSynthesizer(8)), nn.Linear(8, 3))
+
+    report = testing.compare_backends(make, run, "reference")
+    assert any("logits" in f or "output" in f or "0" in f for f in report.failures), report

@@ -159,3 +159,39 @@ def test_every_benchmark_script_starts_from_anywhere(script, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "usage" in p.stdout
+
+
+# -- review, this stop ------------------------------------------------------------------------------------------
+def test_an_auto_table_from_rows_that_give_no_rule_leaves_the_table_alone(tmp_path, monkeypatch):
+    from dni_fast.backends import auto
+
+    table_path = tmp_path / "auto.json"
+    table_path.write_text(json.dumps({"rules": [{"device": "cpu", "keep": True}]}))
+    monkeypatch.setattr(auto, "TABLE_PATH", str(table_path))
+    junk = tmp_path / "junk.csv"
+    junk.write_text("B,D\n1,2\n")
+    with pytest.raises(SystemExit, match="unchanged"):
+        main(["bench", "--auto-table-from", str(junk)])
+    assert json.loads(table_path.read_text())["rules"] == [{"device": "cpu", "keep": True}]
+
+
+def test_bench_refuses_to_append_under_another_header(tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(SystemExit, match="other columns"):
+        main(["bench", "--quick", "--sizes", "4,16,8", "--no-mlp", "--providers", "reference", "--csv", str(path)])
+    assert path.read_text() == "a,b,c\n1,2,3\n"
+
+
+@pytest.mark.parametrize("argv", [["--min-run-time", "nan"], ["--min-run-time", "-5"], ["--threads", "-1"],
+                                  ["--mlp-batch", "1"]])
+def test_bench_numbers_are_checked(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--quick", *argv])
+    assert e.value.code == 2
+
+
+def test_info_names_a_bad_backend_variable(monkeypatch, capsys):
+    monkeypatch.setenv("DNI_FAST_BACKEND", "bogus")
+    assert main(["info"]) == 0
+    assert "invalid" in capsys.readouterr().out
