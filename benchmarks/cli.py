@@ -10,31 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 
 import torch
 
-
-def _non_negative_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return v
+from dni_fast.examples._common import non_negative_int, positive_float  # the examples' argparse types
 
 
 def _at_least_2(text: str) -> int:
     v = int(text)
     if v < 2:  # (the MLP has BatchNorm: one row has no batch statistics)
         raise argparse.ArgumentTypeError(f"{text}: the MLP's batch needs at least 2 rows")
-    return v
-
-
-def _positive_seconds(text: str) -> float:
-    v = float(text)
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
     return v
 
 
@@ -155,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--sizes", nargs="+", metavar="B,D[,H]", type=_size,
                    help="interface-step sizes (default per device)")
     b.add_argument("--providers", nargs="+", help="default: every available provider")
-    b.add_argument("--threads", nargs="+", type=_non_negative_int, default=[0],
+    b.add_argument("--threads", nargs="+", type=non_negative_int, default=[0],
                    help="CPU thread counts; 0 = the default count")
     b.add_argument("--tf32", action="store_true", help="on CUDA, also measure fp32 with TF32 on (both paths)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
@@ -170,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
                    help="CUDA: also run every MLP provider with the whole step captured in a CUDA graph (<p>+graph)")
     b.add_argument("--mlp-autocast", action="store_true", help="also run the MLP under bf16 autocast")
     b.add_argument("--quick", action="store_true", help="one small size, short timings, no torch.compile")
-    b.add_argument("--min-run-time", type=_positive_seconds, default=0.5, help="seconds per measurement (CPU)")
+    b.add_argument("--min-run-time", type=positive_float, default=0.5, help="seconds per measurement (CPU)")
     b.add_argument("--csv", default=None, help="append rows to this CSV (e.g. benchmarks/results/bench.csv)")
     b.add_argument("--write-auto-table", action="store_true", help="refresh dni_fast/_autotable.json")
     b.add_argument("--auto-table-from", metavar="CSV",

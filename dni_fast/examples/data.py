@@ -156,6 +156,16 @@ def _named(root: Optional[PathLike]) -> str:
     return f"{env} (${ENV_VAR})" if env else ""
 
 
+def _refuse_named_root_without(r: Optional[Path], root: Optional[PathLike], folder: str, embedded: str) -> None:
+    """``--data auto`` falls back to the embedded data only where no root was named: a named root ``r`` without
+    ``folder/`` is a path one level off, named."""
+    if r is not None and _named(root):
+        raise DataNotFoundError(f"{r / folder} does not exist: the data root {_named(root)} has no {folder}/ "
+                                f"folder (a path one level off?). To fix: name the folder that holds {folder}/, "
+                                f"fetch it (python -m dni_fast.examples.data fetch {folder} --root {r}), or ask "
+                                f"for the embedded data by name ({embedded})")
+
+
 def data_root(root: Optional[PathLike] = None) -> Path:
     """The data root: ``root``, else ``$DNI_FAST_DATA``, else ``../shared/data``
     (from the current directory or from the checkout). Raises
@@ -430,11 +440,8 @@ def load_images(name: str = "auto", root: Optional[PathLike] = None, limit_train
     if name == "auto":
         r = _auto_root(root)
         name = "mnist" if r is not None and (r / "mnist").is_dir() else "digits"
-        if name == "digits" and r is not None and _named(root):
-            raise DataNotFoundError(f"{r / 'mnist'} does not exist: the data root {_named(root)} has no "
-                                    f"mnist/ folder (a path one level off?). To fix: name the folder that holds "
-                                    f"mnist/, fetch it (python -m dni_fast.examples.data fetch mnist --root {r}), "
-                                    f"or ask for the embedded set by name (--data digits)")
+        if name == "digits":
+            _refuse_named_root_without(r, root, "mnist", "--data digits")
     if name == "mnist":
         (xtr, ytr), (xte, yte) = load_mnist("train", root), load_mnist("test", root)
     elif name == "digits":
@@ -573,12 +580,8 @@ def load_text(name: str = "auto", level: str = "word", root: Optional[PathLike] 
     if name == "auto":
         r = _auto_root(root)
         name = "ptb" if r is not None and (r / PTB_FILES[level][0]).is_dir() else "synthetic"
-        if name == "synthetic" and r is not None and _named(root):
-            folder = PTB_FILES[level][0]
-            raise DataNotFoundError(f"{r / folder} does not exist: the data root {_named(root)} has no {folder}/ "
-                                    f"folder (a path one level off?). To fix: name the folder that holds "
-                                    f"{folder}/, fetch it (python -m dni_fast.examples.data fetch {folder} --root "
-                                    f"{r}), or ask for the embedded corpus by name (--data synthetic)")
+        if name == "synthetic":
+            _refuse_named_root_without(r, root, PTB_FILES[level][0], "--data synthetic")
     if name == "ptb":
         return load_ptb(level, root, max_lines)
     if name == "synthetic":
