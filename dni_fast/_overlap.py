@@ -193,10 +193,18 @@ class _Running(threading.local):
     def __init__(self) -> None:
         self.depth = 0  # jobs executing on this thread (a job may run another: nested)
         self.job: Optional[_Job] = None  # the innermost of them
-        self.injecting = False  # inside an injection's torch.autograd.grad (ours: it stands for a backward())
+        # inside an injection's torch.autograd.grad (ours: it stands for a backward()): its root, the trigger
+        self.injecting: Optional[Tensor] = None
 
 
 _running = _Running()
+
+
+def injecting_into(t: Tensor) -> bool:
+    """Whether the calling thread is running the offloaded injection whose root
+    is ``t`` (``overlap="injection"``: its ``torch.autograd.grad`` runs CPU
+    nodes on the thread that called it, the worker's or a caller's)."""
+    return _running.injecting is t
 
 
 def in_job() -> bool:
@@ -514,11 +522,11 @@ def inject(trigger: Tensor, s: Tensor) -> bool:
         return False
 
     def compute():
-        _running.injecting = True
+        _running.injecting = trigger
         try:
             return torch.autograd.grad((trigger,), leaves, (s,), allow_unused=True)
         finally:
-            _running.injecting = False
+            _running.injecting = None
 
     _worker.submit(_Job(compute, leaves, worker_threads(), None))
     return True
@@ -726,7 +734,7 @@ def plain_backward(leaves: Sequence[Tensor]) -> bool:
     gradient goes, so the update must run inline."""
     from torch.autograd.graph import get_gradient_edge
 
-    if _running.injecting:  # an injection on the worker: a backward() whose gradients are delivered later anyway
+    if _running.injecting is not None:  # an injection on the worker: a backward() whose gradients are delivered later anyway
         return True
     try:
         return all(torch._C._will_engine_execute_node(get_gradient_edge(t).node) for t in leaves if t.requires_grad)

@@ -738,7 +738,7 @@ class _InfoNCEFunction(torch.autograd.Function):
     def forward(ctx, g: _Geom, impl: str, chunk_bytes, skip_rows, src: Tensor, other: Tensor, idx: Tensor,
                 *weights: Tensor):
         # Autocast off: under it the chunked engine's bmm would score in bf16 and save that LSE, while the
-        # backward (outside autocast) recomputes the scores in the inputs' dtype: mismatched softmax weights.
+        # backward (autocast off as well) recomputes the scores in the inputs' dtype: mismatched softmax weights.
         with _no_autocast(src):
             proj = _project(g, skip_rows, src, weights)
             A, Tt = (proj, other) if g.seq else (other, proj)
@@ -770,7 +770,10 @@ class _InfoNCEFunction(torch.autograd.Function):
         def on_step(k: int, dp: Tensor) -> None:
             d_ws[k - 1] = _project_backward_k(g, k, ctx.skip_rows, src, weights[k - 1], dp, d_src32, need_w[k - 1])
 
-        _engine_bwd(ctx.impl, A, Tt, idx, lse, go, g, shared, on_step, ctx.chunk_bytes)
+        # Autocast off here too: a backward called inside autocast (GradientIsolated.step under it) would
+        # recompute the scores in bf16 against the fp32 LSE the forward saved.
+        with _no_autocast(go):
+            _engine_bwd(ctx.impl, A, Tt, idx, lse, go, g, shared, on_step, ctx.chunk_bytes)
         if ctx.same:
             return (None, None, None, None, None, shared.to(src.dtype), None, *d_ws)
         d_src = d_src32.to(src.dtype) if need_src else None

@@ -530,6 +530,20 @@ def test_autocast_does_not_change_the_fused_result(impl):
         assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_backward_called_inside_autocast_equals_the_fp32_run(impl):
+    """GradientIsolated.step calls backward() itself, so under autocast the fused backward ran inside it and
+    recomputed the scores in bf16 against the fp32 LSE (chunked: gradients 58% off)."""
+    z, c, ws, neg = vision_case(4, 64, 7, 7, 5, 16)
+    z = z * 3
+    _, g_plain = loss_and_grads(lambda z_, *w: K.infonce(z_, None, w, neg, impl=impl), [z, *ws])
+    leaves = [t.detach().clone().requires_grad_() for t in [z, *ws]]
+    with torch.autocast(torch.device(DEV).type, dtype=torch.bfloat16):
+        (K.infonce(leaves[0], None, leaves[1:], neg, impl=impl) * 1.7).backward()
+    for a, b in zip([t.grad for t in leaves], g_plain):
+        assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_the_references_compute_in_fp32_under_autocast_and_fp64_for_fp64():
     z, c, ws, neg = vision_case(2, 8, 5, 4, 2, 3, with_c=True)
     want = K.infonce_ref(z, c, ws, neg)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dni_fast as dni
+from dni_fast import _overlap
 from dni_fast.local import AuxClassifier, BoundaryCrossingError, GradientIsolated, InfoNCE, LocalLoss
 from dni_fast.testing import assert_close
 
@@ -537,3 +538,71 @@ def test_a_module_without_parameters_under_a_loss_without_any_is_skipped():
     gi = GradientIsolated([nn.Tanh(), nn.Linear(6, 5)], [lambda h, y: h.pow(2).mean(), heads[2]], sgd())
     losses = gi.step(*data())
     assert losses[0] is not None and losses[1] is not None
+
+
+# -- review, stop 23 ----------------------------------------------------------------------------------------------
+def test_a_loss_that_does_not_require_grad_is_refused_for_a_module_with_parameters():
+    """It was skipped silently: a loss value came back and the module never trained."""
+    stages, heads = make_net()
+    gi = GradientIsolated(stages[:2], [lambda h, y: F.cross_entropy(h.detach()[:, :3], y), heads[1]], sgd())
+    before = params_of(stages[:1])
+    with pytest.raises(RuntimeError, match="module 0's loss does not require grad"):
+        gi.step(*data())
+    assert all(torch.equal(a, b) for a, b in zip(before, params_of(stages[:1])))
+
+
+class _Residual(nn.Module):
+    """Feeds its input into a BackwardInterface and also around it: module 1's loss reaches module 0."""
+
+    def __init__(self, iface):
+        super().__init__()
+        self.iface, self.lin = iface, nn.Linear(8, 8)
+
+    def forward(self, h):
+        return torch.tanh(self.lin(self.iface(h))) + h
+
+
+@pytest.mark.parametrize("overlap", [None, "injection"])
+def test_the_guard_refuses_a_crossing_gradient_when_the_injection_runs_on_the_worker(overlap):
+    """Under overlap="injection" the guard accepted any gradient into an interface's input until the step's
+    end (the input was kept as a legitimate sender while its injection waited for the worker)."""
+    torch.manual_seed(0)
+    m0 = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+    iface = dni.BackwardInterface(randomized_synth(8), backend="reference", overlap=overlap)
+    gi = GradientIsolated([m0, _Residual(iface)], [None, AuxClassifier(8, 3, kind="mlp", conv_layers=0)], sgd())
+    try:
+        with pytest.raises(BoundaryCrossingError, match="module 0's output from outside a BackwardInterface"):
+            gi.step(*data())
+    finally:
+        _overlap.discard()  # the injection still queued on the worker
+
+
+def test_a_discarded_gradient_isolated_is_collected_and_takes_its_hooks_off():
+    """The guard's hooks held their GradientIsolated strongly: a discarded one stayed alive (its optimizers
+    too) through the user's modules, and each new one over the same modules added two more hooks."""
+    import gc
+
+    stages, heads = make_net()
+    iface = dni.BackwardInterface(randomized_synth(8), backend="reference")
+    mods = [stages[0], nn.Sequential(iface, stages[1])]
+    gi = GradientIsolated(mods, [None, heads[1]], sgd())
+    gi.step(*data())
+    ref = weakref.ref(gi)
+    del gi
+    gc.collect()
+    assert ref() is None
+    assert not iface._forward_pre_hooks and not iface._forward_hooks
+    gi = GradientIsolated(mods, [None, heads[1]], sgd())
+    assert len(iface._forward_pre_hooks) == 1 and len(iface._forward_hooks) == 1
+    for _ in range(20):  # forward() outside step(): nothing is kept
+        gi(data()[0])
+    assert gi._iface_inputs == [[], []]
+    gi.step(*data())
+
+
+def test_forward_checks_upto():
+    stages, heads = make_net()
+    gi = GradientIsolated(stages, heads, sgd())
+    with pytest.raises(ValueError, match=r"upto must be None or in \[0, 3\], got -1"):
+        gi(data()[0], upto=-1)
+    assert gi(data()[0], upto=0) is not None

@@ -13,6 +13,7 @@ the losses at the end, so every module's graph is alive at once.)
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -37,23 +38,48 @@ def _needs_target(loss) -> bool:
 
 
 class _EnterInterface:
-    """The guard's forward pre-hook on a ``BackwardInterface`` of module ``j``: notes its input. A class, not a
-    closure, so that ``copy.deepcopy`` rebinds it to the copy (and pickle can save it)."""
+    """The guard's forward pre-hook on a ``BackwardInterface`` of module ``j``: notes its input while the
+    interface runs. A class, not a closure, so that ``copy.deepcopy`` rebinds it to the copy (and pickle can
+    save it). It holds its owner weakly: the hooks stay on the user's modules, and must not keep a discarded
+    ``GradientIsolated`` (its optimizers and their state) alive; they are removed when it is collected."""
 
-    def __init__(self, owner: "GradientIsolated", j: int) -> None:
-        self.owner, self.j = owner, j
+    def __init__(self, owner: Optional["GradientIsolated"], j: int) -> None:
+        self.owner, self.j = (weakref.ref(owner) if owner is not None else _no_owner), j
+
+    def _inputs(self) -> Optional[List[Optional[Tensor]]]:
+        owner = self.owner()
+        return None if owner is None else owner._iface_inputs[self.j]
 
     def __call__(self, module, args) -> None:
-        self.owner._iface_inputs[self.j].append(args[0] if args else None)
+        inputs = self._inputs()
+        if inputs is not None:
+            inputs.append(args[0] if args else None)
+
+    def __deepcopy__(self, memo):
+        # the copy's hook serves the copy of the owner (deepcopy'd through memo: the same object as the copy's)
+        owner = self.owner()
+        return type(self)(copy.deepcopy(owner, memo) if owner is not None else None, self.j)
+
+    def __reduce__(self):
+        return type(self), (self.owner(), self.j)
 
 
 class _LeaveInterface(_EnterInterface):
-    """The matching forward hook: drops the input, or keeps it while its injection is on the overlap worker."""
+    """The matching forward hook: drops the input once the interface has returned."""
 
     def __call__(self, module, args, output) -> None:
-        t = self.owner._iface_inputs[self.j].pop()
-        if t is not None and module._overlapping(module._engine(t), t) == _overlap.INJECTION:
-            self.owner._offloaded[self.j].append(t)
+        inputs = self._inputs()
+        if inputs:
+            inputs.pop()
+
+
+def _no_owner() -> None:
+    """The owner of a hook whose ``GradientIsolated`` was collected (in a copy of its modules): none."""
+
+
+def _remove_all(handles) -> None:
+    for h in handles:
+        h.remove()
 
 
 class GradientIsolated(nn.Module):
@@ -137,9 +163,6 @@ class GradientIsolated(nn.Module):
         # the loss-None guard: inputs of the BackwardInterface calls in flight,
         # per module
         self._iface_inputs: List[List[Tensor]] = [[] for _ in modules]
-        # inputs of interfaces whose injection runs later on the overlap worker (overlap="injection"): still
-        # legitimate senders of a gradient until the step's synchronisation point
-        self._offloaded: List[List[Tensor]] = [[] for _ in modules]
         self._guard_hooks = []
         for j, m in enumerate(modules):
             if j > 0 and losses[j - 1] is None:
@@ -148,6 +171,7 @@ class GradientIsolated(nn.Module):
                         self._guard_hooks.append(sub.register_forward_pre_hook(_EnterInterface(self, j)))
                         self._guard_hooks.append(sub.register_forward_hook(_LeaveInterface(self, j),
                                                                            always_call=True))
+        self._remove_hooks_when_collected()
         # optimizers
         self.shared_optimizer: Optional[torch.optim.Optimizer] = None
         self.optimizers: List[Optional[torch.optim.Optimizer]] = []
@@ -181,6 +205,16 @@ class GradientIsolated(nn.Module):
                             f"{type(optimizer).__name__}")
 
     # ------------------------------------------------------------------ setup
+    def _remove_hooks_when_collected(self) -> None:
+        # The guard's hooks live on the user's modules: take them off when this object goes. The callback holds
+        # the handles, not self; a copy (deepcopy, pickle) registers its own through __setstate__.
+        if self._guard_hooks:
+            weakref.finalize(self, _remove_all, list(self._guard_hooks))
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._remove_hooks_when_collected()
+
     @property
     def losses(self) -> List[LossSpec]:
         """The local losses, one per module (``None`` where there is none)."""
@@ -226,7 +260,10 @@ class GradientIsolated(nn.Module):
         ref = weakref.ref(h)  # not h itself: h -> hook -> h would be a cycle that delays freeing h
 
         def hook(grad):
-            if not any(t is ref() for t in self._iface_inputs[i + 1] + self._offloaded[i + 1]):
+            # Legitimate: the injection of an interface of module i+1 into this very tensor, inline (while that
+            # interface runs) or on the overlap worker (overlap="injection": the thread running it knows its root).
+            t = ref()
+            if not (any(u is t for u in self._iface_inputs[i + 1]) or _overlap.injecting_into(t)):
                 raise BoundaryCrossingError(
                     f"a gradient reached module {i}'s output from outside a BackwardInterface of module {i + 1}. "
                     f"Module {i}'s loss is None, so module {i + 1} must feed its input straight into a "
@@ -257,7 +294,10 @@ class GradientIsolated(nn.Module):
         network: no losses and none of the interfaces given as losses (an
         interface inside a module runs as part of it: in train mode it
         injects), gradients as autograd makes them."""
-        upto = len(self.stages) if upto is None else upto
+        n = len(self.stages)
+        upto = n if upto is None else upto
+        if not isinstance(upto, int) or not 0 <= upto <= n:
+            raise ValueError(f"upto must be None or in [0, {n}], got {upto!r}")
         for m in list(self.stages)[:upto]:
             x = m(x)
         return x
@@ -359,14 +399,14 @@ class GradientIsolated(nn.Module):
                 # module without parameters under a loss without any)
                 if value.requires_grad:
                     value.backward()
+                elif self.module_parameters(i):
+                    raise RuntimeError(f"module {i}'s loss does not require grad (it was computed from a detached "
+                                       f"output, or under torch.no_grad()), so module {i} and its loss would never "
+                                       f"train; compute the loss from the module's output with autograd on")
                 out_losses[i] = value.detach()
                 h = out.detach()
             del out
-        try:
-            self._step_optimizers(trained)  # a synchronisation point: the offloaded injections have run
-        finally:
-            for lst in self._offloaded:
-                lst.clear()
+        self._step_optimizers(trained)  # a synchronisation point: the offloaded injections have run
         return out_losses
 
     @torch.no_grad()
