@@ -491,10 +491,10 @@ class BackwardInterface(UnidirectionalInterface):
     # -- regression-target normalisation -------------------------------------
     def target_sigma(self) -> Tensor:
         """The current RMS scale of the true gradients (1 before the first one), 0-dim, on the device."""
-        m = self.target_momentum
-        count = self.target_count
-        debiased = self.target_sq_ema / (1.0 - torch.pow(torch.full_like(count, m), count)).clamp_min(1e-12)
-        return torch.where(count > 0, debiased.sqrt().clamp_min(1e-30), torch.ones_like(count))
+        buf = self._buffers  # (not Module.__getattr__: this runs up to twice a step)
+        count = buf["target_count"]
+        debiased = buf["target_sq_ema"] / (1.0 - torch.pow(self.target_momentum, count)).clamp_min(1e-12)
+        return torch.where(count > 0, debiased.sqrt().clamp_min(1e-30), 1.0)
 
     def _target_scale(self) -> Tuple[Tensor, bool]:
         """``(sigma, seen)`` at prediction time: the scale, and whether any true
@@ -518,15 +518,18 @@ class BackwardInterface(UnidirectionalInterface):
         # counting it would make sigma ~0 and the next targets astronomically
         # large, killing the synthesizer's ReLUs. It is skipped, on the device.
         m = self.target_momentum
+        buf = self._buffers
+        ema, count = buf["target_sq_ema"], buf["target_count"]
         with torch.no_grad():
             # fp64: a finite fp32 gradient of 1e20 must not square to inf; a non-finite one is skipped like a
             # zero one (one inf would make sigma inf for good; the statistics count it as nonfinite)
-            msq = g.detach().double().pow(2).mean()
-            seen = (torch.isfinite(msq) & (msq > 0)).to(self.target_count.dtype)
-            msq = torch.where(seen > 0, msq, 0.0).to(self.target_sq_ema.dtype)  # (a buffer on MPS may be fp32)
-            self.target_sq_ema.copy_(torch.where(seen > 0, self.target_sq_ema * m + msq * (1.0 - m),
-                                                 self.target_sq_ema))
-            self.target_count.add_(seen)
+            g = g.detach()
+            sq = g.double().pow_(2) if g.dtype != torch.float64 else g.pow(2)  # squared in place on the copy
+            msq = sq.mean()
+            ok = torch.isfinite(msq) & (msq > 0)
+            # (torch.where picks ema where not ok: a NaN msq never reaches it. A buffer on MPS may be fp32.)
+            ema.copy_(torch.where(ok, ema * m + msq.to(ema.dtype) * (1.0 - m), ema))
+            count.add_(ok)
 
     def _overlapping(self, engine, trigger: Tensor) -> Union[bool, str]:
         """This step's overlap mode on ``engine``: ``False``, ``True`` (the

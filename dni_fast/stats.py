@@ -25,12 +25,13 @@ before_read: Optional[Callable[[], None]] = None
 can_wait: Optional[Callable[[], bool]] = None
 
 
-def partials_of(s: Tensor, g: Tensor) -> Tensor:
+def partials_of(s: Tensor, g: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """The four partial sums of one step, fp32 (4,): ``[sum((s-g)^2), sum(s*g),
-    sum(s^2), sum(g^2)]`` (what every fused update returns too)."""
+    sum(s^2), sum(g^2)]`` (what every fused update returns too), written into
+    ``out`` (a statistics row) when given."""
     sf, gf = s.detach().float(), g.detach().float()
     d = sf - gf
-    return torch.stack([(d * d).sum(), (sf * gf).sum(), (sf * sf).sum(), (gf * gf).sum()])
+    return torch.stack([(d * d).sum(), (sf * gf).sum(), (sf * sf).sum(), (gf * gf).sum()], out=out)
 
 
 class SynthStats:
@@ -69,14 +70,15 @@ class SynthStats:
         carried = []
         if self.__dict__.get("_ring") is not None and self._scales and self._late:
             self._retire_current()
-        for ring, scales, _counted, left in self.__dict__.get("_rings", []):
+        for ring, scales, _counted, left, half in self.__dict__.get("_rings", []):
             if left > 1:  # may still get late rows: what is written now is forgotten, later rows count
-                carried.append([ring, scales, ring[:len(scales), 2] != _UNWRITTEN, left])
+                carried.append([ring, scales, ring[:len(scales), 2] != _UNWRITTEN, left, half])
         self._ring: Optional[Tensor] = None  # (CAPACITY, 4) fp32
         self._scales: List[float] = []
         self._late = False  # a row of the current ring was reserved for a later write
         # Rings that left the current slot, oldest first, as [ring, scales, rows counted so far (bool, device;
-        # None: never folded), folds left]: set aside full (see can_wait), or carried for their late rows.
+        # None: never folded), folds left, the scales halved on the device (None: not yet made)]: set aside
+        # full (see can_wait), or carried for their late rows.
         self._rings: List[list] = carried
         # (8,): sums of (loss, cos, rel_err, s_norm, g_norm), count, nonfinite, count with g != 0
         self._sum: Optional[Tensor] = None
@@ -118,7 +120,7 @@ class SynthStats:
         """Move the current ring to ``_rings``: folded once, or ``1 + CARRY`` times
         when a row of it may still be written."""
         if self._scales and self._ring is not None:
-            self._rings.append([self._ring, self._scales, None, 1 + (self.CARRY if self._late else 0)])
+            self._rings.append([self._ring, self._scales, None, 1 + (self.CARRY if self._late else 0), None])
         self._ring, self._scales = None, []
 
     def _fold(self, final: bool = False) -> None:
@@ -130,16 +132,18 @@ class SynthStats:
         if before_read is not None:
             before_read()
         rings, self._rings = self._rings, []
-        for ring, scales, counted, left in rings:
-            counted = self._fold_one(ring, scales, counted)
+        for ring, scales, counted, left, half in rings:
+            if half is None:  # made once per ring (its scales are final), not at each of its folds
+                half = _halved(scales, ring.device)
+            counted = self._fold_one(ring, half, counted)
             if left > 1 and not (final and bool(counted.all())):
-                self._rings.append([ring, scales, counted, left - 1])
+                self._rings.append([ring, scales, counted, left - 1, half])
 
-    def _fold_one(self, ring: Tensor, scales: List[float], counted: Optional[Tensor]) -> Tensor:
-        """Add the rows of ``ring`` written and not ``counted`` before; returns the rows counted now."""
-        n = len(scales)
+    def _fold_one(self, ring: Tensor, half: Tensor, counted: Optional[Tensor]) -> Tensor:
+        """Add the rows of ``ring`` written and not ``counted`` before (``half``: (n,) fp64, the rows' loss
+        scales halved); returns the rows counted now."""
+        n = half.shape[0]
         p = ring[:n].double()
-        half = torch.tensor(scales, dtype=torch.float64).to(p.device, non_blocking=True) * 0.5
         written = p[:, 2] != _UNWRITTEN
         new = written if counted is None else written & ~counted
         finite = torch.isfinite(p).all(1)
@@ -206,6 +210,14 @@ class SynthStats:
         out["count"] = count
         out["nonfinite"] = nonfinite
         return out
+
+
+def _halved(scales: List[float], device: torch.device) -> Tensor:
+    """``scales * 0.5`` as (n,) fp64 on ``device`` (exact: a halving); made there when they are all equal,
+    as they are for a fixed batch shape (no host-to-device copy)."""
+    if all(x == scales[0] for x in scales):
+        return torch.full((len(scales),), scales[0] * 0.5, dtype=torch.float64, device=device)
+    return torch.tensor(scales, dtype=torch.float64).to(device, non_blocking=True) * 0.5
 
 
 @compiler_disable  # the row is a fresh tensor a step: torch.compile would guard on it and recompile every step

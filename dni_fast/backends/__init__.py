@@ -108,9 +108,18 @@ def get_backend() -> str:
         return _global.stack[-1]
     if _default is not None:
         return _default
-    # empty means unset, and spaces do not count, as for the other DNI_FAST_* variables
-    return _check_name((os.environ.get("DNI_FAST_BACKEND") or "").strip() or "auto",
-                       "from the DNI_FAST_BACKEND environment variable")
+    # read at every call (a test or a user may change it), checked once per value: this runs every step
+    raw = os.environ.get("DNI_FAST_BACKEND")
+    name = _env_checked.get(raw)
+    if name is None:
+        # empty means unset, and spaces do not count, as for the other DNI_FAST_* variables
+        name = _check_name((raw or "").strip() or "auto", "from the DNI_FAST_BACKEND environment variable")
+        _env_checked.clear()
+        _env_checked[raw] = name
+    return name
+
+
+_env_checked: dict = {}  # the last value of $DNI_FAST_BACKEND seen -> its checked name
 
 
 def set_backend(name: Optional[str]) -> None:

@@ -63,7 +63,7 @@ class _RefUpdater(torch.autograd.Function):
         # backward(inputs=...) the engine decides where each gradient goes, so
         # the products run here and their gradients are this node's outputs,
         # exactly as without overlap.
-        if not _overlap.plain_backward(params):
+        if not _overlap.plain_backward(ctx, len(params)):
             grads = torch.autograd.grad(s_graph, params, delta, retain_graph=True, allow_unused=True)
             return (None, None, None, g_in, None, *grads)
 
@@ -102,7 +102,7 @@ def _write_row(ctx, s: Tensor, g: Tensor) -> None:
     row = ctx.row
     if row is not None:
         ctx.row = None
-        row.copy_(partials_of(s, g))
+        partials_of(s, g, out=row)
 
 
 def closed_form(synth: nn.Module) -> bool:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from dni_fast._autocast import no_autocast
 from dni_fast.backends import resolve
 from dni_fast.backends.base import Backend
-from dni_fast.backends.fused import flatten_inputs, grad_carrier
+from dni_fast.backends.fused import deliver, flatten_inputs, grad_carrier
 from dni_fast.backends.reference import closed_form
 from dni_fast.interfaces import BackwardInterface, BidirectionalInterface, UnidirectionalInterface, _divide_target
 from dni_fast.regression import BACKWARD_LOSS, FORWARD_LOSS, RegressionLoss
@@ -269,8 +269,7 @@ class _Synth:
         if self.normalizer is None:
             return out, rec
         with torch.no_grad():
-            sigma, rec.seen = self.normalizer._target_scale()
-            rec.sigma = sigma.detach().clone()
+            rec.sigma, rec.seen = self.normalizer._target_scale()  # a fresh tensor (torch.where's)
             return out * rec.sigma.to(out.dtype), rec
 
     def regress_compute(self, rec: _Record) -> Tensor:
@@ -302,7 +301,7 @@ class _Synth:
             with torch.enable_grad():
                 carrier = grad_carrier(grads, params)
             if carrier.requires_grad:  # else the synthesizer is frozen
-                carrier.backward()
+                deliver(carrier)
         elif closed_form(self.module):  # RidgeSynthesizer: fitted on the target, no loss
             partials = partials_of(self.module(rec.x, rec.c) if self.regression == "current" else rec.s, g)
             self.module.fit(rec.x, rec.c, g)
