@@ -26,7 +26,7 @@ from dni_fast.interfaces import (
     name_interfaces,
     set_check_finite,
 )
-from dni_fast._overlap import PerformanceWarning, get_overlap, overlap, set_overlap, synchronize
+from dni_fast._overlap import OverlapError, PerformanceWarning, get_overlap, overlap, set_overlap, synchronize
 from dni_fast.synthesizer import BasicSynthesizer
 from dni_fast.ridge_synthesizer import RidgeSynthesizer
 from dni_fast.decoupled import DecoupledSequential
@@ -38,6 +38,6 @@ __all__ = [
     "synthesizer_context", "defer_backward", "backward", "current_context",
     "BACKENDS", "BackendUnavailableError", "available_backends", "backend_status", "get_backend", "set_backend",
     "use_backend", "set_check_finite", "get_check_finite", "name_interfaces",
-    "overlap", "set_overlap", "get_overlap", "synchronize", "PerformanceWarning", "DecoupledSequential",
+    "overlap", "set_overlap", "get_overlap", "synchronize", "OverlapError", "PerformanceWarning", "DecoupledSequential",
     "__version__",
 ]

@@ -94,8 +94,9 @@ class BasicSynthesizer(nn.Module):
         (:meth:`flat_params`) and never call the modules, so an overridden
         ``forward``, a module hook (old-style ``weight_norm`` is one) or a
         layer that is not a plain ``nn.Linear`` with a bias would be skipped
-        silently: ``auto`` then runs the synthesizer on ``reference`` (through
-        its modules, as dni-pytorch does) and a named fused backend refuses.
+        silently: every backend then runs the synthesizer on ``reference``
+        (through its modules, as dni-pytorch does; a named fused backend
+        warns once).
         Parametrized layers (``torch.nn.utils.parametrize``) fuse. Checked at
         every step (a few attribute reads): a hook added later counts."""
         cls = type(self)

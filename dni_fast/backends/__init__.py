@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from dni_fast._autocast import autocast_on, compute_dtype
+from dni_fast._overlap import PerformanceWarning
 from dni_fast.backends.base import Backend, BackendUnavailableError, Primitives
 from dni_fast.synthesizer import BasicSynthesizer
 
@@ -178,10 +180,11 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
     """The backend to run ``synthesizer`` on ``trigger`` with.
 
     Custom synthesizers (anything but a ``BasicSynthesizer``) always get
-    ``reference``, and so does, under ``auto``, a ``BasicSynthesizer`` the
-    fused paths cannot compute exactly (``fused_blocker()``: an overridden
-    ``forward``, module hooks, a replaced layer). An explicitly requested backend that cannot run this call
-    raises ``BackendUnavailableError`` saying why and how to get it."""
+    ``reference``, and so does a ``BasicSynthesizer`` the fused paths cannot
+    compute exactly (``fused_blocker()``: an overridden ``forward``, module
+    hooks, a replaced layer; a named fused backend warns once,
+    ``PerformanceWarning``). An explicitly requested backend that cannot run
+    this call raises ``BackendUnavailableError`` saying why and how to get it."""
     ref = _REGISTRY["reference"]
     if not isinstance(synthesizer, BasicSynthesizer):
         return ref
@@ -189,12 +192,14 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
     if name == "reference":
         return ref
     why = synthesizer.fused_blocker()
-    if why is not None:  # the fused paths would skip it silently: run the modules, or refuse a named backend
-        if name == "auto":
-            return ref
-        raise BackendUnavailableError(f"dni_fast backend {name!r} cannot run this BasicSynthesizer: {why}, and "
-                                      f"the fused backends read its layers' parameters without calling its "
-                                      f"modules; use backend='reference' or 'auto'")
+    if why is not None:
+        # The fused paths read the layers' parameters and would skip what the modules add. Such a synthesizer is
+        # a custom one for the contract (docs/design.md §1): plain autograd whatever the backend, never an error.
+        if name != "auto":
+            warnings.warn(f"dni_fast backend {name!r} cannot fuse this BasicSynthesizer ({why}; the fused backends "
+                          f"read its layers' parameters without calling its modules): it runs on 'reference', "
+                          f"through its modules", PerformanceWarning, stacklevel=2)
+        return ref
     if not isinstance(trigger, Tensor):
         synthesizer.check_inputs(trigger, None)  # raises: the trigger must be a tensor
     device, dtype = trigger.device, compute_dtype(trigger)

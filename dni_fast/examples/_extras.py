@@ -6,7 +6,7 @@ from types import ModuleType
 
 __all__ = ["require", "EXTRA_HINT"]
 
-EXTRA_HINT = 'pip install "dni_fast[examples]"'
+EXTRA_HINT = 'pip install -e ".[examples]" in the dni_fast checkout'
 
 
 def require(module: str, purpose: str) -> ModuleType:
