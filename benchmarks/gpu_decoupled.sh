@@ -16,10 +16,9 @@
 # docs/decoupled.md.
 source "$(dirname "$0")/gpu_env.sh" /tmp/dni_fast_decoupled_gpu
 # Budget (one device command, 600 s): build 170 (only on a fresh machine) + tests 100 + 130 + 150 = 550 s.
-python -c "import dni_fast._C" 2>/dev/null || PIP_BREAK_SYSTEM_PACKAGES=1 DNI_FAST_FORCE_CUDA=TRUE CFLAGS=-g0 \
-  timeout 170 python -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+build_extension 170
 export DNI_FAST_TRITON_AUTOTUNE=0  # fixed tiles: autotuning each new shape would eat the slots
-timeout 100 python -m pytest -q -rfEs -p no:cacheprovider tests/test_decoupled.py tests/test_overlap.py >"$OUT/tests.txt" 2>&1
+timeout -s INT -k 15 100 python -m pytest -q -rfEs -p no:cacheprovider tests/test_decoupled.py tests/test_overlap.py >"$OUT/tests.txt" 2>&1
 tail -30 "$OUT/tests.txt"
 timeout 130 python benchmarks/bench_decoupled.py --device cuda --out "$OUT/bench_decoupled_cuda.csv" \
   2>&1 | tee "$OUT/bench_decoupled.txt"

@@ -27,36 +27,19 @@
 # Results to commit afterwards: $OUT/bench_gpu.csv -> benchmarks/results/,
 # $OUT/autotable.json -> dni_fast/_autotable.json, and the README table.
 # $OUT holds 8 files (the device tool brings back at most 8).
-set -uo pipefail
 OUT=${OUT:-/tmp/dni_fast_gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
 t0=$(date +%s)
+source "$(dirname "$0")/gpu_env.sh"  # strict mode, the repository root, python, CUDA_HOME, env.txt
 BUDGET=${DNI_FAST_GPU_BUDGET:-540}
 left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
 # timeout for a phase: what is left minus a reserve for the phases after it, at least 10 s
 slot() { local s=$(( $(left) - $1 )); (( s < 10 )) && s=10; echo "$s"; }
+# pytest under SIGINT first: killed by SIGTERM it would die before printing its failures
+ptimeout() { timeout -s INT -k 15 "$@"; }
 CSV="$OUT/bench_gpu.csv"
 
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUT/env.txt"
-
 echo "== build" | tee "$OUT/build.log"
-{ python -m pip --version; python -c "import setuptools; print('setuptools', setuptools.__version__)"; } \
-  >>"$OUT/build.log" 2>&1
-# PIP_BREAK_SYSTEM_PACKAGES: an image whose Python is marked externally managed (PEP 668) refuses pip otherwise
-PIP_BREAK_SYSTEM_PACKAGES=1 DNI_FAST_FORCE_CUDA=TRUE CFLAGS=-g0 timeout "$(slot 380)" \
-  python -m pip install -q --no-build-isolation --no-deps -e . >>"$OUT/build.log" 2>&1 \
-  || { echo "pip build failed; building in place" | tee -a "$OUT/build.log"; tail -20 "$OUT/build.log";
-       # without the editable install, dni_fast.kernels (the top-level kernels/ folder) is not mapped: link it
-       [[ -e dni_fast/kernels ]] || ln -s ../kernels dni_fast/kernels
-       DNI_FAST_FORCE_CUDA=TRUE CFLAGS=-g0 timeout "$(slot 380)" python setup.py build_ext --inplace \
-         >>"$OUT/build.log" 2>&1 || { echo "in-place build failed"; tail -20 "$OUT/build.log"; }
-       export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
-echo "build took $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.log"
+build_extension "$(slot 380)"
 python -m dni_fast info 2>&1 | tee "$OUT/info.txt"
 
 # Fixed Triton tiles for everything timed within the budget (DNI_FAST_TRITON_AUTOTUNE=0): autotuning compiles
@@ -98,7 +81,7 @@ for backend in [b for b in ("triton", "cuda") if dni.backend_status(b, "cuda")[0
             traceback.print_exc()
 PY
 # The tests that exercise the GPU first (no -x: every failure is listed), the full log in tests.log
-timeout "$(slot 110)" python -m pytest -q -rfEs -p no:cacheprovider tests/test_cpp_ext.py tests/test_ops.py \
+ptimeout "$(slot 110)" python -m pytest -q -rfEs -p no:cacheprovider tests/test_cpp_ext.py tests/test_ops.py \
   tests/test_triton.py tests/test_overlap.py tests/test_decoupled.py tests/test_infonce.py >>"$OUT/tests.log" 2>&1
 tail -25 "$OUT/tests.log"
 

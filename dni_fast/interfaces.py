@@ -620,7 +620,9 @@ class BackwardInterface(UnidirectionalInterface):
 
     def backward(self, trigger: Tensor, factor: float = 1) -> None:
         """Inject ``factor * S(trigger)`` into ``trigger``'s graph (no update).
-        A no-op in eval mode."""
+        A no-op in eval mode. ``factor``: a number, or a tensor that broadcasts
+        against ``S`` (checked for NaN and inf on the host: one sync per call
+        for a tensor on a GPU; pass a Python number to avoid it)."""
         if not self.training:
             return  # a no-op in eval mode, whatever the factor (as in dni-pytorch)
         if not isinstance(factor, (Tensor, numbers.Real)) and getattr(factor, "ndim", None) == 0:

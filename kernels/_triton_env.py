@@ -1,10 +1,20 @@
 """Whether Triton kernels can run on a device, and why not: one answer for every fused op."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Tuple
 
 import torch
+
+
+def on_device(t: torch.Tensor):
+    """A context for one launch: Triton launches on the *current* CUDA device and its current stream, not on
+    the tensors' device, so a tensor on ``cuda:1`` while ``cuda:0`` is current would be read through the wrong
+    device. Makes ``t``'s device current (a no-op when it already is, and off CUDA)."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def device_status(device, import_error: str, interpret: bool, module: str) -> Tuple[bool, str]:

@@ -93,7 +93,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton_env import device_status
+from ._triton_env import device_status, on_device
 
 __all__ = [
     "infonce", "infonce_ref", "sequence_infonce", "sequence_infonce_ref",
@@ -581,8 +581,9 @@ def _scores_fwd_triton(A: Tensor, Tt: Tensor, idx: Tensor, g: _Geom) -> Tuple[Te
     nll = torch.empty_like(lse)
     bn = _block_n(g.N)
     grid = lambda meta: (triton.cdiv(g.P(1), meta["BLOCK_P"]), g.K)  # noqa: E731
-    _fwd_launch[grid](A, A.stride(0), Tt, Tt.stride(0), idx, lse, nll, g.T, g.R, g.N, A.shape[1], 1.0 / g.K,
-                      SEQ=g.seq, BLOCK_N=bn, **_meta())
+    with on_device(A):
+        _fwd_launch[grid](A, A.stride(0), Tt, Tt.stride(0), idx, lse, nll, g.T, g.R, g.N, A.shape[1], 1.0 / g.K,
+                          SEQ=g.seq, BLOCK_N=bn, **_meta())
     _count("infonce_fwd")
     return lse, nll
 
@@ -599,8 +600,9 @@ def _scores_bwd_triton(A: Tensor, Tt: Tensor, idx: Tensor, lse: Tensor, go: Tens
     dA, dT = (local, shared) if g.seq else (shared, local)
     bn = _block_n(g.N)
     grid = lambda meta: (triton.cdiv(g.P(1), meta["BLOCK_P"]), g.K if g.seq else 1)  # noqa: E731
-    _bwd_launch[grid](A, A.stride(0), Tt, Tt.stride(0), idx, lse, go.reshape(1).float(), dA, dT,
-                      g.T, g.R, g.K, g.N, C, 1.0 / g.K, SEQ=g.seq, BLOCK_N=bn, **_meta())
+    with on_device(A):
+        _bwd_launch[grid](A, A.stride(0), Tt, Tt.stride(0), idx, lse, go.reshape(1).float(), dA, dT,
+                          g.T, g.R, g.K, g.N, C, 1.0 / g.K, SEQ=g.seq, BLOCK_N=bn, **_meta())
     _count("infonce_bwd")
     for k in range(1, g.K + 1):
         on_step(k, local[g.off(k):g.off(k) + g.P(k)])

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import synth_step_tuning as tuning
-from ._triton_env import device_status
+from ._triton_env import device_status, on_device
 from .synth_ref import n_hidden_of
 from .synth_step_kernels import TRITON_ERROR, triton
 
@@ -205,6 +205,12 @@ def _counters(device: torch.device) -> Tensor:
     Kept zero between launches by the last program of each launch, so no launch
     pays for a zero fill; per stream so concurrent streams never share them."""
     if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            # Inside a CUDA-graph capture a cached buffer would be wrong either way: one made here lives in
+            # this graph's private pool (another graph captured on the same stream would reuse it, and it
+            # goes with this graph), and its zero fill would only run when this graph replays. A fresh one
+            # per launch is zeroed by a memset node at every replay and lives as long as the graph.
+            return torch.zeros(4, dtype=torch.int32, device=device)
         key = (device.index, torch.cuda.current_stream(device).cuda_stream)
     else:
         key = (device.type, device.index)
@@ -299,8 +305,9 @@ def synth_forward_triton(x: Tensor, c: Optional[Tensor], params: Sequence[Tensor
             return (_cdiv(N, meta["BLOCK_M"]) * _cdiv(D0, meta["BLOCK_N"]),)
         return (_n_forward_programs(L, N, D0, meta["BLOCK_M"], meta["BLOCK_N"]),)
 
-    tuning.fwd_launch[grid](**args, L=L, HAS_C=c is not None, TILES=tiles, PREC=_prec(dt),
-                            **tuning.meta(("BLOCK_M", "BLOCK_N", "BLOCK_K")))
+    with on_device(x):
+        tuning.fwd_launch[grid](**args, L=L, HAS_C=c is not None, TILES=tiles, PREC=_prec(dt),
+                                **tuning.meta(("BLOCK_M", "BLOCK_N", "BLOCK_K")))
     LAUNCHES["synth_forward"] += 1
     return s, zs
 
@@ -343,8 +350,10 @@ def synth_update_triton(
     def grid(meta):
         return (_n_update_programs(L, D0, D1, meta["BLOCK_H"]),)
 
-    tuning.upd_launch[grid](**args, L=L, HAS_C=c is not None, HAS_GS=grad_scale is not None, PREC=_prec(x.dtype),
-                            SLOT_BLOCK=_SLOT_BLOCK, **tuning.meta(("BLOCK_N", "BLOCK_H", "BLOCK_K")))
+    with on_device(x):
+        tuning.upd_launch[grid](**args, L=L, HAS_C=c is not None, HAS_GS=grad_scale is not None,
+                                PREC=_prec(x.dtype), SLOT_BLOCK=_SLOT_BLOCK,
+                                **tuning.meta(("BLOCK_N", "BLOCK_H", "BLOCK_K")))
     LAUNCHES["synth_update"] += 1
     return tuple(grads), partials
 
@@ -398,7 +407,8 @@ def synth_pipelined_triton(
         return (_n_update_programs(L, D0, D1, meta["BLOCK_H"])
                 + _n_forward_programs(L, N, D0, meta["BLOCK_N"], meta["BLOCK_H"]),)
 
-    tuning.pipe_launch[grid](**args, L=L, HAS_C=c is not None, PREC=_prec(dt), SLOT_BLOCK=_SLOT_BLOCK,
-                             **tuning.meta(("BLOCK_N", "BLOCK_H", "BLOCK_K")))
+    with on_device(x):
+        tuning.pipe_launch[grid](**args, L=L, HAS_C=c is not None, PREC=_prec(dt), SLOT_BLOCK=_SLOT_BLOCK,
+                                 **tuning.meta(("BLOCK_N", "BLOCK_H", "BLOCK_K")))
     LAUNCHES["synth_pipelined"] += 1
     return s, zs, tuple(grads), partials

@@ -330,7 +330,7 @@ def test_missing_extra_says_how_to_install_it(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if scikit-learn were not installed
-    with pytest.raises(ImportError, match=r'pip install "dni_fast\[examples\]"'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[examples\]" in the dni_fast checkout'):
         data.load_digits()
 
 
