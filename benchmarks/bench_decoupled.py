@@ -31,13 +31,15 @@ itself; target >= 1.6x) and against ``sequential/<N>t`` (target >= 1.0x).
 On a GPU (not measured yet: no GPU was available) it times ``streams``
 against ``sequential`` on four equal stages that under-fill the device
 (W=1024, B=64 by default); target: streams at most 0.7x sequential's time.
+There ``speedup_vs_sequential_1t`` is left empty (no 1-thread run) and
+``speedup_vs_sequential_default`` is the ratio to ``sequential``;
+``--min-run-time`` applies there too.
 Rows go to ``benchmarks/results/bench_decoupled_<device>.csv`` with the
-device, versions and date.
+device, versions and date (a file with another header is refused).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -53,6 +55,7 @@ from dni_fast.timing import time_many
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment  # noqa: E402  (one record of the machine for every benchmark)
+from results_csv import append_rows, check_header  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FIELDS = ["date", "device", "torch", "python", "dni_fast", "bench", "provider", "W", "B", "stages", "threads",
@@ -165,14 +168,9 @@ def _loadavg():
 
 
 def write_rows(rows: List[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in FIELDS})
+    """Append ``rows`` under ``FIELDS`` (other keys, such as the environment's ``triton``, are dropped);
+    a file with another header is refused (``results_csv.append_rows``)."""
+    append_rows(path, FIELDS, rows, extrasaction="ignore")
 
 
 def bench_cpu(W: int, B: int, K: int, min_run_time: float, env: dict) -> List[dict]:
@@ -211,12 +209,18 @@ def bench_cpu(W: int, B: int, K: int, min_run_time: float, env: dict) -> List[di
     return rows
 
 
-def bench_gpu(W: int, B: int, K: int, env: dict) -> List[dict]:
+def bench_gpu(W: int, B: int, K: int, min_run_time: float, env: dict) -> List[dict]:
     dev = torch.device("cuda")
     fns = {"sequential": decoupled("sequential", W, B, K, None, device=dev),
            "streams": decoupled("streams", W, B, K, None, device=dev),
            "backprop": backprop(W, B, K, torch.get_num_threads(), device=dev)}
-    res = time_many(fns, dev)
+    return gpu_rows(time_many(fns, dev, min_run_time=min_run_time), W, B, K, env)
+
+
+def gpu_rows(res: dict, W: int, B: int, K: int, env: dict) -> List[dict]:
+    """bench_gpu's rows from ``time_many``'s result. There is no 1-thread run on the GPU:
+    ``speedup_vs_sequential_1t`` stays empty, ``speedup_vs_sequential_default`` is the ratio to ``sequential``
+    (the only sequential run; ``extra.time_vs_sequential`` is its inverse, the target's measure)."""
     seq = res["sequential"]["ms"] / K
     extra = {"K": K, "optimizer": f"Adam({_adam_name()})", "regression": _regression, "target": "<= 0.7"}
     rows = []
@@ -224,10 +228,14 @@ def bench_gpu(W: int, B: int, K: int, env: dict) -> List[dict]:
         ms = r["ms"] / K
         rows.append({**env, "bench": "four_stages", "provider": name, "W": W, "B": B, "stages": 4, "threads": "",
                      "ms_per_step": round(ms, 4), "p20": round(r["p20"] / K, 4), "p80": round(r["p80"] / K, 4),
-                     "samples_per_s": round(B / ms * 1e3, 1), "speedup_vs_sequential_1t": round(seq / ms, 3),
+                     "samples_per_s": round(B / ms * 1e3, 1), "speedup_vs_sequential_1t": "",
                      "speedup_vs_sequential_default": round(seq / ms, 3),
                      "extra": json.dumps({**extra, "time_vs_sequential": round(ms / seq, 3)})})
     return rows
+
+
+def _fmt(v) -> str:
+    return "-" if v == "" or v is None else f"{v:.2f}"
 
 
 def print_rows(rows: List[dict]) -> None:
@@ -235,8 +243,8 @@ def print_rows(rows: List[dict]) -> None:
           f"{'vs seq def':>11}")
     for r in rows:
         print(f"{r['provider']:<16}{r['W']:>5}{r['B']:>5}{str(r['threads']):>5}{r['ms_per_step']:>10.3f}"
-              f"{r['samples_per_s']:>11.0f}{r['speedup_vs_sequential_1t']:>11.2f}"
-              f"{r['speedup_vs_sequential_default']:>11.2f}")
+              f"{r['samples_per_s']:>11.0f}{_fmt(r['speedup_vs_sequential_1t']):>11}"
+              f"{_fmt(r['speedup_vs_sequential_default']):>11}")
     if rows and rows[0].get("extra"):
         e = json.loads(rows[0]["extra"])
         if "ideal_threads_speedup" in e:
@@ -249,7 +257,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--sizes", default=None, help="W:B pairs, e.g. 512:64,256:32 (GPU default 1024:64)")
     p.add_argument("--steps", type=int, default=16, help="steps per timed call (then synchronize)")
-    p.add_argument("--min-run-time", type=float, default=6.0, help="seconds per provider (CPU)")
+    p.add_argument("--min-run-time", type=float, default=6.0,
+                   help="seconds of interleaved timing per provider (dni_fast.timing.time_many), on either device")
     p.add_argument("--adam", default="fused", choices=sorted(ADAM),
                    help="Adam's implementation for every stage and synthesizer (default fused)")
     p.add_argument("--regression", default="current", choices=("current", "stored"),
@@ -266,12 +275,13 @@ def main(argv=None) -> int:
     sizes = args.sizes or ("512:64,256:32" if dev.type == "cpu" else "1024:64")
     env = environment(dev)
     out = args.out or os.path.join(RESULTS, f"bench_decoupled_{dev.type}.csv")
+    check_header(out, FIELDS)  # before the timing: a file of another shape would be refused only at the end
     print(f"bench_decoupled: {env['device']}, torch {env['torch']}, {torch.get_num_threads()} intra-op threads, "
           f"Adam({args.adam}), regression={args.regression}, {env['date']}")
     for pair in sizes.split(","):
         W, B = (int(v) for v in pair.split(":"))
         rows = bench_cpu(W, B, args.steps, args.min_run_time, env) if dev.type == "cpu" else \
-            bench_gpu(W, B, args.steps, env)
+            bench_gpu(W, B, args.steps, args.min_run_time, env)
         print_rows(rows)
         write_rows(rows, out)
     print(f"rows appended to {out}")

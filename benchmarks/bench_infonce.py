@@ -19,12 +19,14 @@ are drawn once per size (every provider gets the same ones).
 
 Timing: on the CPU every provider of a size runs interleaved, block by block
 (``time_many``; this VM's speed drifts by up to 1.6x within a minute), median
-of the blocks; on CUDA ``triton.testing.do_bench``.
+of the blocks; on CUDA the same, each block ended by a device sync.
 Peak memory: the peak allocated during one call above what was allocated
 before it (inputs and weights excluded, gradients included): on CUDA
 ``torch.cuda.max_memory_allocated``; on the CPU the allocation and free events
 of ``torch.profiler(profile_memory=True)`` summed in time order
-(``dni_fast.local._memory``). Both count tensor storage.
+(``dni_fast.local._memory``). Both count tensor storage. Printed and stored
+in MiB (2**20 bytes; the CSV column keeps its old name, ``peak_mb``, so that
+old and new rows share a file).
 
 Rows are appended to ``benchmarks/results/infonce_<device>.csv`` with the
 device, versions and date.
@@ -32,7 +34,6 @@ device, versions and date.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from typing import Callable, Dict, List
@@ -46,6 +47,7 @@ from dni_fast.timing import time_many
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment as _environment  # noqa: E402  (one record of the machine for every benchmark)
+from results_csv import append_rows  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -145,7 +147,7 @@ def run_size(name: str, device: torch.device, dtype: torch.dtype, provs: List[st
 
 def print_rows(rows: List[dict], header: bool) -> None:
     if header:
-        print(f"{'size':11} {'provider':18} {'positions':>9} {'ms':>10} {'x ref':>6} {'peak MB':>9} {'peak/ref':>8}")
+        print(f"{'size':11} {'provider':18} {'positions':>9} {'ms':>10} {'x ref':>6} {'peak MiB':>9} {'peak/ref':>8}")
         print("-" * 77)
     for r in rows:
         print(f"{r['size']:11} {r['provider']:18} {r['positions']:9d} {r['ms']:10.2f} {r['speedup']:6.2f} "
@@ -153,15 +155,10 @@ def print_rows(rows: List[dict], header: bool) -> None:
 
 
 def append_csv(rows: List[dict], path: str, env: Dict[str, str]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path)
-    fields = list(env) + list(rows[0])
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**env, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}})
+    """Append ``rows`` (with ``env`` before them) to ``path``; refuses a file whose header is another one
+    (``results_csv.append_rows``). Also bench_local_memory's."""
+    append_rows(path, list(env) + list(rows[0]),
+                ({**env, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}} for r in rows))
 
 
 def main(argv=None) -> List[dict]:

@@ -19,9 +19,12 @@ Schedules (one training step each: forward, backward, Adam):
 Peak memory: what one step allocates above what is allocated before it (the
 data, the weights, Adam's state after a warm-up step), as in
 ``benchmarks/bench_infonce.py``: ``torch.profiler`` allocation events on the
-CPU, ``torch.cuda.max_memory_allocated`` on CUDA. Step times are interleaved
-(informative only: the schedules do different amounts of work). Rows are
-appended to ``benchmarks/results/local_memory_<device>.csv``.
+CPU, ``torch.cuda.max_memory_allocated`` on CUDA; printed and stored in MiB
+(2**20 bytes; the CSV column keeps its old name, ``peak_mb``, so that old and
+new rows share a file). Step times are interleaved (informative only: the
+schedules do different amounts of work). Rows are appended to
+``benchmarks/results/local_memory_<device>.csv`` (a file with another header
+is refused, not appended to).
 """
 from __future__ import annotations
 
@@ -111,7 +114,7 @@ def main(argv=None) -> List[dict]:
     batches = args.batch or ([128] if device.type == "cpu" else [512])
     print(f"GradientIsolated vs end-to-end, encoder widths {args.widths}, InfoNCE K=5 N=16, on {env['device']}, "
           f"torch {env['torch']}, {env['threads']} threads")
-    print(f"{'B':>5} {'extra':>5} {'schedule':18} {'peak MB':>9} {'x e2e':>6} {'ms/step':>9}")
+    print(f"{'B':>5} {'extra':>5} {'schedule':18} {'peak MiB':>9} {'x e2e':>6} {'ms/step':>9}")
     out = []
     for B, extra in itertools.product(batches, args.extra_layers):
         fns = schedules(args.widths, extra, device, args.infonce_backend)

@@ -13,7 +13,9 @@ same run, interleaved with ``dni_fast.timing.time_many``: this VM drifts by
 up to 1.6x within a minute):
 
 * ``mlp/reference``: the BasicSynthesizer through plain autograd;
-* ``mlp/auto``: the same on the backend ``auto`` picks (the fused step);
+* ``mlp/<backend>``: the same on each fused backend that runs here (``cpp``
+  on the CPU; ``triton`` and ``cuda`` on a GPU), named: ``auto`` would pick
+  ``reference`` where its table has no rule (D=1024 on the CPU);
 * ``ridge``: the RidgeSynthesizer, refitting every step (the default);
 * ``ridge/refit4``: refitting every 4th step (``refit_every=4``);
 * ``ridge/W-every-refit``: the same fit, but ``W`` solved at every refit
@@ -22,6 +24,11 @@ up to 1.6x within a minute):
 
 Sizes: ``copy`` (B=32, D=128: the copy task's ``[h, c]``), ``ptb`` (B=32,
 D=512: the character model's), ``wide`` (B=64, D=1024).
+
+Every provider is timed over whole cycles of 4 steps (its time is a cycle's
+over 4): ``ridge/refit4`` refits on one step in 4, and a timing block of one
+step (what ``time_many`` uses once a call takes longer than its 10 ms blocks)
+would report the median step, one without a refit.
 
     python benchmarks/bench_synthesizers.py                  # CPU, all sizes
     python benchmarks/bench_synthesizers.py --device cuda    # on a GPU
@@ -32,7 +39,6 @@ versions and date.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from typing import Callable, Dict, List
@@ -47,7 +53,15 @@ from harness import environment  # noqa: E402  (one record of the machine for ev
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {"copy": (32, 128), "ptb": (32, 512), "wide": (64, 1024)}
-PROVIDERS = ("mlp/reference", "mlp/auto", "ridge", "ridge/refit4", "ridge/W-every-refit")
+CYCLE = 4  # steps per timed call: refit_every=4's period, and the 4 batches each step cycles through
+
+
+def providers(device: torch.device) -> List[str]:
+    from dni_fast import backends
+
+    fused = [b.name for b in backends.registered()
+             if b.fused and not b.interpreted(device) and b.status(device)[0]]
+    return ["mlp/reference"] + [f"mlp/{n}" for n in fused] + ["ridge", "ridge/refit4", "ridge/W-every-refit"]
 
 
 class _WEveryRefit(dni.RidgeSynthesizer):
@@ -92,20 +106,21 @@ def run(sizes: List[str], device: torch.device, min_run_time: float) -> List[dic
     for name in sizes:
         b, d = SIZES[name]
         fns: Dict[str, Callable[[], None]] = {}
-        for p in PROVIDERS:
+        for p in providers(device):
             try:
-                fns[p] = make_step(p, b, d, device)
-                fns[p]()
-            except dni.BackendUnavailableError as e:  # mlp/auto with no fused backend here: say so, go on
+                step = make_step(p, b, d, device)
+                step()
+            except dni.BackendUnavailableError as e:  # a fused backend that cannot take this size: say so, go on
                 print(f"  {name}: {p} unavailable ({e})")
-                fns.pop(p, None)
-        if device.type == "cuda":
-            fns = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
-        t = time_many(fns, device, min_run_time=min_run_time)
-        ref = t["mlp/reference"]["ms"]
+                continue
+            fns[p] = lambda step=step: [step() for _ in range(CYCLE)]
+        t = time_many(fns, device, min_run_time=min_run_time)  # (synchronises a CUDA device after each block)
+        per_step = {p: {k: v / CYCLE for k, v in t[p].items()} for p in fns}
+        ref = per_step["mlp/reference"]["ms"]
         for p in fns:
-            rows.append({"size": name, "B": b, "D": d, "provider": p, "ms": t[p]["ms"], "p20": t[p]["p20"],
-                         "p80": t[p]["p80"], "speedup_vs_mlp_reference": ref / t[p]["ms"],
+            tp = per_step[p]
+            rows.append({"size": name, "B": b, "D": d, "provider": p, "ms": tp["ms"], "p20": tp["p20"],
+                         "p80": tp["p80"], "speedup_vs_mlp_reference": ref / tp["ms"],
                          "threads": torch.get_num_threads()})
     return rows
 
@@ -132,15 +147,9 @@ def main(argv=None) -> List[dict]:
               f"{r['speedup_vs_mlp_reference']:16.2f}")
     if not args.no_csv:
         path = args.csv or os.path.join(HERE, "results", f"synthesizers_{device.type}.csv")
-        fields = list(env) + list(rows[0])
-        new = not os.path.exists(path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow({**env, **r})
+        from results_csv import append_rows  # refuses a file with another header (benchmarks/ is on sys.path)
+
+        append_rows(path, list(env) + list(rows[0]), ({**env, **r} for r in rows))
         print(f"appended {len(rows)} rows to {path}")
     return rows
 

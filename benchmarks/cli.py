@@ -71,6 +71,11 @@ def _bench(args) -> int:
     else:
         sizes = [(16, 128, 128)] if args.quick else [(16, 128, 128), (64, 256, 256)]
     providers = args.providers or B.available_providers(device, compile=not args.no_compile and not args.quick)
+    can = B.available_providers(device, compile=True)
+    unknown = [p for p in providers if p not in can]
+    if unknown:  # (the interface step skipped them and the MLP crashed)
+        raise SystemExit(f"dni_fast bench: provider(s) {', '.join(unknown)} cannot run on {device.type} here; "
+                         f"choose from {', '.join(can)} (`python -m dni_fast info` says why a backend is missing)")
     # torch.compile recompiles for every size and dtype (10-20 s each on a GPU); the
     # issue asks for it at the headline size, the first one on CUDA.
     compile_sizes = set(sizes[:1]) if device.type == "cuda" else set(sizes)

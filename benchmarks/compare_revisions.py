@@ -20,7 +20,6 @@ and ``cpp``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -31,8 +30,13 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_csv import append_rows, check_header  # noqa: E402  (refuses a file with another header)
+
 WORKLOADS = [("step", 16, 128), ("step", 64, 256), ("mlp", 64, 256)]
 PROVIDERS = ["reference", "cpp"]
+FIELDS = ["workload", "revision", "threads", "ms", "p20", "p80", "base_over_this", "rounds", "date", "device", "torch",
+          "commit"]  # the CSV's columns: compare()'s keys, then main()'s
 
 
 # ---------------------------------------------------------------------------
@@ -144,6 +148,11 @@ def compare(base: Path, head: Path, threads: int, seconds: float, block_s: float
     return rows
 
 
+def write_csv(rows: List[dict], path: str) -> None:
+    """Append ``rows`` to ``path`` (a file with another header is refused: ``results_csv.append_rows``)."""
+    append_rows(path, FIELDS, rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
@@ -158,6 +167,8 @@ def main(argv=None) -> int:
         return 0
     if args.base is None:
         ap.error("--base is required")
+    if args.csv:
+        check_header(args.csv, FIELDS)  # before the timing, not after it
     import torch
 
     rev = {k: subprocess.run(["git", "-C", str(p), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -174,12 +185,7 @@ def main(argv=None) -> int:
                   f"{r['p20']:9.4f} {r['p80']:9.4f} {r['base_over_this']:8.3f}x")
         all_rows += rows
     if args.csv:
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(all_rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(all_rows)
+        write_csv(all_rows, args.csv)
         print(f"\nappended {len(all_rows)} rows to {args.csv}")
     return 0
 

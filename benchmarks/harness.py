@@ -9,9 +9,10 @@ Providers (one per line of output):
 
 Ratios are always to ``reference`` measured in the same run, in the same math
 mode. Rows are appended to a CSV with the device, versions and date. On the
-CPU every provider of one size (and the floor's parts) runs interleaved, block
-by block, and reports the median block (``time_many``); GPU times use
-``triton.testing.do_bench`` quantiles (20/50/80).
+CPU and on CUDA every provider of one size (and the floor's parts) runs
+interleaved, block by block (each block ended by a device sync on CUDA), and
+reports the median block with the 20/80 % quantiles (``time_many``); only the
+GPU floor's parts (``gpu_floor_ms``) use ``triton.testing.do_bench``.
 
 Definitions (docs/design.md §5):
 
@@ -46,6 +47,27 @@ import dni_fast as dni
 from dni_fast.timing import time_many, time_ms  # noqa: F401  (the harness times with them; re-exported)
 
 
+def cpu_name() -> str:
+    """The CPU's model and the cores this process may use, e.g. ``AMD EPYC 7B13 (2 cores)``: the CSV's
+    device column (``platform.processor()`` says only ``x86_64``, so rows of different machines, which
+    ``--auto-table-from`` must keep apart, looked alike)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return f"{model} ({cores} cores)"
+
+
 def environment(device: torch.device) -> Dict[str, str]:
     try:
         import triton
@@ -53,7 +75,7 @@ def environment(device: torch.device) -> Dict[str, str]:
         tv = triton.__version__
     except Exception:
         tv = "none"
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "device": dev, "torch": torch.__version__, "triton": tv, "python": platform.python_version(),
             "dni_fast": dni.__version__}
@@ -324,10 +346,12 @@ def bench_interface(sizes: Iterable[tuple], providers: Sequence[str], dtype: tor
 
 
 def mlp_synth_floor(B: int, device: torch.device, n_dni: int = 5, width: int = 256,
-                    adam: str = "loop") -> Dict[str, Callable[[], None]]:
+                    adam: str = "loop", autocast: Optional[torch.dtype] = None) -> Dict[str, Callable[[], None]]:
     """What the MLP's synthesizers cannot avoid, each part timed alone: their
-    ``5 * n_dni`` matrix products, and Adam's update of their parameters."""
-    prods = five_products(B, width, width, torch.float32, device)
+    ``5 * n_dni`` matrix products (in the step's precision: under ``autocast``,
+    in that dtype, as the step's products run), and Adam's update of their
+    (fp32) parameters."""
+    prods = five_products(B, width, width, autocast or torch.float32, device)
 
     def products():
         for _ in range(n_dni):
@@ -385,7 +409,7 @@ def bench_mlp(B: int, providers: Sequence[str], device: torch.device, min_run_ti
     if graphs and device.type == "cuda":
         names += [p + GRAPH for p in list(names)]
     fns: Dict[str, Callable[[], object]] = {p: mlp_step(p, B, device, adam, autocast) for p in names}
-    fns.update(mlp_synth_floor(B, device, adam=adam))
+    fns.update(mlp_synth_floor(B, device, adam=adam, autocast=autocast))
     counted = {k: mlp_flops(k, B, device) for k in ("backprop", "reference")}
     flops = {p: counted["backprop" if split_provider(p)[0] == "backprop" else "reference"] for p in names}
     t = time_many(fns, device, min_run_time)

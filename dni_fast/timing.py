@@ -43,15 +43,27 @@ def time_many(fns: Dict[str, Callable[[], object]], device: torch.device,
     drift. Blocks are 10 ms: with 2 ms blocks a 0.7 ms step ran 3 times a block,
     and its first, cache-cold run after another callable's block showed in the
     mean (B=64, D=256: 818 us with 2 ms blocks, 727 us with 20 ms blocks).
-    On CUDA each callable gets ``do_bench`` in turn (the GPU does not drift)."""
-    if device.type == "cuda":
-        return {name: time_ms(fn, device, min_run_time) for name, fn in fns.items()}
+    On CUDA the same, each block ended by a device synchronisation and timed
+    on the host: the steps timed here are launch-bound (50-500 us of many small
+    kernels), so the host's speed, which drifts as the CPU's does, is part of
+    what is measured; timing each callable in turn (``do_bench``) exposed them
+    to different drift. A callable whose calls differ (a refit every k-th call)
+    must be timed as a whole cycle: a block of one call would show the median
+    call only."""
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     per_call = {}
     for name, fn in fns.items():
         fn()  # warm-up: first-call allocation, compilation
+        sync()
         t0 = time.perf_counter()
         fn()
         fn()
+        sync()
         per_call[name] = max((time.perf_counter() - t0) / 2, 1e-7)
     reps = {name: max(1, int(block_s / t)) for name, t in per_call.items()}
     round_s = sum(reps[n] * per_call[n] for n in fns)
@@ -60,9 +72,11 @@ def time_many(fns: Dict[str, Callable[[], object]], device: torch.device,
     for _ in range(rounds):
         for name, fn in fns.items():
             k = reps[name]
+            sync()
             t0 = time.perf_counter()
             for _ in range(k):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - t0) / k * 1e3)
     out = {}
     for name, ts in samples.items():

@@ -48,22 +48,37 @@ if triton is not None:
     ])
     _KEYS = ["Dt", "Dc", "D0", "D1", "D2", "N_BUCKET", "L", "HAS_C", "PREC"]
 
+    # Shared memory a block may use on sm_90 (H100/H200: 227 KB).
+    _SMEM = 232_448
+
     def _prune(names):
-        """Drop configs whose pipelined operand tiles cannot fit in Hopper's
-        228 KB of shared memory (fp32 operands with 128x128 tiles): compiling
-        them only to fail at launch would waste autotuning time."""
+        """Drop configs whose pipelined tiles cannot fit in Hopper's shared
+        memory: the autotuner would compile them only to skip them. Calibrated
+        on every config compiled for sm_90 (benchmarks/check_triton_sm90.py
+        --all, 208 kernel variants): the forward stages its x tile and its
+        weight tile (each in its own dtype: fp32 weights under autocast), and
+        then no config it keeps is over the limit and one that fits is dropped;
+        the update's dots also stage their product tile, bounded at 200 KB
+        (none kept over the limit, 5 that fit dropped)."""
         bm, bn, bk = names
+        forward = bm == "BLOCK_M"
 
         def prune(configs, named_args, **kwargs):
             # Triton's autotuner names only the positional arguments in named_args; the launchers pass
             # everything by keyword, which arrives in kwargs.
-            x = {**named_args, **kwargs}.get("x")
+            args = {**named_args, **kwargs}
+            x, w = args.get("x"), args.get("wt")
             es = x.element_size() if x is not None else 4
+            ew = w.element_size() if w is not None else es
             keep = []
             for cfg in configs:
                 kw = cfg.kwargs
-                a = kw[bm] * kw[bk] + kw[bk] * kw[bn] + kw[bm] * kw[bn]
-                if cfg.num_stages * a * es <= 200 * 1024:
+                if forward:
+                    fits = cfg.num_stages * (kw[bm] * kw[bk] * es + kw[bk] * kw[bn] * ew) <= _SMEM
+                else:
+                    a = kw[bm] * kw[bk] + kw[bk] * kw[bn] + kw[bm] * kw[bn]
+                    fits = cfg.num_stages * a * es <= 200 * 1024
+                if fits:
                     keep.append(cfg)
             return keep or configs[:1]
 

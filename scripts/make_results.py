@@ -77,6 +77,68 @@ def groups(logs: List[dict]) -> Dict[str, List[dict]]:
     return out
 
 
+def by_variant_seed(ds: List[dict]) -> Dict[str, Dict[int, dict]]:
+    """``{variant: {seed: run}}``, seeds in increasing order: runs of two variants are paired by their seed,
+    never by their position (a log missing a variant must not shift the others)."""
+    out: Dict[str, Dict[int, dict]] = {}
+    for d in sorted(ds, key=lambda d: d["_seed"]):
+        for r in d["runs"]:
+            out.setdefault(r["variant"], {})[d["_seed"]] = r
+    return out
+
+
+def warn(msg: str) -> None:
+    print(f"make_results: warning: {msg}", file=sys.stderr)
+
+
+def _unpaired(what: str, a: Dict[int, dict], b: Dict[int, dict], name_a: str, name_b: str) -> None:
+    """Warn about the seeds that have a run of one of two paired variants but not of the other."""
+    for seed in sorted(set(a) ^ set(b)):
+        has, lacks = (name_a, name_b) if seed in a else (name_b, name_a)
+        warn(f"{what}: seed {seed} has {has} but no {lacks}; left out of the paired difference")
+
+
+# ---------------------------------------------------------------------------
+# Versions: the logs did not all run on the same torch
+# ---------------------------------------------------------------------------
+def _machine_value(d: dict, key: str) -> str:
+    v = d.get("machine", {}).get(key)
+    return "?" if v is None else str(v)
+
+
+def _by_value(ds: List[dict], key: str) -> Dict[str, List[dict]]:
+    out: Dict[str, List[dict]] = {}
+    for d in sorted(ds, key=lambda d: d.get("_seed", 0)):
+        out.setdefault(_machine_value(d, key), []).append(d)
+    return dict(sorted(out.items()))
+
+
+def version_text(ds: List[dict], key: str = "torch", name: str = "torch") -> str:
+    """``"torch X"``, or, where the seeds of ``ds`` ran on different versions, each version with its seeds."""
+    by = _by_value(ds, key)
+    if len(by) == 1:
+        return f"{name} {next(iter(by))}"
+    return f"{name} " + ", ".join(
+        f"{v} (seed{'s' if len(xs) > 1 else ''} {', '.join(str(x['_seed']) for x in xs)})" for v, xs in by.items())
+
+
+def timing_note(row_groups) -> str:
+    """A warning for a table whose ms/step cells come from logs run on different torch versions (``row_groups``:
+    ``(label of the rows, logs)``; label ``""``: the unmarked rows); ``""`` where they all ran on one."""
+    row_groups = [(label, ds) for label, ds in row_groups if ds]
+    if len({_machine_value(d, "torch") for _, ds in row_groups for d in ds}) < 2:
+        return ""
+    if len(row_groups) == 1:
+        who = [f"the rows ran on {version_text(row_groups[0][1])}"]
+    else:
+        who = [(f"the rows marked *{label}* on " if label else "the unmarked rows ran on ") + version_text(ds)
+               for label, ds in row_groups]
+    mixed = any(len(_by_value(ds, "torch")) > 1 for _, ds in row_groups)
+    return (" **ms/step mixes torch versions:** " + ", ".join(who) + "; timings from different torch versions are "
+            "not comparable, so compare ms/step only between rows run on the same version"
+            + (" (a row whose seeds ran on different versions averages across them)" if mixed else "") + ".")
+
+
 def mean_std(xs: List[float]):
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not xs:
@@ -193,6 +255,9 @@ def schedule(ds: List[dict]) -> str:
             bits.append(f"{name} `{c[key]}`")
     m = d.get("machine", {})
     bits.append(f"{m.get('torch_threads', '?')} torch thread(s)")
+    bits.append(version_text(ds))
+    if len(_by_value(ds, "python")) > 1:
+        bits.append(version_text(ds, "python", "Python"))
     cmds = sorted({command(x).replace(f"--seed {x['_seed']}", "--seed S").replace(f"_s{x['_seed']}.json", "_sS.json")
                    for x in ds})
     note = ""
@@ -241,8 +306,10 @@ def classifier_section(ds: List[dict], out: str, title: str, png: Optional[str],
         for v, runs in by_variant(group).items():
             m = method_of(v)
             seeds = [d["_seed"] for d in group for r in d["runs"] if r["variant"] == v]
-            gaps = [bp[sd] - r["test_acc"] for sd, r in zip(seeds, runs) if sd in bp]
-            drop = [max(r["history"]["test_acc"]) - r["test_acc"] for r in runs]
+            gaps = [_minus(bp[sd], r["test_acc"]) for sd, r in zip(seeds, runs) if sd in bp]
+            # a diverged run logs None for its accuracies: the best is over the evaluations that have one
+            drop = [_minus(max((a for a in r["history"]["test_acc"] if a is not None), default=None), r["test_acc"])
+                    for r in runs]
             rows.append([v.replace(m, LABEL.get(m, m), 1) + suffix, pm([r["test_acc"] for r in runs]),
                          "-" if m == "backprop" else pm(gaps), pm(drop),
                          "-" if m == "backprop" else pm([r.get("final_cos") for r in runs], "{:.3f}"),
@@ -256,7 +323,8 @@ def classifier_section(ds: List[dict], out: str, title: str, png: Optional[str],
     s.append("\nGap to backprop: per seed, backprop's test accuracy minus the variant's (same seed, same data order, "
              "same settings); "
              "drop: the best test accuracy seen during training minus the final one (0 when the run ends at its best). "
-             "cos(SG, g): the mean over the interfaces and over the last evaluation interval.\n")
+             "cos(SG, g): the mean over the interfaces and over the last evaluation interval."
+             + timing_note([("", ds)] + ([(baseline_label, baseline)] if baseline else [])) + "\n")
     if png:
         s.append(f"\n![{title}]({curves_png(ds, baseline, out, png, title, baseline_label)})\n")
     return "\n".join(s) + "\n"
@@ -269,7 +337,7 @@ def curves_png(ds, baseline, out, name, title, baseline_label) -> str:
             m = method_of(v)
             label = v.replace(m, LABEL.get(m, m), 1) + suffix
             x = runs[0]["history"]["epoch"]
-            _band(axes[0], x, [[100.0 - a for a in r["history"]["test_acc"]] for r in runs], label=label,
+            _band(axes[0], x, [[_minus(100.0, a) for a in r["history"]["test_acc"]] for r in runs], label=label,
                   linestyle=style, color=COLOR.get(m))
             if m != "backprop":
                 _band(axes[1], x, [r["history"]["cos"] for r in runs], label=label, linestyle=style,
@@ -323,36 +391,43 @@ FCN_COLS = ["depth", "backprop test error %", "DNI test error %", "cDNI test err
 
 
 def _fcn_rows(ds: List[dict]):
-    runs = by_variant(ds)
-    depths: Dict[str, Dict[str, List[dict]]] = {}
+    """The FCN table's rows, and ``{depth: {method: {seed: run}}}``: a gap is a variant's test error minus
+    backprop's of the same seed."""
+    runs = by_variant_seed(ds)
+    depths: Dict[str, Dict[str, Dict[int, dict]]] = {}
     for v, rs in runs.items():
         m, depth = v.split(" ", 1)
         depths.setdefault(depth, {})[m] = rs
     rows = []
     for depth, v in depths.items():
-        bp = {i: r["test_error"] for i, r in enumerate(v.get("backprop", []))}
-        gap = {m: [r["test_error"] - bp[i] for i, r in enumerate(v.get(m, [])) if i in bp] for m in ("dni", "cdni")}
+        bp = {sd: r["test_error"] for sd, r in v.get("backprop", {}).items()}
+        for m in ("dni", "cdni"):
+            if m in v:
+                _unpaired(f"mnist_fcn {depth}", v.get("backprop", {}), v[m], "backprop", m)
+        gap = {m: [_minus(r["test_error"], bp[sd]) for sd, r in v.get(m, {}).items() if sd in bp]
+               for m in ("dni", "cdni")}
         gd, gc = mean_std(gap["dni"])[0], mean_std(gap["cdni"])[0]
         half = "-" if gd is None or gc is None else ("yes" if gc <= gd / 2 else f"no ({gc / gd:.2f} of DNI's)"
                                                      if gd > 0 else "no (DNI has no gap)")
-        rows.append([depth] + [pm([r["test_error"] for r in v.get(m, [])]) for m in ("backprop", "dni", "cdni")]
+        rows.append([depth] + [pm([r["test_error"] for r in v.get(m, {}).values()])
+                               for m in ("backprop", "dni", "cdni")]
                     + [pm(gap["dni"]), pm(gap["cdni"]), half,
-                       pm([r.get("final_cos") for r in v.get("dni", [])], "{:.3f}"),
-                       pm([r.get("final_cos") for r in v.get("cdni", [])], "{:.3f}")])
+                       pm([r.get("final_cos") for r in v.get("dni", {}).values()], "{:.3f}"),
+                       pm([r.get("final_cos") for r in v.get("cdni", {}).values()], "{:.3f}")])
     return depths, rows
 
 
-def _fcn_figure(depths: Dict[str, Dict[str, List[dict]]], out: str) -> None:
+def _fcn_figure(depths: Dict[str, Dict[str, Dict[int, dict]]], out: str) -> None:
     fig, axes = plt.subplots(1, len(depths), figsize=(3.4 * len(depths), 3.2), squeeze=False, sharey=True)
     for ax, (depth, v) in zip(axes[0], depths.items()):
-        bp = v.get("backprop", [])
+        bp = v.get("backprop", {})
         for m in ("dni", "cdni"):
-            rs = v.get(m, [])
-            if not rs or not bp:
+            rs = {sd: r for sd, r in v.get(m, {}).items() if sd in bp}  # paired by seed
+            if not rs:
                 continue
-            curves = [[b - a for a, b in zip(r["history"]["test_acc"], q["history"]["test_acc"])]
-                      for r, q in zip(rs, bp)]
-            _band(ax, rs[0]["history"]["step"], curves, label=LABEL[m], color=COLOR[m])
+            curves = [[_minus(b, a) for a, b in zip(r["history"]["test_acc"], bp[sd]["history"]["test_acc"])]
+                      for sd, r in rs.items()]
+            _band(ax, next(iter(rs.values()))["history"]["step"], curves, label=LABEL[m], color=COLOR[m])
         ax.axhline(0, color="k", lw=0.5)
         ax.set_title(depth, fontsize=9)
         ax.set_xlabel("training step")
@@ -370,6 +445,9 @@ def quickstart_section(ds: List[dict]) -> str:
     rows = [[LABEL.get(v, v), pm([r["test_acc"] for r in rs]), pm([r.get("final_cos") for r in rs], "{:.3f}"),
              pm([r["ms_per_step"] for r in rs]), str(len(rs))] for v, rs in by_variant(ds).items()]
     s.append(table(["variant", "test acc %", "cos(SG, g) at end", "ms/step (training loop)", "seeds"], rows))
+    note = timing_note([("", ds)])
+    if note:
+        s.append(note.strip() + "\n")
     d = next((x for x in ds if x["summary"].get("speed")), None)
     if d:
         speed = d["summary"]["speed"]
@@ -523,7 +601,7 @@ def copy_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None
         row.append(pm([r.get("final_cos") for r in v.get("dni", [])], "{:.3f}"))
         if true_cos:
             row.append(pm([r.get("final_true_cos") for r in v.get("dni", [])], "{:.3f}"))
-        row += [compare(bpt, dn, False, "BPTT", "DNI"), " ".join(f"{a}/{b}" for a, b in zip(bpt, dn))]
+        row += [compare(bpt, dn, False, "BPTT", "DNI"), " ".join(_copy_pair(d, T) for d in ds if _copy_pair(d, T))]
         rows.append(row)
     s.append(table(["T", "BPTT longest L", "DNI longest L"] + (["DNI longest L (dni-pytorch settings)"] if bb else [])
                    + ["DNI cos(SG, g) at the boundary"] + ([TRUE_COS_HEADER] if true_cos else [])
@@ -555,6 +633,14 @@ def copy_section(ds: List[dict], out: str, baseline: Optional[List[dict]] = None
     plt.close(fig)
     s.append("\n![copy task](copy_task.png)\n")
     return "\n".join(s) + "\n"
+
+
+def _copy_pair(d: dict, T: int) -> str:
+    """``"BPTT/DNI"`` longest lengths of one seed's log at ``T`` ("-" for a method it lacks; "" for neither)."""
+    got = {r["method"]: r.get("max_length") for r in d["runs"] if r["bptt"] == T}
+    if not got:
+        return ""
+    return "/".join("-" if got.get(m) is None else str(got[m]) for m in ("bptt", "dni"))
 
 
 def _t_color(Ts: List[int], T: int):
@@ -653,7 +739,7 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
             rows.append([f"copy task, T={T}: DNI solves a longer sequence than BPTT", "DNI L > BPTT L",
                          f"{pm(b, '{:.1f}')} vs {pm(a, '{:.1f}')}", _verdict(ok), ""])
     for group, label in (("mnist_fcn", "MNIST FCN"), ("mnist_cnn", "MNIST CNN")):
-        runs = by_variant(g.get(group, []))
+        runs = by_variant_seed(g.get(group, []))
         for v in runs:
             if not v.startswith("dni"):
                 continue
@@ -661,8 +747,12 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
             bpv, cv = "backprop" + rest, "cdni" + rest
             if bpv not in runs or cv not in runs:
                 continue
-            gd = [_minus(r["test_error"], b["test_error"]) for b, r in zip(runs[bpv], runs[v])]
-            gc = [_minus(r["test_error"], b["test_error"]) for b, r in zip(runs[bpv], runs[cv])]
+            bp = runs[bpv]  # each gap pairs a variant's run with backprop's of the same seed
+            if group == "mnist_cnn":  # (the FCN table has warned about its own)
+                for w in (v, cv):
+                    _unpaired(f"{group}{rest}", bp, runs[w], "backprop", w)
+            gd = [_minus(r["test_error"], bp[sd]["test_error"]) for sd, r in runs[v].items() if sd in bp]
+            gc = [_minus(r["test_error"], bp[sd]["test_error"]) for sd, r in runs[cv].items() if sd in bp]
             md, mc = strict_mean_std(gd)[0], strict_mean_std(gc)[0]
             ok = mc <= md / 2 if md is not None and mc is not None and md > 0 else None
             rows.append([f"{label}{rest}: cDNI's gap to backprop at most half of DNI's", "cDNI gap <= DNI gap / 2",
@@ -676,13 +766,51 @@ def targets_section(g: Dict[str, List[dict]]) -> str:
 
 
 # ---------------------------------------------------------------------------
+def _which_logs(ds: List[dict], every: Dict[str, List[dict]]) -> str:
+    """The groups of ``ds`` (the logs with one value), each whole or with its seeds where only some have it."""
+    out = []
+    for group, xs in sorted(groups(ds).items()):
+        whole = len(xs) == len(every.get(group, xs))
+        out.append(f"`{group}`" + ("" if whole else f" (seed{'s' if len(xs) > 1 else ''} "
+                                                    f"{', '.join(str(x['_seed']) for x in xs)})"))
+    return ", ".join(out)
+
+
+def _machine_field(logs: List[dict], key: str, name: str, show=lambda v: v) -> str:
+    """``name value`` where every log agrees; else each value with the logs that had it."""
+    by: Dict[str, List[dict]] = {}
+    for d in logs:
+        v = d.get("machine", {}).get(key)
+        by.setdefault("?" if v is None else str(show(v)), []).append(d)
+    if len(by) == 1:
+        return f"{name} {next(iter(by))}"
+    every = groups(logs)
+    return " and ".join(f"{name} {v} ({len(xs)} logs: {_which_logs(xs, every)})" for v, xs in sorted(by.items()))
+
+
 def machine_line(logs: List[dict]) -> str:
-    m = max(logs, key=lambda d: d.get("finished", "")).get("machine", {})
     threads = sorted({str(d.get("machine", {}).get("torch_threads")) for d in logs})
-    return (f"Machine: {m.get('cpu_count')}-core CPU (`{m.get('processor')}`, {m.get('platform')}), no GPU; "
-            f"Python {m.get('python')}, torch {m.get('torch')}, dni_fast {m.get('dni_fast')}. The runs used "
+    by: Dict[tuple, List[dict]] = {}
+    for d in logs:
+        m = d.get("machine", {})
+        by.setdefault((str(m.get("cpu_count")), str(m.get("processor")), str(m.get("platform"))), []).append(d)
+    if len(by) == 1:
+        n, proc, plat = next(iter(by))
+        cpu = f"Machine: {n}-core CPU (`{proc}`, {plat}), no GPU"
+    else:
+        every = groups(logs)
+        cpu = "Machines: " + "; ".join(f"{n}-core CPU (`{proc}`, {plat}) for {len(xs)} logs: {_which_logs(xs, every)}"
+                                       for (n, proc, plat), xs in sorted(by.items())) + "; no GPU"
+    torch = _machine_field(logs, "torch", "torch")
+    one_torch = len({_machine_value(d, "torch") for d in logs}) == 1
+    backends = _machine_field(logs, "available_backends", "backends available:", lambda v: ", ".join(v or []))
+    return (f"{cpu}; {_machine_field(logs, 'python', 'Python')}, "
+            + (f"{torch}, {_machine_field(logs, 'dni_fast', 'dni_fast')}" if one_torch else
+               f"{_machine_field(logs, 'dni_fast', 'dni_fast')}; the logs ran on {torch} (each section's schedule "
+               f"names its own)")
+            + ". The runs used "
             f"{'/'.join(threads)} torch thread(s) (`OMP_NUM_THREADS=1`: the machine was shared) and the `auto` "
-            f"backend unless stated; backends available: {', '.join(m.get('available_backends', []))}.")
+            f"backend unless stated; {backends}.")
 
 
 MLP_WHAT = ("784-256-256-10 with BatchNorm; a `BackwardInterface` after each hidden layer (after its BatchNorm, "
@@ -831,13 +959,36 @@ DIAG_RUNS = {
 }
 
 
-def _diag_run(diag: str, name: str, variant: str) -> Optional[dict]:
-    path = os.path.join(diag, name + ".json")
+class DiagError(RuntimeError):
+    """docs/synthetic_gradients.md cannot be rewritten safely: nothing is written."""
+
+
+def _diag_log(path: str, where: str) -> Optional[dict]:
+    """The log at ``path``, or ``None`` with a warning naming what lacks it."""
     if not os.path.exists(path):
+        warn(f"missing log {path}: {where} is left out")
         return None
     with open(path) as f:
-        d = json.load(f)
-    return next((r for r in d["runs"] if r["variant"] == variant), None)
+        return json.load(f)
+
+
+def _diag_run(diag: str, name: str, variant: str, where: Optional[str] = None) -> Optional[dict]:
+    """The run ``variant`` of the log ``diag/name.json``; ``None`` where either is missing, with a warning
+    naming ``where`` (none without it)."""
+    path = os.path.join(diag, name + ".json")
+    if where is None:
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            d = json.load(f)
+    else:
+        d = _diag_log(path, where)
+        if d is None:
+            return None
+    r = next((r for r in d["runs"] if r["variant"] == variant), None)
+    if r is None and where is not None:
+        warn(f"{path} has no run {variant!r}: {where} is left out")
+    return r
 
 
 def _mean(xs) -> Optional[float]:
@@ -857,7 +1008,7 @@ def _last(xs, k: int = 1):
 def diag_table(diag: str, which: str, variant: str = "") -> str:
     rows = []
     for label, name, v in DIAG_RUNS[which]:
-        r = _diag_run(diag, name, v.format(v=variant))
+        r = _diag_run(diag, name, v.format(v=variant), f"the row {label!r} of the {which} table")
         if r is None:
             continue
         h = r["history"]
@@ -883,6 +1034,8 @@ def diag_table(diag: str, which: str, variant: str = "") -> str:
             acc = [str(r.get("max_length")), "-"]
             step = fmt(_last(ratio.get("rnn.weight_hh_l0"), 5), "{:.3f}")
         rows.append([label] + acc + [cos, mean_cos, sg, rel, step, eps])
+    if not rows:
+        return ""
     acc_cols = ["valid acc % (end)", "best valid acc %"]
     metric = {"mlp": acc_cols, "cnn": acc_cols, "fcn": acc_cols, "fcn_deep": acc_cols, "ptb": ["valid bpc (end)", "-"],
               "copy": ["longest L solved", "-"]}[which]
@@ -901,23 +1054,27 @@ COPY_SG = ("0.1", "0.2", "0.3", "0.5", "0.7", "1.0")
 
 def copy_sg_table(diag: str) -> str:
     """One row per ``--sg-factor``: the longest length solved and the boundary cosine at the end, per T."""
-    rows, ts = [], None
+    logs = []
     for f in COPY_SG:
-        path = os.path.join(diag, f"copy_sg{f}.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as fh:
-            runs = sorted(json.load(fh)["runs"], key=lambda r: r["bptt"])
-        ts = ts or [r["bptt"] for r in runs]
-
-        def diverged(r):  # the norms went non-finite: the statistics stop (None) from then on
-            ifs = r["history"].get("interfaces", {})
-            return any(c["s_norm"] and c["s_norm"][-1] is None for c in ifs.values())
-
-        rows.append([f] + [str(r["max_length"]) + (" (diverged)" if diverged(r) else "") for r in runs]
-                    + [" / ".join("-" if diverged(r) else fmt(r.get("final_cos"), "{:.3f}") for r in runs)])
-    if not rows:
+        d = _diag_log(os.path.join(diag, f"copy_sg{f}.json"), f"the copy_sg row --sg-factor {f}")
+        if d is not None:
+            logs.append((f, {r["bptt"]: r for r in d["runs"]}))
+    if not logs:
         return ""
+    # every T any log has, a column each ("-" in the rows of a log without it): the logs need not agree
+    ts = sorted(set().union(*(runs for _, runs in logs)))
+
+    def diverged(r):  # the norms went non-finite: the statistics stop (None) from then on
+        ifs = r["history"].get("interfaces", {})
+        return any(c["s_norm"] and c["s_norm"][-1] is None for c in ifs.values())
+
+    rows = []
+    for f, runs in logs:
+        got = [runs.get(t) for t in ts]
+        rows.append([f] + ["-" if r is None else str(r["max_length"]) + (" (diverged)" if diverged(r) else "")
+                           for r in got]
+                    + [" / ".join("-" if r is None or diverged(r) else fmt(r.get("final_cos"), "{:.3f}")
+                                  for r in got)])
     return table(["--sg-factor"] + [f"longest L, T={t}" for t in ts]
                  + ["cos(S, g) at the boundary, end (T=" + ", ".join(map(str, ts)) + ")"], rows)
 
@@ -937,11 +1094,10 @@ def ptb_sg_table(diag: str) -> str:
     """Validation bpc at the end, per T, and the mean over T, for each run of ``PTB_SG``."""
     rows, ts = [], (2, 4, 8)
     for label, name, method in PTB_SG:
-        path = os.path.join(diag, name + ".json")
-        if not os.path.exists(path):
+        d = _diag_log(os.path.join(diag, name + ".json"), f"the ptb_sg row {label!r}")
+        if d is None:
             continue
-        with open(path) as fh:
-            runs = {r["bptt"]: r for r in json.load(fh)["runs"] if r["variant"].startswith(method + " ")}
+        runs = {r["bptt"]: r for r in d["runs"] if r["variant"].startswith(method + " ")}
         vals = [runs[t].get("valid_metric") if t in runs else None for t in ts]
         ok = [v for v in vals if v is not None]
         rows.append([label] + [fmt(v, "{:.3f}") for v in vals]
@@ -957,7 +1113,10 @@ def ptb_control_table(diag: str, results: str) -> str:
     rows, cols = [], {"BPTT": [], "DNI": [], "control": []}
     for seed in (1, 2, 3):
         paths = (os.path.join(results, f"ptb_char_s{seed}.json"), os.path.join(diag, f"ptb_ridge_shuffle_s{seed}.json"))
-        if not all(os.path.exists(q) for q in paths):
+        missing = [q for q in paths if not os.path.exists(q)]
+        for q in missing:
+            warn(f"missing log {q}: the ptb_control row of seed {seed} is left out")
+        if missing:
             continue
         with open(paths[0]) as fh:
             runs = {r["variant"]: r for r in json.load(fh)["runs"]}
@@ -985,11 +1144,10 @@ def boundary_table(diag: str) -> str:
     c is the carried synthetic part of the target."""
     rows = []
     for label, name in BOUNDARY:
-        path = os.path.join(diag, name + ".json")
-        if not os.path.exists(path):
+        d = _diag_log(os.path.join(diag, name + ".json"), f"the boundary rows of the {label}")
+        if d is None:
             continue
-        with open(path) as fh:
-            runs = sorted((r for r in json.load(fh)["runs"] if r["dni"]), key=lambda r: r["bptt"])
+        runs = sorted((r for r in d["runs"] if r["dni"]), key=lambda r: r["bptt"])
         for r in runs:
             h = r["history"]
             h = h.get("curves", h)  # copy_task keeps its curves under history["curves"]
@@ -1005,12 +1163,44 @@ def boundary_table(diag: str) -> str:
                   "cos(S, g_own): the true gradient", "|c| / |g_own|", "cos(g_own, c)"], rows)
 
 
+def _n_rows(md: str) -> int:
+    """The body rows of the markdown table ``md`` (0 for none, or no table)."""
+    return max(sum(1 for line in md.splitlines() if line.startswith("|")) - 2, 0)
+
+
+DIAG_START, DIAG_END = "<!-- diag:{} -->", "<!-- /diag -->"
+
+
+def replace_blocks(text: str, blocks: Dict[str, str], doc: str = "the page") -> str:
+    """``text`` with the body of each block ``<!-- diag:NAME -->`` ... ``<!-- /diag -->`` replaced by
+    ``blocks[NAME]``. Raises ``DiagError`` (nothing replaced) for a start marker without its end marker, or a
+    table with no rows: either would silently delete part of the page."""
+    for name, body in blocks.items():
+        start = DIAG_START.format(name)
+        i = text.find(start)
+        if i < 0:
+            continue
+        j = text.find(DIAG_END, i + len(start))
+        if j < 0:
+            raise DiagError(f"{doc}: {start} has no {DIAG_END} after it (refusing to rewrite the page: the rest "
+                            f"of it would be lost)")
+        k = text.find("<!-- diag:", i + len(start))
+        if 0 <= k < j:
+            raise DiagError(f"{doc}: {start} is not closed by {DIAG_END} before the next block starts")
+        if _n_rows(body) == 0:
+            raise DiagError(f"{doc}: the table for {start} has no rows (its logs are missing: see the warnings); "
+                            f"refusing to replace the block")
+        text = text[:i + len(start)] + "\n" + body + text[j:]
+    return text
+
+
 def diagnosis(diag: str, doc: str, out: str, runs_dir: Optional[str] = None) -> None:
     """Rewrite the generated blocks of ``doc`` (between ``<!-- diag:NAME -->`` and
-    ``<!-- /diag -->``) from the logs in ``diag``, and its figures in ``out``."""
+    ``<!-- /diag -->``) from the logs in ``diag``, and its figures in ``out``. Every missing log is warned
+    about (stderr); ``DiagError``, with ``doc`` left as it was, for a block without its end marker or one whose
+    table would have no rows."""
     from dni_fast import diagnostics as dd
 
-    os.makedirs(out, exist_ok=True)
     blocks = {"mlp_dni": lambda: diag_table(diag, "mlp", "dni"), "mlp_cdni": lambda: diag_table(diag, "mlp", "cdni"),
               "ptb": lambda: diag_table(diag, "ptb"), "copy": lambda: diag_table(diag, "copy"),
               "cnn": lambda: diag_table(diag, "cnn"), "fcn": lambda: diag_table(diag, "fcn"),
@@ -1018,6 +1208,22 @@ def diagnosis(diag: str, doc: str, out: str, runs_dir: Optional[str] = None) -> 
               "ptb_sg": lambda: ptb_sg_table(diag), "boundary": lambda: boundary_table(diag),
               "ptb_control": lambda: ptb_control_table(
                   diag, runs_dir or os.path.join(os.path.dirname(diag), "results"))}
+
+    # the page first, checked before anything is written: every table (so that every missing log is warned
+    # about), then the checks
+    text = None
+    if os.path.exists(doc):
+        with open(doc) as f:
+            text = f.read()
+        made = {name: make() for name, make in blocks.items() if DIAG_START.format(name) in text}
+        empty = [name for name, body in made.items() if _n_rows(body) == 0]
+        if empty:
+            raise DiagError(f"{doc}: no rows for the block(s) {', '.join(empty)} (their logs in {diag} are "
+                            f"missing: see the warnings above); refusing to replace them")
+        text = replace_blocks(text, made, doc)
+    else:
+        warn(f"{doc} does not exist: its tables are not written")
+    os.makedirs(out, exist_ok=True)
 
     def runs(which, variant="", names=None):
         out_runs = []
@@ -1049,18 +1255,9 @@ def diagnosis(diag: str, doc: str, out: str, runs_dir: Optional[str] = None) -> 
         fig = dd.plot_run(base, os.path.join(out, "diag_mlp_base_interfaces.png"), variants=["dni", "cdni"],
                           title="MNIST MLP before (mean loss, constant lr): per-interface curves")
         plt.close(fig)
-    if not os.path.exists(doc):
-        return
-    text = open(doc).read()
-    for name, make in blocks.items():
-        start, end = f"<!-- diag:{name} -->", "<!-- /diag -->"
-        i = text.find(start)
-        if i < 0:
-            continue
-        j = text.find(end, i)
-        text = text[:i + len(start)] + "\n" + make() + text[j:]
-    with open(doc, "w") as f:
-        f.write(text)
+    if text is not None:
+        with open(doc, "w") as f:
+            f.write(text)
 
 
 def main(argv=None) -> None:
@@ -1072,7 +1269,12 @@ def main(argv=None) -> None:
                    help="the diagnosis runs' logs (docs/synthetic_gradients.md's tables and figures)")
     args = p.parse_args(argv)
     if args.diag and os.path.isdir(args.diag):
-        diagnosis(args.diag, os.path.join(args.out, "synthetic_gradients.md"), args.out, args.runs)
+        try:
+            diagnosis(args.diag, os.path.join(args.out, "synthetic_gradients.md"), args.out, args.runs)
+        except DiagError as e:
+            raise SystemExit(f"make_results: {e}")
+    elif args.diag:
+        warn(f"--diag {args.diag} is not a folder: docs/synthetic_gradients.md is not rebuilt")
     logs = load_logs(args.runs)
     if not logs:
         raise SystemExit(f"no example logs in {args.runs}/ (run the examples with --log {args.runs}/NAME_s1.json)")

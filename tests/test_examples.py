@@ -386,11 +386,14 @@ def test_make_results_fills_the_diagnosis_tables(tmp_path):
     out = tmp_path / "docs"
     out.mkdir()
     doc = out / "synthetic_gradients.md"
-    doc.write_text("intro\n<!-- diag:mlp_dni -->\nstale\n<!-- /diag -->\nmiddle\n<!-- diag:ptb -->\n<!-- /diag -->\n")
+    # (a block whose logs are all missing, such as ptb here, is refused: test_make_results_refuses_an_empty_block)
+    doc.write_text("intro\n<!-- diag:mlp_dni -->\nstale\n<!-- /diag -->\nmiddle\n<!-- diag:mlp_cdni -->\n"
+                   "<!-- /diag -->\nend\n")
     _make_results().diagnosis(str(diag), str(doc), str(out))
     text = doc.read_text()
-    assert "stale" not in text and "intro" in text and "middle" in text
+    assert "stale" not in text and "intro" in text and "middle" in text and text.endswith("<!-- /diag -->\nend\n")
     assert "| mean loss, constant lr (before) |" in text.split("middle")[0]
+    assert "| mean loss, constant lr (before) |" in text.split("middle")[1]
     assert (out / "diag_mlp_dni.png").is_file() and (out / "diag_mlp_base_interfaces.png").is_file()
 
 
@@ -629,3 +632,159 @@ def test_make_results_marks_a_diverged_seed_and_claims_nothing_on_it(tmp_path):
     assert "(1 of 3 seeds diverged, left out)" in page and "no claim: 1 seed diverged" in page
     t2 = [line for line in page.split("## Issue 11's targets")[1].splitlines() if "T=2: DNI test bpc" in line]
     assert t2 and all("missed" in line for line in t2)
+
+
+# ---------------------------------------------------------------------------
+# scripts/make_results.py: versions, the diagnosis page's blocks, pairing by seed, diverged runs
+# ---------------------------------------------------------------------------
+LOGS = REPO / "docs" / "logs"
+
+
+def _copy_logs(tmp_path, pattern, edit=None, src=LOGS / "results", sub="runs"):
+    """Copies of the committed logs matching ``pattern`` in ``tmp_path/sub``, each passed through ``edit(name,
+    log)`` first; returns the folder."""
+    dst = tmp_path / sub
+    dst.mkdir(exist_ok=True)
+    for p in sorted(src.glob(pattern)):
+        d = json.loads(p.read_text())
+        if edit:
+            edit(p.name, d)
+        (dst / p.name).write_text(json.dumps(d))
+    return dst
+
+
+def test_make_results_names_the_torch_version_of_each_group(tmp_path):
+    """The logs ran on two torch builds: the machine line says which groups ran on which, each schedule names its
+    own, and a table whose ms/step cells mix them says so (it used to print the newest log's torch only)."""
+    mr = _make_results()
+
+    def edit(name, d):
+        if name == "mnist_mlp_dnipytorch_s3.json":
+            d["machine"]["torch"] = "2.14.1+cu130"
+
+    g = mr.groups(mr.load_logs(str(_copy_logs(tmp_path, "mnist_mlp*_s*.json", edit))))
+    line = mr.machine_line([d for ds in g.values() for d in ds])
+    assert "torch 2.13.0+cpu (2 logs: `mnist_mlp_dnipytorch` (seeds 1, 2))" in line
+    assert "torch 2.14.1+cu130 (4 logs: `mnist_mlp`, `mnist_mlp_dnipytorch` (seed 3))" in line
+    assert "torch 2.14.1+cu130;" in mr.schedule(g["mnist_mlp"])
+    assert "torch 2.13.0+cpu (seeds 1, 2), 2.14.1+cu130 (seed 3);" in mr.schedule(g["mnist_mlp_dnipytorch"])
+    page = mr.classifier_section(g["mnist_mlp"], str(tmp_path), "MLP", None, "what", g["mnist_mlp_dnipytorch"])
+    assert "**ms/step mixes torch versions:** the unmarked rows ran on torch 2.14.1+cu130, the rows marked " \
+           "*dni-pytorch settings* on torch 2.13.0+cpu (seeds 1, 2), 2.14.1+cu130 (seed 3)" in page
+    assert "not comparable" in mr.classifier_section(g["mnist_mlp_dnipytorch"], str(tmp_path), "MLP", None, "w")
+    assert "mixes torch" not in mr.classifier_section(g["mnist_mlp"], str(tmp_path), "MLP", None, "what")
+    one = mr.machine_line(g["mnist_mlp"])
+    assert "torch 2.14.1+cu130, dni_fast" in one and "2.13" not in one
+
+
+def test_make_results_skips_none_accuracies_of_a_diverged_run(tmp_path):
+    """A diverged run logs None for its accuracies: the drop is over the evaluations that have one, the run is
+    marked as diverged, the curves skip it (max() over the Nones raised TypeError)."""
+    mr = _make_results()
+
+    def edit(name, d):
+        for r in d["runs"]:
+            if name == "mnist_mlp_s2.json" and r["variant"] == "dni":
+                r["test_acc"] = None
+                r["history"]["test_acc"] = r["history"]["test_acc"][:1] + [None] * (len(r["history"]["test_acc"]) - 1)
+            if name == "mnist_mlp_s3.json" and r["variant"] == "cdni":
+                r["history"]["test_acc"][1] = None
+
+    g = mr.groups(mr.load_logs(str(_copy_logs(tmp_path, "mnist_mlp_s*.json", edit))))
+    page = mr.classifier_section(g["mnist_mlp"], str(tmp_path), "MLP", "mlp.png", "what")
+    dni = next(line for line in page.splitlines() if line.startswith("| DNI |"))
+    assert dni.count("(1 of 3 seeds diverged, left out)") == 3  # test acc, gap, drop
+    cdni = next(line for line in page.splitlines() if line.startswith("| cDNI |"))
+    assert "diverged" not in cdni and (tmp_path / "mlp.png").is_file()
+
+
+def test_make_results_pairs_fcn_runs_by_seed(tmp_path, capsys):
+    """Seed 1's log lacks the DNI run of the 3-layer net: each gap still pairs a seed's DNI with the same seed's
+    backprop (it paired them by position: seed 2's DNI against seed 1's backprop), and the missing run is warned
+    about."""
+    mr = _make_results()
+
+    def edit(name, d):
+        if name == "mnist_fcn_s1.json":
+            d["runs"] = [r for r in d["runs"] if r["variant"] != "dni 3-layer"]
+
+    g = mr.groups(mr.load_logs(str(_copy_logs(tmp_path, "mnist_fcn_s*.json", edit))))
+    err = {d["_seed"]: {r["variant"]: r["test_error"] for r in d["runs"]} for d in g["mnist_fcn"]}
+    gd = [err[s]["dni 3-layer"] - err[s]["backprop 3-layer"] for s in (2, 3)]
+    gc = [err[s]["cdni 3-layer"] - err[s]["backprop 3-layer"] for s in (1, 2, 3)]
+    row = next(r for r in mr._fcn_rows(g["mnist_fcn"])[1] if r[0] == "3-layer")
+    assert row[4] == mr.pm(gd) and row[5] == mr.pm(gc)
+    assert "mnist_fcn 3-layer: seed 1 has backprop but no dni" in capsys.readouterr().err
+    target = next(line for line in mr.targets_section(g).splitlines() if line.startswith("| MNIST FCN 3-layer"))
+    assert f"cDNI {mr.pm(gc)} vs DNI {mr.pm(gd)}" in target
+    assert "## MNIST FCN" in mr.fcn_section(g["mnist_fcn"], str(tmp_path))  # the gap figure pairs by seed too
+
+
+def test_make_results_copy_sg_table_with_different_T(tmp_path):
+    """The injection-scale logs need not have the same T: a column per T any of them has, "-" where a log lacks
+    it (the header came from the first log, and a log with other T shifted its cells under the wrong T)."""
+    mr = _make_results()
+
+    def edit(name, d):
+        if name == "copy_sg0.5.json":
+            d["runs"] = [r for r in d["runs"] if r["bptt"] != 2]
+            d["runs"][-1]["bptt"] = 16  # T 4 and 16
+
+    diag = _copy_logs(tmp_path, "copy_sg0.[15].json", edit, src=LOGS / "diag", sub="diag")
+    lines = mr.copy_sg_table(str(diag)).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0][1:5] == ["longest L, T=2", "longest L, T=4", "longest L, T=8", "longest L, T=16"]
+    assert cells[0][5] == "cos(S, g) at the boundary, end (T=2, 4, 8, 16)"
+    assert all(len(c) == len(cells[0]) for c in cells)
+    row01, row05 = cells[2], cells[3]
+    assert row01[0] == "0.1" and row01[4] == "-" and row01[5].endswith("/ -")
+    assert row05[0] == "0.5" and row05[1] == "-" and row05[3] == "-" and row05[2] != "-" and row05[4] != "-"
+
+
+def test_make_results_refuses_a_block_without_its_end_marker(tmp_path):
+    """A block without its <!-- /diag --> raises and leaves the page as it was (find returned -1 and the rest of
+    the page after the block was deleted)."""
+    mr = _make_results()
+    diag = _copy_logs(tmp_path, "copy_sg*.json", src=LOGS / "diag", sub="diag")
+    doc = tmp_path / "synthetic_gradients.md"
+    text = "head\n<!-- diag:copy_sg -->\nold table\n\nthe rest of the page\n"
+    doc.write_text(text)
+    with pytest.raises(mr.DiagError, match="has no <!-- /diag -->"):
+        mr.diagnosis(str(diag), str(doc), str(tmp_path))
+    assert doc.read_text() == text
+    # the committed page with one end marker gone: the block would swallow the next one
+    real = (REPO / "docs" / "synthetic_gradients.md").read_text()
+    i = real.index("<!-- diag:mlp_dni -->")
+    j = real.index("<!-- /diag -->", i)
+    broken = real[:j] + real[j + len("<!-- /diag -->"):]
+    with pytest.raises(mr.DiagError, match="not closed by <!-- /diag --> before the next block"):
+        mr.replace_blocks(broken, {"mlp_dni": "| a |\n|---|\n| 1 |\n"})
+
+
+def test_make_results_refuses_an_empty_block(tmp_path, capsys):
+    """--diag on an empty folder: every missing log is warned about on stderr, and no block is replaced with a
+    header-only table (every block was rewritten to a bare header, without a word)."""
+    mr = _make_results()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "docs"
+    out.mkdir()
+    doc = out / "synthetic_gradients.md"
+    text = (REPO / "docs" / "synthetic_gradients.md").read_text()
+    doc.write_text(text)
+    with pytest.raises(SystemExit, match="no rows for the block"):
+        mr.main(["--runs", str(LOGS / "results"), "--out", str(out), "--diag", str(empty)])
+    assert doc.read_text() == text and not (out / "results.md").exists()
+    err = capsys.readouterr().err
+    for name in ("mlp_base", "mlp_ridge", "ptb_base", "cnn_cos", "fcn_norm", "fcn_e10", "copy_ridge",
+                 "copy_sg0.1", "copy_sg1.0", "ptb_ridge_sg05", "copy_probe_s100", "ptb_ridge_shuffle_s3"):
+        assert f"missing log {empty / name}.json" in err, name
+    # some logs present: the rows they give, a warning for each one missing
+    diag = _copy_logs(tmp_path, "copy_sg0.[15].json", src=LOGS / "diag", sub="diag")
+    doc.write_text("<!-- diag:copy_sg -->\n<!-- /diag -->\n")
+    mr.diagnosis(str(diag), str(doc), str(out))
+    assert mr._n_rows(doc.read_text()) == 2
+    err = capsys.readouterr().err
+    assert all(f"missing log {diag / f'copy_sg{f}.json'}" in err for f in ("0.2", "0.3", "0.7", "1.0"))
+    with pytest.raises(mr.DiagError, match="no rows"):
+        mr.replace_blocks("<!-- diag:ptb -->\nold\n<!-- /diag -->\n", {"ptb": ""})

@@ -222,14 +222,25 @@ def test_kernels_compile_for_sm90():
 def test_the_autotune_prune_finds_x_among_keyword_arguments():
     """Triton's autotuner passes the prune function only the positional arguments as named_args; our launchers
     pass everything by keyword (kwargs). The prune found x in named_args only, which raised KeyError on every
-    autotuned launch on a GPU. A 4-byte x keeps only the configs whose pipelined tiles fit shared memory."""
+    autotuned launch on a GPU. It keeps only the configs whose pipelined tiles fit shared memory: the
+    forward's x tile and weight tile (``wt``), each in its own dtype, within sm_90's 227 KB; the update's
+    three tiles in x's dtype within 200 KB (calibrated by benchmarks/check_triton_sm90.py --all)."""
     for configs, names in ((T._FWD_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
                            (T._UPD_CONFIGS, ("BLOCK_N", "BLOCK_H", "BLOCK_K"))):
         prune = T._prune(names)["early_config_prune"]
-        for dtype in (torch.float32, torch.bfloat16):
-            kept = prune(configs, {}, x=torch.zeros(2, dtype=dtype), other=1)
+        forward = names[0] == "BLOCK_M"
+        for dtype, wdtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                              (torch.float16, torch.float32)):
+            kept = prune(configs, {}, x=torch.zeros(2, dtype=dtype), wt=torch.zeros(2, dtype=wdtype), other=1)
             es = torch.zeros(0, dtype=dtype).element_size()
-            assert kept and all(
-                c.num_stages * es * (c.kwargs[names[0]] * c.kwargs[names[2]] + c.kwargs[names[2]] * c.kwargs[names[1]]
-                                     + c.kwargs[names[0]] * c.kwargs[names[1]]) <= 200 * 1024 for c in kept)
+            ew = torch.zeros(0, dtype=wdtype).element_size()
+
+            def need(c):
+                m, n, k = (c.kwargs[x] for x in names)
+                if forward:
+                    return c.num_stages * (m * k * es + k * n * ew), T._SMEM
+                return c.num_stages * es * (m * k + k * n + m * n), 200 * 1024
+
+            assert kept and all(need(c)[0] <= need(c)[1] for c in kept)
+            assert all(need(c)[0] > need(c)[1] for c in configs if c not in kept)
         assert prune(configs, {"x": torch.zeros(2)}) == prune(configs, {}, x=torch.zeros(2))
