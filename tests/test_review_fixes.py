@@ -712,3 +712,16 @@ def test_overlap_error_is_public():
     from dni_fast import _overlap
 
     assert dni.OverlapError is _overlap.OverlapError and "OverlapError" in dni.__all__
+
+
+def test_the_backend_cache_stays_bounded_under_ever_new_row_counts(monkeypatch):
+    """``auto`` resolves per row count: a model fed sequences of ever new lengths grew the cache without bound."""
+    from dni_fast import backends
+
+    monkeypatch.setattr(backends, "_CACHE_MAX", 8)
+    backends.clear_cache()
+    synth = dni.BasicSynthesizer(4)
+    for n in range(1, 40):
+        backends.resolve("auto", synth, torch.randn(n, 4))
+        assert len(backends._cache) <= 8
+    backends.clear_cache()

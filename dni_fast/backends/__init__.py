@@ -164,6 +164,7 @@ def available_backends(device: torch.device | str = "cpu") -> List[str]:
 # resolve: called by every interface step
 # ---------------------------------------------------------------------------
 _cache: Dict[tuple, Backend] = {}
+_CACHE_MAX = 4096  # resolutions kept (a miss costs ~9 us)
 
 
 def _interpreted_bf16(backend: Backend, device: torch.device, dtype: torch.dtype) -> bool:
@@ -245,6 +246,8 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
             raise BackendUnavailableError(
                 f"dni_fast backend {name!r} fuses BasicSynthesizers with n_hidden <= {pick.max_hidden}, this one "
                 f"has n_hidden={synthesizer.n_hidden}; use backend='reference' or 'auto'")
+    if len(_cache) >= _CACHE_MAX:  # `auto` keys on the row count: inputs of ever new lengths must not grow it
+        _cache.clear()
     _cache[key] = pick
     return pick
 
