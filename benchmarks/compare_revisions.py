@@ -13,9 +13,11 @@ one worker computes at a time: the other waits on its pipe.
 
 Workloads use only the public API, so any revision runs them: the interface
 step (``Linear(D, D)`` -> ``BackwardInterface(BasicSynthesizer(D, n_hidden=1))``
--> the true gradient) at B=16, D=128 and B=64, D=256, and the docs/design.md
-§5 MLP (784-256x6-10, BatchNorm, 5 DNIs, Adam) at B=64; each on ``reference``
-and ``cpp``.
+-> the true gradient) at B=16, D=128 and B=64, D=256, the same step at B=16,
+D=128 with ``normalize_targets=True`` (``norm``) and with ``overlap=True``
+(``overlap``; ``zero_grad`` synchronises), and the docs/design.md §5 MLP
+(784-256x6-10, BatchNorm, 5 DNIs, Adam) at B=64; each on ``reference`` and
+``cpp``.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from typing import Dict, List
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_csv import append_rows, check_header  # noqa: E402  (refuses a file with another header)
 
-WORKLOADS = [("step", 16, 128), ("step", 64, 256), ("mlp", 64, 256)]
+# "norm": the step with normalize_targets=True; "overlap": with overlap=True (zero_grad is the synchronisation)
+WORKLOADS = [("step", 16, 128), ("step", 64, 256), ("norm", 16, 128), ("overlap", 16, 128), ("mlp", 64, 256)]
 PROVIDERS = ["reference", "cpp"]
 FIELDS = ["workload", "revision", "threads", "ms", "p20", "p80", "base_over_this", "rounds", "date", "device", "torch",
           "commit"]  # the CSV's columns: compare()'s keys, then main()'s
@@ -54,9 +57,10 @@ def _worker(threads: int) -> None:
     fns = {}
     for kind, B, D in WORKLOADS:
         for prov in PROVIDERS:
-            if kind == "step":
+            if kind in ("step", "norm", "overlap"):
                 lin = nn.Linear(D, D)
-                iface = dni.BackwardInterface(dni.BasicSynthesizer(D, n_hidden=1), backend=prov)
+                opts = {"norm": {"normalize_targets": True}, "overlap": {"overlap": True}}.get(kind, {})
+                iface = dni.BackwardInterface(dni.BasicSynthesizer(D, n_hidden=1), backend=prov, **opts)
                 x, g = torch.randn(B, D), torch.randn(B, D)
 
                 def fn(lin=lin, iface=iface, x=x, g=g):
