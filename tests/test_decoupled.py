@@ -1142,3 +1142,52 @@ def test_auto_executor_with_delay_zero_is_sequential():
     m = DecoupledSequential(*make_net(), adam, executor="auto", delay=0)
     assert m.executor == "sequential"
     m.close()
+
+
+# -- review, stop 23 ----------------------------------------------------------------------------------------------
+def test_a_checkpoint_whose_optimizer_state_does_not_fit_is_refused_before_anything_changes():
+    """A parameter frozen since the checkpoint: the optimizer's group sizes differ. The weights were loaded
+    first and the optimizer's load failed after, leaving the model broken with the checkpoint's weights."""
+    stages, synths = make_net()
+    m = DecoupledSequential(stages, synths, adam, executor="sequential")
+    data = batches(4)
+    for x, y in data[:2]:
+        m.step(x, y, F.cross_entropy)
+    ck = m.checkpoint()
+    stages2, synths2 = make_net(seed=3)
+    stages2[1][0].bias.requires_grad_(False)
+    m2 = DecoupledSequential(stages2, synths2, adam, executor="sequential")
+    before = {k: v.clone() for k, v in m2.state_dict().items()}
+    with pytest.raises(ValueError, match="holds 2 parameters in group 0, this stage's 1"):
+        m2.load_checkpoint(ck)
+    assert all(torch.equal(before[k], v) for k, v in m2.state_dict().items())
+    m2.step(*data[2], F.cross_entropy)  # still usable
+
+
+def test_a_checkpoint_of_another_optimizer_class_is_refused():
+    stages, synths = make_net()
+    m = DecoupledSequential(stages, synths, adam, executor="sequential")
+    m.step(*batches(1)[0], F.cross_entropy)
+    ck = m.checkpoint()
+    stages2, synths2 = make_net()
+    m2 = DecoupledSequential(stages2, synths2, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                             executor="sequential")
+    with pytest.raises(ValueError, match="is a Adam, this stage's a SGD"):
+        m2.load_checkpoint(ck)
+
+
+@pytest.mark.parametrize("executor", ["sequential", "threads"])
+def test_step_under_no_grad_is_refused_on_every_executor(executor):
+    """sequential failed deep in autograd, threads trained anyway (its workers do not inherit grad mode)."""
+    stages, synths = make_net()
+    m = DecoupledSequential(stages, synths, adam, executor=executor)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="needs autograd"):
+        m.step(*batches(1)[0], F.cross_entropy)
+    m.close()
+
+
+def test_auto_runs_stages_on_other_devices_sequentially():
+    with torch.device("meta"):
+        stages, synths = [nn.Linear(8, 16), nn.Linear(16, 4)], [dni.BasicSynthesizer(16, n_hidden=1)]
+    m = DecoupledSequential(stages, synths, sgd)
+    assert m.executor == "sequential"

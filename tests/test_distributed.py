@@ -298,6 +298,11 @@ def scenario_lifecycle(rank, world, q):
         out["second"] = None
     except ValueError as e:
         out["second"] = str(e)
+    try:  # a rollback with the channels open: messages of the run left behind would be taken for the resumed one's
+        st2.load_state_dict(saved)
+        out["open_load"] = None
+    except RuntimeError as e:
+        out["open_load"] = str(e)
     st2.finish()
     stages, synths = make_net(world)
     st3 = DecoupledStage(stages[rank], rank, world, synths[rank] if rank < world - 1 else None, adam, timeout=10,
@@ -311,6 +316,15 @@ def scenario_lifecycle(rank, world, q):
     after = st3.modules().state_dict()
     out["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
     st3.finish()
+    stages, synths = make_net(world)
+    st4 = DecoupledStage(stages[rank], rank, world, synths[rank] if rank < world - 1 else None,
+                         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), timeout=10)
+    try:  # an Adam checkpoint into SGD stages: it loaded, and the next step raised KeyError 'momentum'
+        st4.load_state_dict(saved)
+        out["other_optimizer"] = None
+    except ValueError as e:
+        out["other_optimizer"] = str(e)
+    st4.finish()
     return out
 
 
@@ -606,6 +620,8 @@ def test_state_dict_after_finish_a_second_stage_and_a_refused_checkpoint(two_ran
         assert out["second"] is not None and "still has its channels open" in out["second"], out
         assert out["refused"] is not None and "delay" in out["refused"], out
         assert out["unchanged"], "a refused checkpoint changed the weights"
+        assert out["open_load"] is not None and "call finish() on every rank first" in out["open_load"], out
+        assert out["other_optimizer"] is not None and "is a Adam, this stage's a SGD" in out["other_optimizer"], out
         assert out["second_finish_s"] < 2.0, f"a second finish() took {out['second_finish_s']:.1f} s"
 
 

@@ -102,10 +102,13 @@ def _to(t: Any, device: Optional[torch.device], non_blocking: bool = False) -> A
 
 def pick_executor(stages: Sequence[Stage]) -> str:
     """``auto``: ``streams`` when the stages sit on CUDA, ``threads`` on a CPU
-    with at least two cores for this process, else ``sequential``."""
+    with at least two cores for this process, else ``sequential`` (which also
+    runs stages on any other device: meta, mps, ...)."""
     devs = {s.device.type for s in stages if s.device is not None}
     if "cuda" in devs:
         return "streams"
+    if devs - {"cpu"}:
+        return "sequential"
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -351,7 +354,8 @@ class ThreadsExecutor(Executor):
             if s.device is not None and s.device.type != "cpu":
                 raise ExecutorUnavailableError(
                     f"executor='threads' runs stages on the CPU, but stage {s.index} is on {s.device}; use "
-                    "executor='streams' (or 'auto') for CUDA stages")
+                    f"executor='streams' for CUDA stages, 'sequential' for {s.device.type} ones (or 'auto', "
+                    f"which picks)")
 
     def _start(self) -> None:
         if self.workers:

@@ -261,6 +261,10 @@ class DecoupledSequential(nn.Module):
         self._check_usable()
         if not self.training:
             raise RuntimeError("DecoupledSequential.step trains: call .train() first (eval mode is for forward())")
+        if not torch.is_grad_enabled():
+            # (the sequential executor failed deep in autograd, the threads workers trained anyway)
+            raise RuntimeError("DecoupledSequential.step trains, so it needs autograd: it was called under "
+                               "torch.no_grad() or torch.inference_mode(); use forward() to only evaluate")
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[0] == 0:

@@ -694,8 +694,11 @@ class Stage:
             else self.synth.optimizer.state_dict(),
             "fsynth_optimizer": None if self.fsynth is None or self.fsynth.optimizer is None
             else self.fsynth.optimizer.state_dict(),
+            # what each optimizer is: another class's state would load, and fail at the next step
+            "optimizer_types": {name: type(opt).__qualname__ for name, opt in self._optimizers() if opt is not None},
             "pending": {b: {kind: r.tensors() for kind, r in recs.items()} for b, recs in self._pending.items()},
-            # the statistics too: stats() after a resume reads what the uninterrupted run reads
+            # the statistics too: stats() after a resume reads what the uninterrupted run reads (to the last bits of
+            # the fp64 sums: this fold groups the additions differently)
             "stats": {kind: s.stats.state() for kind, s in (("bwd", self.synth), ("fwd", self.fsynth))
                       if s is not None},
         }
@@ -716,15 +719,43 @@ class Stage:
             if (st.get(name) is None) != (opt is None):
                 raise ValueError(f"stage {self.index}: the checkpoint's {name} does not match this stage's (one "
                                  f"has it, the other not: a frozen stage or synthesizer?)")
-            if opt is not None and len(st[name].get("param_groups", ())) != len(opt.param_groups):
-                raise ValueError(f"stage {self.index}: the checkpoint's {name} has "
-                                 f"{len(st[name].get('param_groups', ()))} parameter groups, this stage's "
-                                 f"{len(opt.param_groups)}")
+            if opt is None:
+                continue
+            saved_type = st.get("optimizer_types", {}).get(name)  # (absent in older checkpoints)
+            if saved_type is not None and saved_type != type(opt).__qualname__:
+                raise ValueError(f"stage {self.index}: the checkpoint's {name} is a {saved_type}, this stage's a "
+                                 f"{type(opt).__qualname__}: its state would not fit")
+            self._check_optimizer_state(name, st[name], opt)
         for b, recs in st.get("pending", {}).items():
             for kind in recs:
                 if (self.synth if kind == "bwd" else self.fsynth) is None:
                     raise ValueError(f"stage {self.index}: the checkpoint has a pending {kind!r} prediction, but "
                                      f"this stage has no such synthesizer (a checkpoint of another unlock setting?)")
+
+    def _check_optimizer_state(self, name: str, saved: dict, opt: torch.optim.Optimizer) -> None:
+        """The saved optimizer state fits ``opt``: as many groups, as many parameters in each, and every saved
+        per-parameter tensor (Adam's moments, a momentum buffer) shaped like its parameter. ``load_state_dict``
+        checks only the counts per group, and only once it loads, after the weights (a frozen parameter
+        changes them)."""
+        groups = saved.get("param_groups", ()) if isinstance(saved, dict) else ()
+        if len(groups) != len(opt.param_groups):
+            raise ValueError(f"stage {self.index}: the checkpoint's {name} has {len(groups)} parameter groups, "
+                             f"this stage's {len(opt.param_groups)}")
+        params = {}
+        for i, (g_saved, g) in enumerate(zip(groups, opt.param_groups)):
+            ids = list(g_saved.get("params", ()))
+            if len(ids) != len(g["params"]):
+                raise ValueError(f"stage {self.index}: the checkpoint's {name} holds {len(ids)} parameters in group "
+                                 f"{i}, this stage's {len(g['params'])} (a parameter frozen or added since?)")
+            params.update(zip(ids, g["params"]))
+        for pid, pstate in (saved.get("state") or {}).items():
+            p = params.get(pid)
+            if p is None or not isinstance(pstate, dict):
+                continue
+            for key, v in pstate.items():
+                if isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise ValueError(f"stage {self.index}: the checkpoint's {name} keeps {key!r} of shape "
+                                     f"{tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
 
     def _optimizers(self):
         return (("optimizer", self.optimizer),

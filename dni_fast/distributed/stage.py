@@ -246,6 +246,9 @@ class DecoupledStage:
                 raise ValueError(f"x is on {x.device} but stage 0 runs on {self.device}")
         elif x is not None:
             raise ValueError(f"only stage 0 takes x; stage {k} receives its input from stage {k - 1}")
+        if not torch.is_grad_enabled():
+            raise RuntimeError(f"DecoupledStage.step (stage {k}) trains, so it needs autograd: it was called under "
+                               f"torch.no_grad() or torch.inference_mode()")
         if last:
             if target is None or loss_fn is None:
                 raise ValueError(f"stage {k} is the last stage: step needs target= and loss_fn= (the batch's "
@@ -354,6 +357,11 @@ class DecoupledStage:
         if state["stage_index"] != self.index or state["num_stages"] != self.num_stages:
             raise ValueError(f"state of stage {state['stage_index']}/{state['num_stages']} loaded into stage "
                              f"{self.index}/{self.num_stages}")
+        if self.transport.is_open:
+            # Messages of the run being left (activations, gradients of later batches) may be in the inbox or
+            # still on their way: they would be taken for the resumed run's (a false StepMismatch at best).
+            raise RuntimeError(f"DecoupledStage.load_state_dict (stage {self.index}): the channels to the other "
+                               f"stages are open; call finish() on every rank first, then load on every rank")
         # All or nothing: a checkpoint refused half-way (another delay, other optimizers) leaves the stage as
         # it was.
         weights, schedule = copy.deepcopy(self.modules().state_dict()), copy.deepcopy(self.stage.state())
