@@ -52,6 +52,10 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
     ctx->saved_data["n_z"] = static_cast<int64_t>(zs.size());
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["overlap"] = overlap_threads;
+    // The parameters themselves, for the overlap worker's delivery: under saved-tensor hooks that copy (e.g.
+    // torch.autograd.graph.save_on_cpu) the saved ones unpack as copies, and gradients delivered to those
+    // reached no parameter.
+    if (overlap_threads > 0) ctx->saved_data["params"] = pv;
     ctx->saved_data["trigger_shape"] = trigger.sizes().vec();
     if (stats_slot.has_value()) ctx->saved_data["slot"] = *stats_slot;
     auto shape = trigger.sizes().vec();
@@ -120,7 +124,7 @@ struct TriggerUpdate : public torch::autograd::Function<TriggerUpdate> {
             if (slot.has_value()) slot->copy_(partials);
             return gr;
           },
-          params, static_cast<int>(overlap_threads));
+          ctx->saved_data["params"].toTensorVector(), static_cast<int>(overlap_threads));
       grads.resize(params.size());  // undefined: no gradient from this backward
     } else {
       auto [gr, partials] = dispatch::synth_update(x, c, params, zs, s, g2, scale, std::nullopt);

@@ -456,9 +456,11 @@ def _leaves(root: Tensor) -> Optional[List[Tensor]]:
         name = type(node).__name__
         if name == "CheckpointFunctionBackward":
             return None  # reentrant checkpointing refuses torch.autograd.grad: inject inline
-        if name == "_TargetScaleBackward":
-            # an interface below with normalize_targets: its running scale is read by the next forward, which
-            # must not wait for (or race) an injection still on the worker (gradient accumulation)
+        if name in ("_TargetScaleBackward", "_RefFitterBackward"):
+            # an interface below with normalize_targets, or a closed-form synthesizer (RidgeSynthesizer) that
+            # fits in this backward: their state (the running scale, the ridge statistics) is read by the next
+            # forward, which must not wait for (or race) an injection still on the worker (gradient
+            # accumulation)
             return None
         if _unpacks_with_hooks(node):
             return None
@@ -480,10 +482,12 @@ def _hooked(leaf: Tensor) -> bool:
     return bool(leaf._backward_hooks or getattr(leaf, "_post_accumulate_grad_hooks", None))
 
 
-def any_hooked(params: Sequence[Tensor]) -> bool:
-    """Whether a parameter has a tensor hook: an update deferred to the worker returns no gradient in the main
-    backward, and autograd would call the hook with ``None`` (a clamp hook crashed). Such an update runs inline."""
-    return any(_hooked(p) for p in params)
+def update_inline(params: Sequence[Tensor]) -> bool:
+    """Whether an update through ``params`` must run inline, not on the worker: a parameter with a tensor hook
+    (an update deferred to the worker returns no gradient in the main backward, and autograd would call the
+    hook with ``None``: a clamp hook crashed), or one that is not a leaf (a parametrized layer's weight:
+    its graph to the leaves is freed by the main backward before the worker's gradients are delivered)."""
+    return any(_hooked(p) or not p.is_leaf for p in params)
 
 
 _SAVED_NAMES: dict = {}  # node type -> the names of its raw saved tensors

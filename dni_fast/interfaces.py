@@ -115,7 +115,9 @@ class _TargetScale(torch.autograd.Function):
     def forward(ctx, t: Tensor, sigma: Tensor, seen: bool, owner: "BackwardInterface",
                 box: Optional[_TargetBox]) -> Tensor:
         ctx.sigma, ctx.seen, ctx.owner, ctx.box = sigma, seen, owner, box
-        return t.view_as(t)
+        # A copy, not a view: this is what the caller gets, and an in-place op on a custom Function's view
+        # output (nn.ReLU(inplace=True) after the interface) is refused by autograd.
+        return t.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -171,7 +173,7 @@ class _FiniteGuard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, owner: "UnidirectionalInterface", step: int, t: Tensor) -> Tensor:
         ctx.owner, ctx.step = owner, step
-        return t.view_as(t)
+        return t.clone()  # the caller's tensor: a view would refuse an in-place op after the interface
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -537,8 +539,10 @@ class BackwardInterface(UnidirectionalInterface):
         ov = self.overlap if self.overlap is not None else _overlap.get_overlap()
         # Under DDP the reducer must see every gradient within the backward it prepares: run inline. So do
         # kernels in Triton's interpreter (tests only), which is not thread-safe: a launch on the worker broke
-        # the main thread's.
-        if not ov or self.pipelined or _overlap.inside_ddp_forward() or engine.interpreted(trigger.device):
+        # the main thread's. And so does a step traced by torch.compile: the worker's backward through the
+        # compiled synthesizer graph (retain_graph) is refused once its buffers are donated.
+        if (not ov or self.pipelined or _overlap.inside_ddp_forward() or engine.interpreted(trigger.device)
+                or torch.compiler.is_compiling()):
             return False
         if not _overlap._hooks_installed:  # an unpickled interface, or .overlap set after construction
             _overlap._install_hooks()

@@ -152,14 +152,31 @@ class BasicSynthesizer(nn.Module):
             out += (w, b)
         return out
 
+    def weight_probe(self) -> Tensor:
+        """A tensor with the trigger layer's weight dtype and device, read without computing the weight: a
+        parametrized layer's ``.weight`` runs its parametrization (``spectral_norm``'s power iteration, with
+        its side effect on ``_u``), and the checks that only need the dtype ran it once or twice more a step
+        than ``reference`` does."""
+        layer = self._modules["input_trigger"]
+        w = layer._parameters.get("weight")
+        if w is not None:
+            return w
+        plist = getattr(layer, "parametrizations", None)
+        if plist is not None and "weight" in plist:
+            p = plist["weight"]
+            w = getattr(p, "original", None)
+            if w is None:
+                w = getattr(p, "original0", None)
+            if isinstance(w, Tensor):
+                return w
+        return layer.weight  # a replaced layer (or old-style weight_norm: a plain attribute)
+
     def check_inputs(self, trigger: Any, context: Any) -> Optional[Tensor]:
         """Validate ``trigger`` and ``context``; return the context to use
         (``None`` when this synthesizer takes none). Raises with a message that
         names the problem (``check_trigger_context``)."""
         mods = self._modules  # the dicts, not Module.__getattr__ (~1 us a lookup): this runs every step
-        w = mods["input_trigger"]._parameters.get("weight")
-        if w is None:  # a parametrized or replaced layer
-            w = self.input_trigger.weight
+        w = self.weight_probe()
         # The context layer decides, as in dni-pytorch's forward: one attached after construction (or
         # replaced by another width) is used at its own width; one set to None takes no context.
         ctx_layer = mods.get("input_context")

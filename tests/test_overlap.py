@@ -780,3 +780,115 @@ def test_normalised_targets_never_wait_for_the_worker(monkeypatch, one_thread):
                 assert not waits, mode  # nothing waited between the forward and the synchronisation point
                 opt.step()
                 opt.zero_grad()
+
+
+# -- review, stop 23: overlap as users combine it ------------------------------------------------------------------
+def _two_interface_net(backend, synth=None, d=32):
+    torch.manual_seed(0)
+    make = synth or (lambda: dni.BasicSynthesizer(d, n_hidden=1))
+    return nn.Sequential(nn.Linear(10, d), nn.ReLU(), dni.BackwardInterface(make(), backend=backend),
+                         nn.Linear(d, d), nn.ReLU(), dni.BackwardInterface(make(), backend=backend),
+                         nn.Linear(d, 4))
+
+
+def _steps(model, mode, data, accum=1, around=None):
+    import contextlib
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dni.overlap(mode):
+        for i in range(0, len(data), accum):
+            opt.zero_grad()
+            for x, y in data[i:i + accum]:
+                with (around() if around else contextlib.nullcontext()):
+                    out = model(x)
+                F.cross_entropy(out, y).backward()
+            opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _data(n, b=16, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 10, generator=g), torch.randint(0, 4, (b,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends("cpu"))
+def test_overlap_under_copying_saved_tensor_hooks_trains_the_synthesizers(backend):
+    """save_on_cpu's pack copies: the fused node's saved parameters unpack as copies, and the worker's
+    gradients were delivered to those, so the lower synthesizer never trained (no error)."""
+    data = _data(3)
+    hooks = lambda: torch.autograd.graph.save_on_cpu(pin_memory=False)  # noqa: E731
+    want = _steps(_two_interface_net(backend), False, data, around=hooks)
+    got = _steps(_two_interface_net(backend), True, data, around=hooks)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends("cpu"))
+def test_overlap_with_a_parametrized_synthesizer_layer(backend):
+    """weight_norm's weight is not a leaf: its graph was freed by the main backward before the worker's
+    gradients were delivered ("Trying to backward through the graph a second time"). It updates inline."""
+    def synth():
+        s = dni.BasicSynthesizer(32, n_hidden=1)
+        torch.nn.utils.parametrizations.weight_norm(s.input_trigger)  # (layers[-1] starts at zero)
+        return s
+
+    data = _data(3)
+    want = _steps(_two_interface_net(backend, synth), False, data)
+    got = _steps(_two_interface_net(backend, synth), True, data)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_injection_overlap_keeps_a_ridge_fit_below_inline():
+    """The upper interface's offloaded injection reached the lower RidgeSynthesizer's fit on the worker, racing
+    the next micro-batch's forward (gradient accumulation): wrong numbers, different from run to run."""
+    net = lambda: _two_interface_net("reference", lambda: dni.RidgeSynthesizer(512), d=512)  # noqa: E731
+    data = _data(6, b=64)  # (wide: a fit long enough for the next forward to overlap it)
+    want = _steps(net(), False, data, accum=3)
+    for _ in range(3):
+        got = _steps(net(), "injection", data, accum=3)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def test_overlap_inside_torch_compile_runs_the_update_inline():
+    """The worker's backward through a compiled synthesizer graph (retain_graph) was refused once dynamo
+    recompiled (donated buffers): the next optimizer step raised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), dni.BackwardInterface(dni.BasicSynthesizer(16, n_hidden=1),
+                                                                              backend="reference"), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    compiled = torch.compile(model)
+    with dni.overlap(True):
+        for b in (8, 5, 3):
+            opt.zero_grad()
+            F.cross_entropy(compiled(torch.randn(b, 10)), torch.randint(0, 4, (b,))).backward()
+            opt.step()
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("opts", [{"normalize_targets": True}, {"check_finite": True}])
+def test_an_inplace_op_after_the_interface_works_with_every_option(opts):
+    """The options' identity nodes returned views: nn.ReLU(inplace=True) after the interface was refused."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 8)
+    iface = dni.BackwardInterface(dni.BasicSynthesizer(8), backend="reference", **opts)
+    h = torch.relu_(iface(lin(torch.randn(4, 6))))
+    h.sum().backward()
+    assert lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", fused_backends("cpu"))
+def test_a_spectral_norm_synthesizer_runs_its_power_iteration_as_often_as_on_reference(backend):
+    """The fused paths' dtype probes read the parametrized .weight: one or two power iterations a step more
+    than reference, so the runs drifted apart (1.8e-3 after 30 steps)."""
+    def synth():
+        s = dni.BasicSynthesizer(32, n_hidden=1)
+        torch.nn.utils.parametrizations.spectral_norm(s.input_trigger)
+        return s
+
+    data = _data(6)
+    want = _steps(_two_interface_net("reference", synth), False, data)
+    got = _steps(_two_interface_net(backend, synth), False, data)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -207,8 +207,7 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
     rows = trigger.numel() // max(trigger.shape[-1], 1) if trigger.dim() else 1
     # Only `auto` decides by the row count, with the table's exact limits: it keys on the rows themselves (a
     # coarser bucket let the first call in it decide for the others, across a limit); a named backend does not.
-    w = synthesizer._modules["input_trigger"]._parameters.get("weight")  # (dict reads: this runs every step)
-    pdt = (w if w is not None else synthesizer.input_trigger.weight).dtype
+    pdt = synthesizer.weight_probe().dtype  # (no parametrization run: this runs every step)
     key = (name, device.type, dtype, pdt, synthesizer.n_hidden, rows if name == "auto" else None,
            synthesizer.output_dim, synthesizer.hidden_dim)
     hit = _cache.get(key)

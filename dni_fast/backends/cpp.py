@@ -60,7 +60,7 @@ class CppBackend(FusedBackend):
         # as one native call.
         params = synth.flat_params()
         threads = _overlap.worker_threads() if overlap and overlap != _overlap.INJECTION else 0
-        if threads and _overlap.any_hooked(params):  # the hooks must get this backward's gradients, not None
+        if threads and _overlap.update_inline(params):  # hooked or parametrized: see update_inline
             threads = 0
         if threads:
             _overlap.uses_native_worker()

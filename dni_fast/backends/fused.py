@@ -89,6 +89,9 @@ class _TriggerUpdate(torch.autograd.Function):
         # backward only (a second one, retain_graph, updates again but is the same step)
         ctx.prims, ctx.row, ctx.scale, ctx.has_c, ctx.n_z = prims, row, scale, c is not None, len(zs)
         ctx.overlap = overlap
+        # The parameters themselves, for the overlap worker's delivery: under saved-tensor hooks that copy
+        # (torch.autograd.graph.save_on_cpu) the saved ones unpack as copies, which no optimizer holds.
+        ctx.params = params if overlap else None
         ctx.save_for_backward(x, *(() if c is None else (c,)), s, *zs, *params)
         # Mark the tensor that is returned (a view of s), not s itself: else the
         # message carries a graph and backward gets a zero-filled gradient for it.
@@ -132,7 +135,7 @@ class _TriggerUpdate(torch.autograd.Function):
                 return grads
 
             # the row too: written on the side stream, it must outlive a ring dropped meanwhile (reset_stats)
-            _overlap.submit(compute, params, (x, c, s, g2, *zs, *params, row), s.device)
+            _overlap.submit(compute, ctx.params, (x, c, s, g2, *zs, *params, row), s.device)
             return (None, None, None, None, g_in, None, None, *([None] * len(params)))
         grads, partials = prims.update(x, c, params, zs, s, g2, scale, None)
         if row is not None:
@@ -216,7 +219,7 @@ class FusedBackend(Backend):
     def trigger(self, synth, trigger, context, stats, scale, inject_into, overlap=False):
         x, c = flatten_inputs(synth, trigger, context)
         params = synth.flat_params()
-        if overlap and _overlap.any_hooked(params):  # (a hooked parameter must get its gradient in this backward)
+        if overlap and _overlap.update_inline(params):  # (hooked or parametrized: see update_inline)
             overlap = False
         out, s = apply_with_row(_TriggerUpdate, stats, scale, x, overlap, trigger, x, c, *params,
                                 lead=(self.primitives,))

@@ -154,7 +154,7 @@ class ReferenceBackend(Backend):
                 return trigger, s.detach()
             return apply_with_row(_RefUpdater, stats, scale, s, None, trigger, s.detach()), s.detach()
         params = [p for p in synth.parameters() if p.requires_grad] if overlap else ()
-        if overlap and not _overlap.any_hooked(params):
+        if overlap and not _overlap.update_inline(params):
             return apply_with_row(_RefUpdater, stats, scale, s, (params, s), trigger, s.detach(), *params), s.detach()
         return apply_with_row(_RefUpdater, stats, scale, s, None, trigger, s), s.detach()
 
