@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dni_fast as dni
+from dni_fast._overlap import available_cores
 from dni_fast.decoupled import DecoupledSequential, Stage
 from dni_fast.timing import time_many
 
@@ -190,7 +191,7 @@ def bench_cpu(W: int, B: int, K: int, min_run_time: float, env: dict) -> List[di
     seq1, seqN = per_step["sequential/1t"], per_step[f"sequential/{N}t"]
     stage_ms = [per_step[f"stage {k}"] for k in range(4)]
     total = sum(stage_ms)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()
     ideal = total / max(max(stage_ms), total / cores)
     extra = {"stage_ms": [round(s, 4) for s in stage_ms], "ideal_threads_speedup": round(ideal, 3),
              "cores": cores, "K": K, "synth": "BasicSynthesizer(W, n_hidden=1)", "optimizer": f"Adam({_adam_name()})", "regression": _regression,

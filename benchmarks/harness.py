@@ -36,6 +36,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -45,6 +46,9 @@ from torch import nn
 
 import dni_fast as dni
 from dni_fast.timing import time_many, time_ms  # noqa: F401  (the harness times with them; re-exported)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_csv import append_rows  # noqa: E402  (the header-checked append every benchmark uses)
 
 
 def cpu_name() -> str:
@@ -60,12 +64,9 @@ def cpu_name() -> str:
                     break
     except OSError:
         pass
-    model = model or platform.processor() or platform.machine()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return f"{model} ({cores} cores)"
+    from dni_fast._overlap import available_cores
+
+    return f"{model or platform.processor() or platform.machine()} ({available_cores()} cores)"
 
 
 def environment(device: torch.device) -> Dict[str, str]:
@@ -454,23 +455,16 @@ def print_rows(rows: Sequence[Row], header: bool = True) -> None:
 
 
 def append_csv(rows: Sequence[Row], path: str, env: Dict[str, str]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    """Append ``rows`` under the columns ``env``'s keys, then ``Row``'s (``extra`` as JSON, last); a file with
+    another header is refused (``results_csv.append_rows``)."""
     fields = list(env) + [k for k in asdict(rows[0]) if k != "extra"] + ["extra"]
-    if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != fields:  # appended under another header, the columns would come back shifted
-            raise SystemExit(f"dni_fast bench: {path} has other columns ({', '.join(header[:6])}...) than these "
-                             f"rows ({', '.join(fields[:6])}...); write to another --csv file")
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        for r in rows:
-            d = asdict(r)
-            d["extra"] = json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in d["extra"].items()})
-            w.writerow({**env, **d})
+
+    def as_dict(r: Row) -> dict:
+        d = asdict(r)
+        d["extra"] = json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in d["extra"].items()})
+        return {**env, **d}
+
+    append_rows(path, fields, [as_dict(r) for r in rows])
 
 
 def rows_from_csv(path: str, device: Optional[str] = None) -> List[Row]:

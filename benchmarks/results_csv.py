@@ -4,7 +4,7 @@
 never reads the file's header, so rows of another shape (another script's, or
 this script's after a column was added) appended to an existing file come back
 shifted under the wrong names. ``append_rows`` refuses instead, naming both
-headers. (``harness.append_csv`` does the same check for its ``Row`` objects.)
+headers. (``harness.append_csv`` writes its ``Row`` objects through it.)
 
 Not named ``_csv``: scripts put ``benchmarks/`` first on ``sys.path``, where a
 ``_csv.py`` would shadow the standard library's C module that ``csv`` imports.

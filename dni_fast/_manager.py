@@ -78,6 +78,14 @@ def defer_backward():
         _state.deferred = []
 
 
+def require_grad_mode(what: str, hint: str = "use forward() to only evaluate") -> None:
+    """Raise, naming ``what`` (a training step), when autograd is off (``torch.no_grad()``,
+    ``torch.inference_mode()``): the step would fail deep in autograd, or silently not train."""
+    if not torch.is_grad_enabled():
+        raise RuntimeError(f"{what} trains, so it needs autograd: it was called under torch.no_grad() or "
+                           f"torch.inference_mode(); {hint}")
+
+
 def backward(variable: Tensor, gradient: Optional[Tensor] = None) -> None:
     """``variable.backward(gradient)``, or accumulate it inside ``defer_backward``.
 

@@ -64,13 +64,19 @@ The part below must be left alone until then: modifying the interface's
 input in place and ``retain_grad()`` on tensors below it (not filled) are
 not supported. A parameter below with a tensor hook (it would run on the
 worker and again at delivery) or a reentrant ``torch.utils.checkpoint``
-below (it refuses ``torch.autograd.grad``) makes that interface inject
-inline. On CUDA tensors, inside ``defer_backward`` and under DDP the
-injection runs inline (the GPU runs it asynchronously already).
+below (it refuses ``torch.autograd.grad``), tensors saved under
+saved-tensor hooks, and an interface below with ``normalize_targets`` or a
+``RidgeSynthesizer`` (their state is read by the next forward) make that
+interface inject inline. On CUDA tensors, inside ``defer_backward`` and
+under DDP the injection runs inline (the GPU runs it asynchronously
+already).
 
-Under ``DistributedDataParallel`` (detected during its forward) the update
-runs inline instead, so that the reducer sees every gradient in its
-backward.
+Under ``DistributedDataParallel`` (detected during its forward), in a step
+traced by ``torch.compile``, and for a synthesizer with a hooked or
+parametrized (non-leaf) parameter the update runs inline instead: the
+reducer must see every gradient in its backward; the worker's backward
+through a compiled graph is refused; a hook must get this backward's
+gradient, and a parametrized weight's graph is freed by the main backward.
 
 The result equals the run without overlap: the same operations on the same
 tensors, the gradients delivered in the order the updates arose (bit for bit
@@ -382,7 +388,7 @@ def worker_threads(warn: bool = True) -> int:
 _no_free_core_warned = False
 
 
-def _cores() -> int:
+def available_cores() -> int:
     """The cores this process may run on (its CPU affinity, where the OS reports it)."""
     try:
         return len(os.sched_getaffinity(0))
@@ -396,7 +402,7 @@ def _warn_if_no_free_core(threads: int) -> None:
     "At the default two threads")."""
     global _no_free_core_warned
     _no_free_core_warned = True
-    cores = _cores()
+    cores = available_cores()
     if threads >= cores:
         warnings.warn(f"dni_fast overlap: the worker thread computes on the CPU, but this thread's {threads} "
                       f"intra-op threads already use all {cores} cores, so the worker competes with them and the "

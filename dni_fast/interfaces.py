@@ -100,6 +100,18 @@ class _TargetBox:
         self.sent: Optional[Tensor] = None
 
 
+def _identity_output(ctx, t: Tensor) -> Tensor:
+    """The output of an identity node that the caller gets: not a view (autograd refuses an in-place op on a
+    custom Function's view output, such as ``nn.ReLU(inplace=True)`` after the interface). ``t`` itself,
+    marked dirty, when it is a fresh intermediate (the updater's output, which nothing else holds), which
+    copies nothing; else a copy (a detached trigger passed through: marking it would bump the user's
+    tensor's version)."""
+    if t.grad_fn is not None and t._base is None:
+        ctx.mark_dirty(t)
+        return t
+    return t.clone()
+
+
 class _TargetScale(torch.autograd.Function):
     """Regression-target normalisation, on the output side: identity forward;
     backward folds the arriving true gradient ``g`` into the running mean
@@ -115,9 +127,7 @@ class _TargetScale(torch.autograd.Function):
     def forward(ctx, t: Tensor, sigma: Tensor, seen: bool, owner: "BackwardInterface",
                 box: Optional[_TargetBox]) -> Tensor:
         ctx.sigma, ctx.seen, ctx.owner, ctx.box = sigma, seen, owner, box
-        # A copy, not a view: this is what the caller gets, and an in-place op on a custom Function's view
-        # output (nn.ReLU(inplace=True) after the interface) is refused by autograd.
-        return t.clone()
+        return _identity_output(ctx, t)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -173,7 +183,7 @@ class _FiniteGuard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, owner: "UnidirectionalInterface", step: int, t: Tensor) -> Tensor:
         ctx.owner, ctx.step = owner, step
-        return t.clone()  # the caller's tensor: a view would refuse an in-place op after the interface
+        return _identity_output(ctx, t)
 
     @staticmethod
     def backward(ctx, g: Tensor):

@@ -70,7 +70,8 @@ class SynthStats:
         carried = []
         if self.__dict__.get("_ring") is not None and self._scales and self._late:
             self._retire_current()
-        for ring, scales, _counted, left, half in self.__dict__.get("_rings", []):
+        for ring, scales, _counted, left, *rest in self.__dict__.get("_rings", []):  # (4 items: an older pickle)
+            half = rest[0] if rest else None
             if left > 1:  # may still get late rows: what is written now is forgotten, later rows count
                 carried.append([ring, scales, ring[:len(scales), 2] != _UNWRITTEN, left, half])
         self._ring: Optional[Tensor] = None  # (CAPACITY, 4) fp32
@@ -132,7 +133,8 @@ class SynthStats:
         if before_read is not None:
             before_read()
         rings, self._rings = self._rings, []
-        for ring, scales, counted, left, half in rings:
+        for ring, scales, counted, left, *rest in rings:  # (4 items: a ring pickled by an earlier dni_fast)
+            half = rest[0] if rest else None
             if half is None:  # made once per ring (its scales are final), not at each of its folds
                 half = _halved(scales, ring.device)
             counted = self._fold_one(ring, half, counted)

@@ -659,3 +659,15 @@ def test_compare_backends_compares_tensors_inside_containers(monkeypatch):
 
     report = testing.compare_backends(make, run, "reference")
     assert any("logits" in f or "output" in f or "0" in f for f in report.failures), report
+
+
+def test_statistics_rings_pickled_by_an_earlier_version_still_fold():
+    """Ring entries grew a fifth item (the halved scales); an interface pickled before held four."""
+    from dni_fast.stats import SynthStats
+
+    st = SynthStats()
+    row = st.reserve(0.5, torch.device("cpu"))
+    row.copy_(torch.tensor([1.0, 0.5, 1.0, 1.0]))
+    st._retire_current()
+    st._rings = [entry[:4] for entry in st._rings]  # what unpickling an old one gives
+    assert st.read()["count"] == 1

@@ -178,7 +178,7 @@ def test_an_auto_table_from_rows_that_give_no_rule_leaves_the_table_alone(tmp_pa
 def test_bench_refuses_to_append_under_another_header(tmp_path):
     path = tmp_path / "other.csv"
     path.write_text("a,b,c\n1,2,3\n")
-    with pytest.raises(SystemExit, match="other columns"):
+    with pytest.raises(SystemExit, match="header differs from these rows"):
         main(["bench", "--quick", "--sizes", "4,16,8", "--no-mlp", "--providers", "reference", "--csv", str(path)])
     assert path.read_text() == "a,b,c\n1,2,3\n"
 

@@ -606,3 +606,32 @@ def test_forward_checks_upto():
     with pytest.raises(ValueError, match=r"upto must be None or in \[0, 3\], got -1"):
         gi(data()[0], upto=-1)
     assert gi(data()[0], upto=0) is not None
+
+
+def test_a_shallow_copy_going_away_leaves_the_originals_guard_on():
+    """copy.copy shares the hook objects and handles: the copy's finalizer took the original's hooks off, and
+    every legitimate step then raised a false BoundaryCrossingError."""
+    import copy
+    import gc
+
+    stages, heads = make_net()
+    iface = dni.BackwardInterface(randomized_synth(8), backend="reference")
+    gi = GradientIsolated([stages[0], nn.Sequential(iface, stages[1])], [None, heads[1]], sgd())
+    c = copy.copy(gi)
+    del c
+    gc.collect()
+    assert len(iface._forward_pre_hooks) == 1 and len(iface._forward_hooks) == 1
+    gi.step(*data())
+
+
+def test_guard_hooks_pickled_by_an_earlier_version_hold_their_owner_weakly():
+    """An earlier dni_fast pickled the hook with its owner held strongly: unpickled, owner() called the model."""
+    from dni_fast.local.isolated import _EnterInterface
+
+    stages, heads = make_net()
+    gi = GradientIsolated(stages[:2], heads[:2], sgd())
+    hook = _EnterInterface.__new__(_EnterInterface)
+    hook.__setstate__({"owner": gi, "j": 1})  # what unpickling an old hook does
+    assert hook.owner() is gi
+    hook(None, (torch.zeros(1),))
+    assert len(gi._iface_inputs[1]) == 1

@@ -521,7 +521,7 @@ def test_overlap_warns_once_when_the_callers_threads_leave_no_core_free(backend,
     try:
         for cores, warned in ((threads + 1, False), (threads, True)):
             monkeypatch.setattr(ov, "_no_free_core_warned", False)
-            monkeypatch.setattr(ov, "_cores", lambda c=cores: c)
+            monkeypatch.setattr(ov, "available_cores", lambda c=cores: c)
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
                 step()

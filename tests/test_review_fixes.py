@@ -357,6 +357,9 @@ def test_a_basic_synthesizer_the_fused_paths_would_miscompute_runs_its_modules(k
     ref = _two_steps(_hooked(kind), "reference")
     for a, b in zip(auto, ref):
         assert torch.equal(a, b)
+    from dni_fast import backends
+
+    backends._warned_blocked.clear()  # (said once per backend and reason in a process)
     for name in [b for b in fused_backends("cpu")]:
         with pytest.warns(dni.PerformanceWarning, match=f"backend '{name}' cannot fuse this BasicSynthesizer"):
             named = _two_steps(_hooked(kind), name)

@@ -165,6 +165,7 @@ def available_backends(device: torch.device | str = "cpu") -> List[str]:
 # ---------------------------------------------------------------------------
 _cache: Dict[tuple, Backend] = {}
 _CACHE_MAX = 4096  # resolutions kept (a miss costs ~9 us)
+_warned_blocked: set = set()  # (backend, why) already said: a synthesizer the fused paths cannot run
 
 
 def _interpreted_bf16(backend: Backend, device: torch.device, dtype: torch.dtype) -> bool:
@@ -196,7 +197,8 @@ def resolve(requested: Optional[str], synthesizer: nn.Module, trigger: Tensor) -
     if why is not None:
         # The fused paths read the layers' parameters and would skip what the modules add. Such a synthesizer is
         # a custom one for the contract (docs/design.md §1): plain autograd whatever the backend, never an error.
-        if name != "auto":
+        if name != "auto" and (name, why) not in _warned_blocked:  # (once: this runs every step)
+            _warned_blocked.add((name, why))
             warnings.warn(f"dni_fast backend {name!r} cannot fuse this BasicSynthesizer ({why}; the fused backends "
                           f"read its layers' parameters without calling its modules): it runs on 'reference', "
                           f"through its modules", PerformanceWarning, stacklevel=2)

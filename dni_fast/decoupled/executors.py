@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
@@ -109,11 +108,9 @@ def pick_executor(stages: Sequence[Stage]) -> str:
         return "streams"
     if devs - {"cpu"}:
         return "sequential"
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return "threads" if cores >= 2 and len(stages) >= 2 else "sequential"
+    from dni_fast._overlap import available_cores
+
+    return "threads" if available_cores() >= 2 and len(stages) >= 2 else "sequential"
 
 
 class Executor:

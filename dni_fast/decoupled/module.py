@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from dni_fast._manager import require_grad_mode
 from dni_fast.backends import get_backend
 from dni_fast.decoupled.executors import (EXECUTORS, Batch, autocast_state, default_threads, executor_class,
                                           pick_executor)
@@ -261,10 +262,8 @@ class DecoupledSequential(nn.Module):
         self._check_usable()
         if not self.training:
             raise RuntimeError("DecoupledSequential.step trains: call .train() first (eval mode is for forward())")
-        if not torch.is_grad_enabled():
-            # (the sequential executor failed deep in autograd, the threads workers trained anyway)
-            raise RuntimeError("DecoupledSequential.step trains, so it needs autograd: it was called under "
-                               "torch.no_grad() or torch.inference_mode(); use forward() to only evaluate")
+        # (the sequential executor failed deep in autograd, the threads workers trained anyway)
+        require_grad_mode("DecoupledSequential.step")
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[0] == 0:

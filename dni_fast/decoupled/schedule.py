@@ -333,6 +333,11 @@ def _make_optimizer(factory: Callable, params: List[Tensor], label: str):
 # ---------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------
+# torch.optim classes whose per-parameter state tensors have their parameter's shape
+_PARAM_SHAPED_STATE = frozenset({"SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta",
+                                 "ASGD", "Rprop", "SparseAdam"})
+
+
 @dataclass
 class StageOutput:
     """What one stage's step hands on.
@@ -733,10 +738,11 @@ class Stage:
                                      f"this stage has no such synthesizer (a checkpoint of another unlock setting?)")
 
     def _check_optimizer_state(self, name: str, saved: dict, opt: torch.optim.Optimizer) -> None:
-        """The saved optimizer state fits ``opt``: as many groups, as many parameters in each, and every saved
-        per-parameter tensor (Adam's moments, a momentum buffer) shaped like its parameter. ``load_state_dict``
-        checks only the counts per group, and only once it loads, after the weights (a frozen parameter
-        changes them)."""
+        """The saved optimizer state fits ``opt``: as many groups, as many parameters in each, and, for torch's
+        optimizers whose per-parameter state is shaped like the parameter (Adam's moments, a momentum buffer),
+        those shapes. ``load_state_dict`` checks only the counts per group, and only once it loads, after the
+        weights (a frozen parameter changes them). Other optimizers keep other shapes (Adafactor's factored
+        row/column statistics, LBFGS's flat vectors): only their counts are checked."""
         groups = saved.get("param_groups", ()) if isinstance(saved, dict) else ()
         if len(groups) != len(opt.param_groups):
             raise ValueError(f"stage {self.index}: the checkpoint's {name} has {len(groups)} parameter groups, "
@@ -748,6 +754,8 @@ class Stage:
                 raise ValueError(f"stage {self.index}: the checkpoint's {name} holds {len(ids)} parameters in group "
                                  f"{i}, this stage's {len(g['params'])} (a parameter frozen or added since?)")
             params.update(zip(ids, g["params"]))
+        if type(opt).__name__ not in _PARAM_SHAPED_STATE or type(opt).__module__.split(".")[:2] != ["torch", "optim"]:
+            return
         for pid, pstate in (saved.get("state") or {}).items():
             p = params.get(pid)
             if p is None or not isinstance(pstate, dict):

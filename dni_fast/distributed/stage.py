@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dni_fast._manager import require_grad_mode
 from dni_fast.backends import get_backend
 from dni_fast.decoupled.schedule import Stage, check_delay
 from dni_fast.distributed import transport as _transport
@@ -246,9 +247,7 @@ class DecoupledStage:
                 raise ValueError(f"x is on {x.device} but stage 0 runs on {self.device}")
         elif x is not None:
             raise ValueError(f"only stage 0 takes x; stage {k} receives its input from stage {k - 1}")
-        if not torch.is_grad_enabled():
-            raise RuntimeError(f"DecoupledStage.step (stage {k}) trains, so it needs autograd: it was called under "
-                               f"torch.no_grad() or torch.inference_mode()")
+        require_grad_mode(f"DecoupledStage.step (stage {k})", "call it with autograd on")
         if last:
             if target is None or loss_fn is None:
                 raise ValueError(f"stage {k} is the last stage: step needs target= and loss_fn= (the batch's "

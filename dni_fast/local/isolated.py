@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from dni_fast import _overlap
+from dni_fast._manager import require_grad_mode
 from dni_fast.interfaces import BackwardInterface
 
 __all__ = ["GradientIsolated", "BoundaryCrossingError"]
@@ -63,6 +64,15 @@ class _EnterInterface:
     def __reduce__(self):
         return type(self), (self.owner(), self.j)
 
+    def __setstate__(self, state: dict) -> None:
+        # an object pickled by an earlier dni_fast holds its owner strongly
+        self.__dict__.update(state)
+        owner = self.__dict__.get("owner")
+        if owner is None:
+            self.owner = _no_owner
+        elif not callable(owner) or isinstance(owner, nn.Module):
+            self.owner = weakref.ref(owner)
+
 
 class _LeaveInterface(_EnterInterface):
     """The matching forward hook: drops the input once the interface has returned."""
@@ -77,9 +87,14 @@ def _no_owner() -> None:
     """The owner of a hook whose ``GradientIsolated`` was collected (in a copy of its modules): none."""
 
 
-def _remove_all(handles) -> None:
+def _remove_dead(handles) -> None:
+    """Take off the guard hooks whose ``GradientIsolated`` is gone (a shallow copy shares the original's
+    hook objects and handles: when the copy goes, the original's hooks must stay)."""
     for h in handles:
-        h.remove()
+        d = h.hooks_dict_ref()
+        hook = None if d is None else d.get(h.id)
+        if hook is None or (isinstance(hook, _EnterInterface) and hook.owner() is None):
+            h.remove()
 
 
 class GradientIsolated(nn.Module):
@@ -209,9 +224,10 @@ class GradientIsolated(nn.Module):
         # The guard's hooks live on the user's modules: take them off when this object goes. The callback holds
         # the handles, not self; a copy (deepcopy, pickle) registers its own through __setstate__.
         if self._guard_hooks:
-            weakref.finalize(self, _remove_all, list(self._guard_hooks))
+            weakref.finalize(self, _remove_dead, list(self._guard_hooks))
 
     def __setstate__(self, state) -> None:
+        state.pop("_offloaded", None)  # (an earlier dni_fast's)
         super().__setstate__(state)
         self._remove_hooks_when_collected()
 
@@ -333,9 +349,7 @@ class GradientIsolated(nn.Module):
 
     def _check_can_train(self, trained: Sequence[int]) -> None:
         """Refuse, by name, the set-ups in which the step could not isolate the modules' gradients."""
-        if not torch.is_grad_enabled():
-            raise RuntimeError("GradientIsolated.step trains, so it needs autograd: it was called under "
-                               "torch.no_grad() or torch.inference_mode(); use forward() to only evaluate")
+        require_grad_mode("GradientIsolated.step")
         for i in trained:
             # An interface in eval mode passes its input through: module i+1's true gradient would train module i.
             ifaces = [(f"losses[{i}]", self._losses[i])] if isinstance(self._losses[i], BackwardInterface) else []
