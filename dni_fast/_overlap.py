@@ -532,11 +532,11 @@ def inject(trigger: Tensor, s: Tensor) -> bool:
         return False
 
     def compute():
-        _running.injecting = trigger
+        outer, _running.injecting = _running.injecting, trigger
         try:
             return torch.autograd.grad((trigger,), leaves, (s,), allow_unused=True)
         finally:
-            _running.injecting = None
+            _running.injecting = outer
 
     _worker.submit(_Job(compute, leaves, worker_threads(), None))
     return True
@@ -747,7 +747,8 @@ def plain_backward(ctx, n: int) -> bool:
     if _running.injecting is not None:  # an injection on the worker: a backward() whose gradients are delivered later anyway
         return True
     try:
-        return all(torch._C._will_engine_execute_node(node) for node, _ in ctx.next_functions[-n:] if node is not None)
+        edges = ctx.next_functions[len(ctx.next_functions) - n:]  # (not [-n:]: n == 0 would take every edge)
+        return all(torch._C._will_engine_execute_node(node) for node, _ in edges if node is not None)
     except RuntimeError:  # raised for a leaf under torch.autograd.grad: nothing accumulates
         return False
 

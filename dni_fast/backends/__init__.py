@@ -257,6 +257,8 @@ def clear_cache() -> None:
     """Forget resolved backends, loaded primitives and the auto table (after
     building the extension in-process, registering a backend or editing the table)."""
     _cache.clear()
+    _env_checked.clear()
+    _warned_blocked.clear()
     for b in _REGISTRY.values():
         b.__dict__.pop("_primitives", None)
     from dni_fast.backends import auto
