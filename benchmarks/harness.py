@@ -106,16 +106,18 @@ class Row:
 # workloads
 # ---------------------------------------------------------------------------
 def interface_step(provider: str, B: int, D: int, H: int, dtype: torch.dtype, device: torch.device,
-                   n_hidden: int = 1) -> Callable[[], None]:
+                   n_hidden: int = 1, pipelined: bool = False) -> Callable[[], None]:
     """One interface step: ``Linear(D, D)`` -> ``BackwardInterface`` -> true gradient.
 
     bf16/fp16 run the model in that dtype (weights included), as a user of
-    ``model.to(dtype)`` would."""
+    ``model.to(dtype)`` would. ``pipelined``: ``BackwardInterface(pipelined=True)``
+    (from the second call on, a call's forward also applies the previous call's
+    update). The step's ``interface`` attribute is the interface."""
     torch.manual_seed(0)
     lin = nn.Linear(D, D).to(device, dtype)
     backend = "reference" if provider in ("reference", "torch.compile") else provider
     iface = dni.BackwardInterface(dni.BasicSynthesizer(D, n_hidden=n_hidden, hidden_dim=H), backend=backend,
-                                  track_stats=False).to(device, dtype)
+                                  track_stats=False, pipelined=pipelined).to(device, dtype)
     with torch.no_grad():
         iface.synthesizer.layers[-1].weight.normal_(0, 0.01)
     x = torch.randn(B, D, device=device, dtype=dtype)
@@ -130,6 +132,7 @@ def interface_step(provider: str, B: int, D: int, H: int, dtype: torch.dtype, de
             p.grad = None
         model(x).backward(g)
 
+    step.interface = iface
     return step
 
 

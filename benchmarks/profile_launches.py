@@ -19,10 +19,7 @@ import sys
 from collections import Counter
 
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
-
-import dni_fast as dni
 
 # `python benchmarks/profile_launches.py` puts benchmarks/ on sys.path, not the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,24 +42,7 @@ def count_cuda(fn):
 def pipelined_step(provider: str, B: int, D: int, H: int, dtype: torch.dtype, device: torch.device):
     """``harness.interface_step`` with ``BackwardInterface(pipelined=True)``: from the second call on, a
     call's forward also applies the previous call's pending update (one fused call on a fused backend)."""
-    torch.manual_seed(0)
-    lin = nn.Linear(D, D).to(device, dtype)
-    iface = dni.BackwardInterface(dni.BasicSynthesizer(D, n_hidden=1, hidden_dim=H), backend=provider,
-                                  track_stats=False, pipelined=True).to(device, dtype)
-    with torch.no_grad():
-        iface.synthesizer.layers[-1].weight.normal_(0, 0.01)
-    x = torch.randn(B, D, device=device, dtype=dtype)
-    g = torch.randn(B, D, device=device, dtype=dtype)
-    model = nn.Sequential(lin, iface)
-    params = list(model.parameters())
-
-    def step():
-        for p in params:
-            p.grad = None
-        model(x).backward(g)
-
-    step.interface = iface
-    return step
+    return bench.interface_step(provider, B, D, H, dtype, device, pipelined=True)
 
 
 def main(argv=None):
